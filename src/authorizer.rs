@@ -1,0 +1,78 @@
+//! The Check path with its one piece of I/O: take a catalog snapshot, plan, ask the quota store, finish.
+//!
+//! Protocol-free: the Envoy adapter (`envoy::authz`) turns protobuf into a [`Request`] and the resulting
+//! [`Decision`] back into protobuf.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::catalog::{Catalog, CatalogHandle};
+use crate::decision::{self, Decision, Plan, Request, Settings};
+use crate::quota::QuotaStore;
+use crate::telemetry::Metrics;
+
+/// Everything a Check needs, shared by all requests.
+pub struct Authorizer {
+    catalog: Arc<CatalogHandle>,
+    quota: Arc<dyn QuotaStore>,
+    settings: Settings,
+    metrics: Metrics,
+}
+
+impl Authorizer {
+    /// Wires the catalog, the quota store and the settings together.
+    pub fn new(
+        catalog: Arc<CatalogHandle>,
+        quota: Arc<dyn QuotaStore>,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> Self {
+        Authorizer {
+            catalog,
+            quota,
+            settings,
+            metrics,
+        }
+    }
+
+    /// The catalog snapshot a request is decided against; hold it while the decision is in use.
+    pub fn snapshot(&self) -> Arc<Catalog> {
+        self.catalog.snapshot()
+    }
+
+    /// The settings decisions are made with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Decides one request against `catalog` (a snapshot from [`Authorizer::snapshot`]).
+    pub async fn decide<'a>(&'a self, request: &Request<'a>, catalog: &'a Catalog) -> Decision<'a> {
+        let now = unix_now();
+        let decision = match decision::plan(request, catalog, &self.settings, now) {
+            Plan::Decided(decision) => decision,
+            Plan::Charge(pending) => {
+                let answer = self.quota.charge(&pending.charge(now)).await;
+                if let Err(e) = &answer {
+                    self.metrics.quota_store_errors.inc();
+                    tracing::warn!(error = %e, policy = ?self.settings.on_store_error, "quota store failed");
+                }
+                pending.finish(answer, self.settings.on_store_error)
+            }
+        };
+        self.metrics.record_decision(decision.reason);
+        decision
+    }
+
+    /// The metrics this authorizer records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// Current Unix time in whole seconds (0 if the clock is before 1970, which no quota window handles anyway).
+pub fn unix_now() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,275 @@
+//! The product catalog: products and their operations, developers, apps and their keys.
+//!
+//! A [`Catalog`] is an immutable snapshot, validated as a whole when it is loaded ([`load`]); request
+//! handling reads the current snapshot without locks through [`CatalogHandle`], and a reload swaps in a new
+//! one atomically ([`watch`]).
+
+mod load;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::identity::api_key::KeyHash;
+use crate::matching::path::PathPattern;
+use crate::quota::Limit;
+
+pub use load::{load, parse};
+
+/// Index of a product in [`Catalog::products`].
+pub type ProductId = usize;
+/// Index of an app in [`Catalog::apps`].
+pub type AppId = usize;
+/// Index of a developer in [`Catalog::developers`].
+pub type DeveloperId = usize;
+
+/// How subscriptions to a product are approved when an app entry does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    /// Subscriptions are approved unless the app entry says otherwise.
+    #[default]
+    Auto,
+    /// Subscriptions are pending unless the app entry says `approved`.
+    Manual,
+}
+
+/// The state of an app's subscription to a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscriptionStatus {
+    /// Calls may use the product.
+    Approved,
+    /// Waiting for approval: calls are refused (403).
+    Pending,
+    /// Withdrawn: calls are refused (403).
+    Revoked,
+}
+
+/// The state of an app or a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Usable.
+    #[default]
+    Approved,
+    /// Refused.
+    Revoked,
+}
+
+/// What a meter counts per billable call (CONTRACT §3 `meter.value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeterValue {
+    /// One per call.
+    Calls,
+    /// Request body bytes.
+    RequestBytes,
+    /// Response body bytes.
+    ResponseBytes,
+    /// The integer value of this response header (lowercase name).
+    ResponseHeader(String),
+}
+
+/// A response status class or code that makes a call billable (`2xx` or `201`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMatch {
+    /// Every status of this hundred (2 for `2xx`).
+    Class(u16),
+    /// Exactly this status.
+    Code(u16),
+}
+
+/// How a product's calls are metered for billing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    /// The Stripe meter's event name.
+    pub event_name: String,
+    /// What one call adds.
+    pub value: MeterValue,
+    /// Which response statuses count.
+    pub success: Vec<StatusMatch>,
+}
+
+/// A set of operations sold together, with a quota and a meter.
+#[derive(Debug, Clone)]
+pub struct Product {
+    /// Unique name.
+    pub name: String,
+    /// Name for people.
+    pub display_name: Option<String>,
+    /// Environments the product is offered in; empty means all.
+    pub environments: Vec<String>,
+    /// Default approval of subscriptions.
+    pub approval: Approval,
+    /// JWT callers need one of these scopes (API-key callers are not checked).
+    pub scopes: Vec<String>,
+    /// The product-wide quota (empty: unlimited).
+    pub quota: Vec<Limit>,
+    /// What the product covers, tried in order.
+    pub operations: Vec<Operation>,
+    /// Billing meter, if the product is billed.
+    pub meter: Option<Meter>,
+}
+
+impl Product {
+    /// Whether the product is offered in `environment` (`None`: the sidecar names no environment, so only
+    /// products offered everywhere are).
+    pub fn offered_in(&self, environment: Option<&str>) -> bool {
+        self.environments.is_empty()
+            || environment.is_some_and(|env| self.environments.iter().any(|e| e == env))
+    }
+}
+
+/// One API surface of a product: an API, paths and methods.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// Name, unique within the product (reported as `operation` in metadata).
+    pub name: String,
+    /// The API id this operation belongs to.
+    pub api: String,
+    /// Path patterns (any may match).
+    pub paths: Vec<PathPattern>,
+    /// Uppercase methods; empty means every method.
+    pub methods: Vec<String>,
+    /// The operation's own quota, which replaces the product's when present.
+    pub quota: Option<Vec<Limit>>,
+    /// Units one call spends.
+    pub cost: u64,
+}
+
+/// A developer (a person or a company account) who owns apps.
+#[derive(Debug, Clone)]
+pub struct Developer {
+    /// Unique e-mail.
+    pub email: String,
+    /// Company the developer belongs to.
+    pub company: Option<String>,
+    /// Stripe customer that pays for the developer's usage.
+    pub stripe_customer: Option<String>,
+}
+
+/// An app's subscription to a product.
+#[derive(Debug, Clone, Copy)]
+pub struct Subscription {
+    /// The product.
+    pub product: ProductId,
+    /// Its approval state for this app.
+    pub status: SubscriptionStatus,
+}
+
+/// An application registered by a developer.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// Unique name.
+    pub name: String,
+    /// The owner.
+    pub developer: DeveloperId,
+    /// Whether the app may call at all.
+    pub status: Status,
+    /// What a JWT's app claim carries for this app.
+    pub client_id: Option<String>,
+    /// Products in catalog order: the first one that covers a request wins.
+    pub products: Vec<Subscription>,
+}
+
+/// An API key, known only by its hash.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// The stored hash, compared in constant time after the lookup.
+    pub hash: KeyHash,
+    /// The app the key belongs to.
+    pub app: AppId,
+    /// Whether the key may be used.
+    pub status: Status,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+}
+
+/// An immutable, validated catalog.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    products: Vec<Product>,
+    developers: Vec<Developer>,
+    apps: Vec<App>,
+    keys: HashMap<KeyHash, Key>,
+    apps_by_client_id: HashMap<String, AppId>,
+}
+
+impl Catalog {
+    /// Every product, in catalog order.
+    pub fn products(&self) -> &[Product] {
+        &self.products
+    }
+
+    /// Every developer.
+    pub fn developers(&self) -> &[Developer] {
+        &self.developers
+    }
+
+    /// Every app.
+    pub fn apps(&self) -> &[App] {
+        &self.apps
+    }
+
+    /// Number of keys.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Every key (in no particular order).
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.keys.values()
+    }
+
+    /// A product by id.
+    pub fn product(&self, id: ProductId) -> Option<&Product> {
+        self.products.get(id)
+    }
+
+    /// An app by id.
+    pub fn app(&self, id: AppId) -> Option<&App> {
+        self.apps.get(id)
+    }
+
+    /// A developer by id.
+    pub fn developer(&self, id: DeveloperId) -> Option<&Developer> {
+        self.developers.get(id)
+    }
+
+    /// The key whose hash is `hash`: an O(1) lookup, then a constant-time compare of the stored hash.
+    pub fn key(&self, hash: &KeyHash) -> Option<&Key> {
+        self.keys.get(hash).filter(|k| k.hash.ct_eq(hash))
+    }
+
+    /// The app a JWT's app claim names.
+    pub fn app_by_client_id(&self, client_id: &str) -> Option<AppId> {
+        self.apps_by_client_id.get(client_id).copied()
+    }
+}
+
+/// The current catalog, read lock-free by requests and replaced atomically on reload.
+#[derive(Debug)]
+pub struct CatalogHandle {
+    current: ArcSwap<Catalog>,
+}
+
+impl CatalogHandle {
+    /// A handle serving `catalog`.
+    pub fn new(catalog: Catalog) -> Self {
+        CatalogHandle {
+            current: ArcSwap::from_pointee(catalog),
+        }
+    }
+
+    /// The current snapshot; it stays valid for as long as the caller holds it, even across a reload.
+    pub fn snapshot(&self) -> Arc<Catalog> {
+        self.current.load_full()
+    }
+
+    /// Makes `catalog` the current snapshot.
+    pub fn replace(&self, catalog: Catalog) {
+        self.current.store(Arc::new(catalog));
+    }
+}

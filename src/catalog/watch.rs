@@ -1,0 +1,146 @@
+//! Keeps the catalog current: reloads the file when it changes, keeps the last good catalog when an edit is bad.
+//!
+//! The watcher observes the file's folder rather than the file: editors save by renaming a new file over the
+//! old one and Kubernetes swaps a ConfigMap's `..data` symlink, and both replace the inode a file watch holds.
+//! A slow poll backs the watcher up on filesystems that emit no events. Reloads of identical content are skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use super::{Catalog, CatalogHandle};
+use crate::source::{Source, SourceError};
+use crate::telemetry::Metrics;
+
+/// Events closer together than this are taken as one edit.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How often the file is re-read when no event arrives.
+const POLL: Duration = Duration::from_secs(10);
+
+/// A catalog read from disk, with the digest of the bytes it came from.
+pub struct Loaded {
+    /// The validated catalog.
+    pub catalog: Catalog,
+    digest: [u8; 32],
+}
+
+/// Why the watcher could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch {path}: {source}")]
+pub struct WatchError {
+    path: PathBuf,
+    #[source]
+    source: notify::Error,
+}
+
+/// Reads and validates the catalog at `path`, unless its bytes hash to `known` (then `None`). Runs on a
+/// blocking thread: large catalogs take a while to parse.
+pub async fn read(path: &Path, known: Option<[u8; 32]>) -> Result<Option<Loaded>, SourceError> {
+    let path = path.to_path_buf();
+    let task = tokio::task::spawn_blocking(move || {
+        let source = Source::read(&path)?;
+        let digest: [u8; 32] = Sha256::digest(source.text().as_bytes()).into();
+        if known == Some(digest) {
+            return Ok(None);
+        }
+        let catalog = super::parse(&source)?;
+        Ok(Some(Loaded { catalog, digest }))
+    });
+    match task.await {
+        Ok(result) => result,
+        Err(e) => Err(SourceError {
+            file: PathBuf::new(),
+            position: None,
+            message: format!("catalog load was interrupted: {e}"),
+        }),
+    }
+}
+
+/// Installs a loaded catalog and updates the catalog metrics.
+pub fn install(handle: &CatalogHandle, loaded: Loaded, metrics: &Metrics) -> [u8; 32] {
+    let c = &loaded.catalog;
+    metrics
+        .catalog_keys
+        .set(i64::try_from(c.key_count()).unwrap_or(i64::MAX));
+    metrics
+        .catalog_products
+        .set(i64::try_from(c.products().len()).unwrap_or(i64::MAX));
+    metrics
+        .catalog_apps
+        .set(i64::try_from(c.apps().len()).unwrap_or(i64::MAX));
+    metrics.catalog_generation.inc();
+    tracing::info!(
+        generation = metrics.catalog_generation.get(),
+        products = c.products().len(),
+        apps = c.apps().len(),
+        keys = c.key_count(),
+        "catalog loaded"
+    );
+    handle.replace(loaded.catalog);
+    loaded.digest
+}
+
+/// Watches `path` and swaps each valid new version into `handle` until `shutdown` changes.
+pub async fn run(
+    path: PathBuf,
+    handle: Arc<CatalogHandle>,
+    mut digest: [u8; 32],
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), WatchError> {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let folder = path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match &event {
+            Ok(e) => e.paths.iter().any(|p| {
+                let file = p.file_name();
+                file == name.as_deref()
+                    || file.is_some_and(|f| f.to_string_lossy().starts_with(".."))
+            }),
+            // An error from the OS watcher: re-read to be safe.
+            Err(_) => true,
+        };
+        if relevant {
+            // A full channel already holds a pending reload; dropping this signal loses nothing.
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|source| WatchError {
+        path: folder.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&folder, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError {
+            path: folder.clone(),
+            source,
+        })?;
+
+    let mut poll = tokio::time::interval(POLL);
+    poll.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            _ = rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = poll.tick() => {}
+        }
+        match read(&path, Some(digest)).await {
+            Ok(None) => {}
+            Ok(Some(loaded)) => digest = install(&handle, loaded, &metrics),
+            Err(e) => {
+                metrics.catalog_reload_errors.inc();
+                tracing::warn!(error = %e, "catalog edit rejected; keeping the last good catalog");
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The config file (CONTRACT §2): YAML with `${VAR}` expansion, unknown keys refused, every error positioned.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::decision::{OnStoreError, Settings};
+use crate::identity::ApiKeyConfig;
+use crate::source::{PathSeg, Source, SourceError};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// ext_authz, access-log service and gRPC health.
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `/v1/...`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Bearer token required by `/v1/...` when set (empty means unset).
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub admin_token: Option<String>,
+    /// The environment this gateway serves; products may be limited to environments.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub environment: Option<String>,
+    /// Where the catalog is.
+    pub catalog: CatalogConfig,
+    /// How callers identify themselves.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// The route context extension naming the API.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub api_context_extension: Option<String>,
+    /// Quota counters.
+    #[serde(default)]
+    pub quota: QuotaConfig,
+    /// Usage metering (accepted and validated; the metering pipeline is its own issue).
+    #[serde(default)]
+    pub metering: MeteringConfig,
+    /// Billing; absent means nothing is sent.
+    pub billing: Option<serde_yaml_ng::Value>,
+}
+
+/// `catalog:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// The catalog file, relative to the config file's folder.
+    pub path: PathBuf,
+}
+
+/// `identity:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// API keys.
+    #[serde(default)]
+    pub api_key: ApiKeyConfig,
+    /// JWT providers (not supported by this build yet: refused with a clear error).
+    pub jwt: Option<serde_yaml_ng::Value>,
+}
+
+/// Which quota store holds the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process: exact for one replica.
+    #[default]
+    Memory,
+    /// Shared by replicas.
+    Redis,
+}
+
+/// `quota:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// memory | redis.
+    #[serde(default)]
+    pub store: StoreKind,
+    /// The Redis URL for `store: redis`.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub redis_url: Option<String>,
+    /// deny (503) | allow.
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
+}
+
+/// `metering:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringConfig {
+    /// Durable spool and billing outbox.
+    #[serde(default = "default_metering_dir")]
+    pub dir: PathBuf,
+    /// Tumbling window length.
+    #[serde(default = "default_window", deserialize_with = "duration")]
+    pub window: Duration,
+    /// How late a record may arrive and still join its window.
+    #[serde(default = "default_lateness", deserialize_with = "duration")]
+    pub lateness: Duration,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            dir: default_metering_dir(),
+            window: default_window(),
+            lateness: default_lateness(),
+        }
+    }
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9001))
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9002))
+}
+fn default_metering_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_lateness() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn empty_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!("{text:?} is not a duration like 60s or 5m: {e}"))
+    })
+}
+
+impl Config {
+    /// Reads, expands and validates the config file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Config, SourceError> {
+        let source = Source::read(path)?.expand_env()?;
+        Self::from_source(&source)
+    }
+
+    /// Validates an already read (and expanded) config source.
+    pub fn from_source(source: &Source) -> Result<Config, SourceError> {
+        let mut config: Config = source.parse()?;
+        if config.identity.jwt.is_some() {
+            return Err(source.error_at(
+                &[PathSeg::Key("identity"), PathSeg::Key("jwt")],
+                "JWT identity is not available in this build yet; remove identity.jwt",
+            ));
+        }
+        if config.billing.is_some() {
+            return Err(source.error_at(
+                &[PathSeg::Key("billing")],
+                "billing is not available in this build yet; remove billing (usage is not sent anywhere)",
+            ));
+        }
+        if config.quota.store == StoreKind::Redis {
+            return Err(source.error_at(
+                &[PathSeg::Key("quota"), PathSeg::Key("store")],
+                "the redis quota store is not available in this build yet; use store: memory",
+            ));
+        }
+        let api_key = &config.identity.api_key;
+        if api_key.headers.is_empty() && api_key.query_params.is_empty() {
+            return Err(source.error_at(
+                &[PathSeg::Key("identity"), PathSeg::Key("api_key")],
+                "api_key needs at least one header or query parameter",
+            ));
+        }
+        for (i, h) in api_key.headers.iter().enumerate() {
+            if h.is_empty()
+                || h.starts_with(':')
+                || h.bytes()
+                    .any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace())
+            {
+                return Err(source.error_at(
+                    &[
+                        PathSeg::Key("identity"),
+                        PathSeg::Key("api_key"),
+                        PathSeg::Key("headers"),
+                        PathSeg::Index(i),
+                    ],
+                    format!("{h:?} is not a lowercase header name"),
+                ));
+            }
+        }
+        if config.metering.window.is_zero() {
+            return Err(source.error_at(
+                &[PathSeg::Key("metering"), PathSeg::Key("window")],
+                "window must be longer than 0s",
+            ));
+        }
+        let base = source.path().parent().unwrap_or(Path::new("."));
+        config.catalog.path = base.join(&config.catalog.path);
+        config.metering.dir = base.join(&config.metering.dir);
+        Ok(config)
+    }
+
+    /// The parts of the config that decisions depend on.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            environment: self.environment.clone(),
+            api_context_extension: self.api_context_extension.clone(),
+            api_key: self.identity.api_key.clone(),
+            on_store_error: self.quota.on_store_error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Config, SourceError> {
+        let vars: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let source = Source::from_text("/etc/tollgate/tollgate.yaml", text.to_owned())
+            .expand_with(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))?;
+        Config::from_source(&source)
+    }
+
+    #[test]
+    fn the_contract_example_loads_with_defaults_and_expansion() {
+        let text = "\
+grpc_listen: 127.0.0.1:9101
+admin_token: ${TOLLGATE_ADMIN_TOKEN:-}
+environment: ${ENV:-prod}
+catalog:
+  path: catalog.yaml
+identity:
+  api_key: {headers: [x-api-key], query_params: [apikey]}
+api_context_extension: tollgate_api
+quota:
+  store: memory
+  on_store_error: allow
+metering:
+  dir: ./data
+  window: 60s
+  lateness: 10s
+";
+        let c = load_text(text, &[]).unwrap();
+        assert_eq!(c.grpc_listen.port(), 9101);
+        assert_eq!(c.admin_listen.port(), 9002);
+        assert_eq!(c.admin_token, None);
+        assert_eq!(c.environment.as_deref(), Some("prod"));
+        assert_eq!(c.catalog.path, PathBuf::from("/etc/tollgate/catalog.yaml"));
+        assert_eq!(c.metering.dir, PathBuf::from("/etc/tollgate/./data"));
+        assert_eq!(c.quota.on_store_error, OnStoreError::Allow);
+        let c = load_text(text, &[("TOLLGATE_ADMIN_TOKEN", "s3cret"), ("ENV", "test")]).unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.environment.as_deref(), Some("test"));
+    }
+
+    #[test]
+    fn errors_are_positioned() {
+        let cases = [
+            (
+                "catalog: {path: c.yaml}\ngrpc_lissen: 1\n",
+                "/etc/tollgate/tollgate.yaml:2:1: unknown field `grpc_lissen`",
+            ),
+            (
+                "catalog: {path: c.yaml}\nquota: {store: mongo}\n",
+                "/etc/tollgate/tollgate.yaml:2:16: quota.store: unknown variant `mongo`",
+            ),
+            (
+                "catalog: {path: c.yaml}\ngrpc_listen: nowhere\n",
+                "/etc/tollgate/tollgate.yaml:2:14: ",
+            ),
+            (
+                "catalog: {path: c.yaml}\nmetering: {window: soon}\n",
+                "/etc/tollgate/tollgate.yaml:2:11: metering: \"soon\" is not a duration",
+            ),
+            (
+                "catalog: {path: c.yaml}\nidentity: {api_key: {headers: [X-Key]}}\n",
+                "/etc/tollgate/tollgate.yaml:2:32: \"X-Key\" is not a lowercase header name",
+            ),
+            ("grpc_listen: 127.0.0.1:1\n", "/etc/tollgate/tollgate.yaml:"),
+        ];
+        for (text, want) in cases {
+            let got = load_text(text, &[]).unwrap_err().to_string();
+            assert!(got.starts_with(want), "got {got:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn an_unset_variable_is_named_and_no_value_leaks() {
+        let err = load_text("catalog: {path: c.yaml}\nadmin_token: ${NOPE}\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NOPE"), "{err}");
+        let err = load_text(
+            "catalog: {path: c.yaml}\ngrpc_listen: ${ADDR}\n",
+            &[("ADDR", "hunter2")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,762 @@
+//! The decision for one request, as a pure function of the request, the catalog snapshot and the quota answer.
+//!
+//! `Check -> identify -> entitle -> match -> quota -> decide`: [`plan`] does everything up to the quota and
+//! either decides outright or returns a [`Pending`] charge; the caller asks the quota store and hands its
+//! answer to [`Pending::finish`]. Neither step does I/O, so the whole decision table is unit-tested here.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+
+use crate::catalog::{Catalog, Status, SubscriptionStatus};
+use crate::identity::api_key::KeyHash;
+use crate::identity::{self, ApiKeyConfig, Location, Presented};
+use crate::matching::{self, Match, Target, path};
+use crate::quota::{Charge, Limit, LimitState, Outcome, StoreError};
+
+/// A request as Envoy describes it, with no protobuf in sight.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// HTTP method, uppercase.
+    pub method: &'a str,
+    /// `:path`, including the query string.
+    pub path: &'a str,
+    /// `:authority` (host, maybe with a port).
+    pub authority: &'a str,
+    /// Request headers, lowercase names.
+    pub headers: &'a HashMap<String, String>,
+    /// The route's ext_authz context extensions.
+    pub context_extensions: &'a HashMap<String, String>,
+}
+
+/// What happens when the quota store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Fail closed: 503.
+    #[default]
+    Deny,
+    /// Fail open: the request goes through uncounted by the store.
+    Allow,
+}
+
+/// The parts of the config that decisions depend on.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The environment this sidecar serves (`environment`).
+    pub environment: Option<String>,
+    /// The context extension carrying the API id (`api_context_extension`).
+    pub api_context_extension: Option<String>,
+    /// Where API keys are looked for.
+    pub api_key: ApiKeyConfig,
+    /// `quota.on_store_error`.
+    pub on_store_error: OnStoreError,
+}
+
+/// Why a request was allowed or denied: the `reason` in metadata and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Allowed and counted.
+    Allowed,
+    /// Allowed because the quota store failed and `on_store_error` is `allow`.
+    AllowedStoreError,
+    /// No credential.
+    MissingCredential,
+    /// A key the catalog does not know.
+    UnknownKey,
+    /// A revoked key.
+    RevokedKey,
+    /// An expired key.
+    ExpiredKey,
+    /// The app is revoked.
+    AppRevoked,
+    /// The product that would cover the request is pending approval for the app.
+    ProductPending,
+    /// The app's subscription to the product that would cover the request is revoked.
+    ProductRevoked,
+    /// The product that would cover the request is not offered in this environment.
+    ProductNotOffered,
+    /// No product of the app covers the request.
+    NoProduct,
+    /// The path is dangerous.
+    BadPath,
+    /// The quota is spent.
+    QuotaExceeded,
+    /// The quota store failed and `on_store_error` is `deny`.
+    StoreUnavailable,
+}
+
+impl Reason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [Reason; 14] = [
+        Reason::Allowed,
+        Reason::AllowedStoreError,
+        Reason::MissingCredential,
+        Reason::UnknownKey,
+        Reason::RevokedKey,
+        Reason::ExpiredKey,
+        Reason::AppRevoked,
+        Reason::ProductPending,
+        Reason::ProductRevoked,
+        Reason::ProductNotOffered,
+        Reason::NoProduct,
+        Reason::BadPath,
+        Reason::QuotaExceeded,
+        Reason::StoreUnavailable,
+    ];
+
+    /// The snake_case name used in metadata and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::AllowedStoreError => "allowed_store_error",
+            Reason::MissingCredential => "missing_credential",
+            Reason::UnknownKey => "unknown_key",
+            Reason::RevokedKey => "revoked_key",
+            Reason::ExpiredKey => "expired_key",
+            Reason::AppRevoked => "app_revoked",
+            Reason::ProductPending => "product_pending",
+            Reason::ProductRevoked => "product_revoked",
+            Reason::ProductNotOffered => "product_not_offered",
+            Reason::NoProduct => "no_product",
+            Reason::BadPath => "bad_path",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// Whether the request goes through.
+    pub fn allows(self) -> bool {
+        matches!(self, Reason::Allowed | Reason::AllowedStoreError)
+    }
+
+    /// The HTTP status of a denial (200 for an allow).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Reason::Allowed | Reason::AllowedStoreError => 200,
+            Reason::BadPath => 400,
+            Reason::MissingCredential
+            | Reason::UnknownKey
+            | Reason::RevokedKey
+            | Reason::ExpiredKey => 401,
+            Reason::AppRevoked
+            | Reason::ProductPending
+            | Reason::ProductRevoked
+            | Reason::ProductNotOffered
+            | Reason::NoProduct => 403,
+            Reason::QuotaExceeded => 429,
+            Reason::StoreUnavailable => 503,
+        }
+    }
+
+    /// The `error` field of a denial's JSON body (CONTRACT §4).
+    pub fn error_code(self) -> &'static str {
+        match self.http_status() {
+            400 => "bad_request",
+            401 => "unauthenticated",
+            403 => "forbidden",
+            429 => "quota_exceeded",
+            503 => "unavailable",
+            _ => "ok",
+        }
+    }
+}
+
+/// Who the caller is, as far as the decision got (metadata for Envoy and the access log).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity<'a> {
+    /// App name.
+    pub app: Option<&'a str>,
+    /// Developer e-mail.
+    pub developer: Option<&'a str>,
+    /// Company.
+    pub company: Option<&'a str>,
+    /// Stripe customer.
+    pub stripe_customer: Option<&'a str>,
+    /// The product that covered the request.
+    pub product: Option<&'a str>,
+    /// The operation that covered the request.
+    pub operation: Option<&'a str>,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision<'a> {
+    /// Why; also says whether the request is allowed.
+    pub reason: Reason,
+    /// For denials, what to fix (never a secret).
+    pub message: String,
+    /// The caller, as far as known.
+    pub identity: Identity<'a>,
+    /// The API id the request was matched against.
+    pub api: &'a str,
+    /// The environment this sidecar serves.
+    pub environment: Option<&'a str>,
+    /// Where the credential was, so an allowed request can have it removed.
+    pub credential: Option<Location>,
+    /// The quota state for `ratelimit-*` headers.
+    pub ratelimit: Option<LimitState>,
+    /// The limit that was exhausted, with its state, for a 429 message.
+    pub retry_after: Option<u64>,
+}
+
+impl Decision<'_> {
+    /// Whether the request goes through.
+    pub fn allowed(&self) -> bool {
+        self.reason.allows()
+    }
+}
+
+/// A decision that waits for the quota store.
+#[derive(Debug)]
+pub struct Pending<'a> {
+    decision: Decision<'a>,
+    bucket: String,
+    limits: &'a [Limit],
+    cost: u64,
+    product: &'a str,
+}
+
+/// The first half of a decision.
+#[derive(Debug)]
+pub enum Plan<'a> {
+    /// Decided without the quota store.
+    Decided(Decision<'a>),
+    /// Allowed if the quota store agrees.
+    Charge(Pending<'a>),
+}
+
+/// Identifies, entitles and matches a request; decides, or says what to charge.
+pub fn plan<'a>(
+    request: &Request<'a>,
+    catalog: &'a Catalog,
+    settings: &'a Settings,
+    now: i64,
+) -> Plan<'a> {
+    let api = api_of(request, settings);
+    let mut decision = Decision {
+        reason: Reason::Allowed,
+        message: String::new(),
+        identity: Identity::default(),
+        api,
+        environment: settings.environment.as_deref(),
+        credential: None,
+        ratelimit: None,
+        retry_after: None,
+    };
+    let deny = |mut d: Decision<'a>, reason: Reason, message: String| {
+        d.reason = reason;
+        d.message = message;
+        Plan::Decided(d)
+    };
+
+    let safe_path = match path::sanitize(request.path) {
+        Ok(p) => p,
+        Err(why) => {
+            return deny(
+                decision,
+                Reason::BadPath,
+                format!("request path refused: {why}"),
+            );
+        }
+    };
+
+    let (key, location) = match identity::presented(request, &settings.api_key) {
+        Presented::ApiKey { key, location } => (key, location),
+        Presented::Nothing => {
+            let message = missing_credential_message(&settings.api_key);
+            return deny(decision, Reason::MissingCredential, message);
+        }
+    };
+    decision.credential = Some(location);
+    let Some(key) = catalog.key(&KeyHash::of(&key)) else {
+        return deny(decision, Reason::UnknownKey, "API key is not valid".into());
+    };
+    let Some(app) = catalog.app(key.app) else {
+        return deny(decision, Reason::UnknownKey, "API key is not valid".into());
+    };
+    let developer = catalog.developer(app.developer);
+    decision.identity = Identity {
+        app: Some(&app.name),
+        developer: developer.map(|d| d.email.as_str()),
+        company: developer.and_then(|d| d.company.as_deref()),
+        stripe_customer: developer.and_then(|d| d.stripe_customer.as_deref()),
+        product: None,
+        operation: None,
+    };
+    if key.status == Status::Revoked {
+        return deny(decision, Reason::RevokedKey, "API key is revoked".into());
+    }
+    if key.expires_at.is_some_and(|t| t <= now) {
+        return deny(decision, Reason::ExpiredKey, "API key has expired".into());
+    }
+    if app.status == Status::Revoked {
+        let message = format!("app {} is revoked", app.name);
+        return deny(decision, Reason::AppRevoked, message);
+    }
+
+    let target = Target {
+        api,
+        method: request.method,
+        path: &safe_path,
+    };
+    let env = settings.environment.as_deref();
+    let products = catalog.products();
+    let (product, operation) = match matching::select(products, app, env, &target) {
+        Match::Covered { product, operation } => match products
+            .get(product)
+            .and_then(|p| Some((p, p.operations.get(operation)?)))
+        {
+            Some(found) => found,
+            None => {
+                return deny(
+                    decision,
+                    Reason::NoProduct,
+                    no_product_message(&app.name, &target),
+                );
+            }
+        },
+        Match::NotApproved { product, status } => {
+            let name = products.get(product).map_or("", |p| p.name.as_str());
+            let (reason, state) = match status {
+                SubscriptionStatus::Revoked => (Reason::ProductRevoked, "revoked"),
+                _ => (Reason::ProductPending, "pending approval"),
+            };
+            let message = format!(
+                "app {}'s subscription to product {name} is {state}",
+                app.name
+            );
+            return deny(decision, reason, message);
+        }
+        Match::NotOffered { product } => {
+            let name = products.get(product).map_or("", |p| p.name.as_str());
+            let message = match env {
+                Some(env) => format!("product {name} is not offered in environment {env}"),
+                None => format!(
+                    "product {name} is limited to named environments and this gateway names none"
+                ),
+            };
+            return deny(decision, Reason::ProductNotOffered, message);
+        }
+        Match::Uncovered => {
+            return deny(
+                decision,
+                Reason::NoProduct,
+                no_product_message(&app.name, &target),
+            );
+        }
+    };
+    decision.identity.product = Some(&product.name);
+    decision.identity.operation = Some(&operation.name);
+
+    let (limits, bucket) = match &operation.quota {
+        Some(limits) => (
+            limits.as_slice(),
+            format!("{}\u{1f}{}\u{1f}{}", app.name, product.name, operation.name),
+        ),
+        None => (
+            product.quota.as_slice(),
+            format!("{}\u{1f}{}", app.name, product.name),
+        ),
+    };
+    if limits.is_empty() {
+        return Plan::Decided(decision);
+    }
+    Plan::Charge(Pending {
+        decision,
+        bucket,
+        limits,
+        cost: operation.cost,
+        product: &product.name,
+    })
+}
+
+impl<'a> Pending<'a> {
+    /// What to ask the quota store.
+    pub fn charge(&self, now: i64) -> Charge<'_> {
+        Charge {
+            bucket: &self.bucket,
+            limits: self.limits,
+            cost: self.cost,
+            now,
+        }
+    }
+
+    /// Completes the decision with the store's answer.
+    pub fn finish(
+        self,
+        answer: Result<Outcome, StoreError>,
+        on_store_error: OnStoreError,
+    ) -> Decision<'a> {
+        let mut decision = self.decision;
+        match answer {
+            Ok(Outcome::Allowed(state)) => decision.ratelimit = Some(state),
+            Ok(Outcome::Exceeded(state)) => {
+                let limit = self.limits.iter().find(|l| l.limit == state.limit).copied();
+                decision.reason = Reason::QuotaExceeded;
+                decision.message = quota_message(self.product, limit, state);
+                decision.ratelimit = Some(state);
+                decision.retry_after = Some(state.reset_secs);
+            }
+            Err(_) => match on_store_error {
+                OnStoreError::Allow => decision.reason = Reason::AllowedStoreError,
+                OnStoreError::Deny => {
+                    decision.reason = Reason::StoreUnavailable;
+                    decision.message = "quota service is unavailable, try again shortly".into();
+                }
+            },
+        }
+        decision
+    }
+}
+
+/// The API id: the configured context extension, else the `:authority` host without its port.
+fn api_of<'a>(request: &Request<'a>, settings: &Settings) -> &'a str {
+    if let Some(api) = settings
+        .api_context_extension
+        .as_deref()
+        .and_then(|name| request.context_extensions.get(name))
+    {
+        return api;
+    }
+    host_of(request.authority)
+}
+
+fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+fn missing_credential_message(config: &ApiKeyConfig) -> String {
+    let mut places = Vec::new();
+    places.extend(config.headers.iter().map(|h| format!("the {h} header")));
+    places.extend(
+        config
+            .query_params
+            .iter()
+            .map(|q| format!("the {q} query parameter")),
+    );
+    if places.is_empty() {
+        return "no credential presented".into();
+    }
+    format!("no API key: send it in {}", places.join(" or "))
+}
+
+const MAX_ECHOED_PATH: usize = 200;
+
+fn no_product_message(app: &str, target: &Target<'_>) -> String {
+    let path = target.path.as_str();
+    let mut message = format!("app {app} has no product for {} ", target.method);
+    match path.char_indices().nth(MAX_ECHOED_PATH) {
+        Some((cut, _)) => {
+            message.push_str(&path[..cut]);
+            message.push('…');
+        }
+        None => message.push_str(path),
+    }
+    let _ = write!(message, " on API {}", target.api);
+    message
+}
+
+fn quota_message(product: &str, limit: Option<Limit>, state: LimitState) -> String {
+    let per = match limit {
+        Some(l) if l.interval == 1 => format!(" per {}", l.unit.as_str()),
+        Some(l) => format!(" per {} {}s", l.interval, l.unit.as_str()),
+        None => String::new(),
+    };
+    format!(
+        "quota of {}{per} for product {product} is exhausted, retry in {} s",
+        state.limit, state.reset_secs
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::parse;
+    use crate::source::Source;
+
+    const NOW: i64 = 1_795_000_000;
+
+    const CATALOG: &str = "\
+products:
+  - name: free
+    quota: {limit: 2, unit: minute}
+    operations:
+      - {api: weather, paths: [/forecast], methods: [GET]}
+      - {api: weather, name: bulk, paths: [/bulk/**], quota: {limit: 100, unit: day}, cost: 10}
+  - name: open
+    operations: [{api: status.example.com, paths: [/]}]
+  - name: prodonly
+    environments: [prod]
+    operations: [{api: weather, paths: [/prod]}]
+  - name: pending
+    approval: manual
+    operations: [{api: weather, paths: [/pending]}]
+  - name: revoked
+    operations: [{api: weather, paths: [/revoked]}]
+developers:
+  - email: ntesla@theremin.com
+    company: theremin
+    stripe_customer: cus_1
+    apps:
+      - name: weatherapp
+        products: [{name: free}, {name: open}, {name: prodonly}, {name: pending}, {name: revoked, status: revoked}]
+        keys:
+          - {hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}
+          - {hash: 'sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d', status: revoked}
+          - {hash: 'sha256:2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6', expires_at: 2020-01-01T00:00:00Z}
+      - name: banned
+        status: revoked
+        products: [{name: free}]
+        keys: [{hash: 'sha256:18ac3e7343f016890c510e93f935261169d9e3f565436429830faf0934f4f8e4'}]
+";
+    // Keys: "abc" (good), "b" (revoked), "c" (expired), "d" (app revoked).
+
+    struct World {
+        catalog: Catalog,
+        settings: Settings,
+    }
+
+    fn world() -> World {
+        World {
+            catalog: parse(&Source::from_text("c.yaml", CATALOG.to_owned())).unwrap(),
+            settings: Settings {
+                environment: Some("test".into()),
+                api_context_extension: Some("tollgate_api".into()),
+                api_key: ApiKeyConfig::default(),
+                on_store_error: OnStoreError::Deny,
+            },
+        }
+    }
+
+    fn headers(key: Option<&str>) -> HashMap<String, String> {
+        key.map(|k| ("x-api-key".to_owned(), k.to_owned()))
+            .into_iter()
+            .collect()
+    }
+
+    fn ext(api: &str) -> HashMap<String, String> {
+        [("tollgate_api".to_owned(), api.to_owned())]
+            .into_iter()
+            .collect()
+    }
+
+    fn decide_now<'a>(
+        w: &'a World,
+        method: &'a str,
+        path: &'a str,
+        h: &'a HashMap<String, String>,
+        e: &'a HashMap<String, String>,
+    ) -> Plan<'a> {
+        let request = Request {
+            method,
+            path,
+            authority: "status.example.com:8443",
+            headers: h,
+            context_extensions: e,
+        };
+        plan(&request, &w.catalog, &w.settings, NOW)
+    }
+
+    fn decided(p: Plan<'_>) -> Decision<'_> {
+        match p {
+            Plan::Decided(d) => d,
+            Plan::Charge(c) => panic!("expected a decision, got a charge for {}", c.bucket),
+        }
+    }
+
+    #[test]
+    fn credential_rows_of_the_decision_table() {
+        let w = world();
+        let e = ext("weather");
+        let cases = [
+            (
+                None,
+                Reason::MissingCredential,
+                "no API key: send it in the x-api-key header or the apikey query parameter",
+            ),
+            (Some("nope"), Reason::UnknownKey, "API key is not valid"),
+            (Some("b"), Reason::RevokedKey, "API key is revoked"),
+            (Some("c"), Reason::ExpiredKey, "API key has expired"),
+            (Some("d"), Reason::AppRevoked, "app banned is revoked"),
+        ];
+        for (key, reason, message) in cases {
+            let h = headers(key);
+            let d = decided(decide_now(&w, "GET", "/forecast", &h, &e));
+            assert_eq!(
+                (d.reason, d.message.as_str()),
+                (reason, message),
+                "key {key:?}"
+            );
+            assert!(!d.message.contains("nope"));
+        }
+        assert_eq!(Reason::MissingCredential.http_status(), 401);
+        assert_eq!(Reason::AppRevoked.http_status(), 403);
+    }
+
+    #[test]
+    fn entitlement_rows_of_the_decision_table() {
+        let w = world();
+        let h = headers(Some("abc"));
+        let e = ext("weather");
+        let cases = [
+            (
+                "GET",
+                "/admin",
+                Reason::NoProduct,
+                "app weatherapp has no product for GET /admin on API weather",
+            ),
+            (
+                "POST",
+                "/forecast",
+                Reason::NoProduct,
+                "app weatherapp has no product for POST /forecast on API weather",
+            ),
+            (
+                "GET",
+                "/prod",
+                Reason::ProductNotOffered,
+                "product prodonly is not offered in environment test",
+            ),
+            (
+                "GET",
+                "/pending",
+                Reason::ProductPending,
+                "app weatherapp's subscription to product pending is pending approval",
+            ),
+            (
+                "GET",
+                "/revoked",
+                Reason::ProductRevoked,
+                "app weatherapp's subscription to product revoked is revoked",
+            ),
+            ("GET", "/a/../forecast", Reason::BadPath, ""),
+        ];
+        for (method, path, reason, message) in cases {
+            let d = decided(decide_now(&w, method, path, &h, &e));
+            assert_eq!(d.reason, reason, "{method} {path}");
+            assert!(
+                d.message.starts_with(message),
+                "{method} {path}: {}",
+                d.message
+            );
+            assert_eq!(d.reason.http_status() / 100, 4);
+        }
+    }
+
+    #[test]
+    fn an_allowed_request_carries_identity_and_a_charge() {
+        let w = world();
+        let h = headers(Some("abc"));
+        let e = ext("weather");
+        let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast?apikey=zzz&x=1", &h, &e)
+        else {
+            panic!("expected a charge");
+        };
+        let charge = pending.charge(NOW);
+        assert_eq!(charge.bucket, "weatherapp\u{1f}free");
+        assert_eq!(charge.cost, 1);
+        let d = pending.finish(
+            Ok(Outcome::Allowed(LimitState {
+                limit: 2,
+                remaining: 1,
+                reset_secs: 20,
+            })),
+            OnStoreError::Deny,
+        );
+        assert!(d.allowed());
+        assert_eq!(
+            d.identity,
+            Identity {
+                app: Some("weatherapp"),
+                developer: Some("ntesla@theremin.com"),
+                company: Some("theremin"),
+                stripe_customer: Some("cus_1"),
+                product: Some("free"),
+                operation: Some("weather GET /forecast"),
+            }
+        );
+        assert_eq!(d.credential, Some(Location::Header("x-api-key".into())));
+        assert_eq!(d.environment, Some("test"));
+    }
+
+    #[test]
+    fn operation_quota_replaces_the_product_quota_and_has_its_own_bucket() {
+        let w = world();
+        let h = headers(Some("abc"));
+        let e = ext("weather");
+        let Plan::Charge(pending) = decide_now(&w, "POST", "/bulk/x/y", &h, &e) else {
+            panic!("expected a charge");
+        };
+        let charge = pending.charge(NOW);
+        assert_eq!(charge.bucket, "weatherapp\u{1f}free\u{1f}bulk");
+        assert_eq!(charge.cost, 10);
+        assert_eq!(charge.limits[0].limit, 100);
+    }
+
+    #[test]
+    fn exhausted_quota_and_store_failures() {
+        let w = world();
+        let h = headers(Some("abc"));
+        let e = ext("weather");
+        let take = || match decide_now(&w, "GET", "/forecast", &h, &e) {
+            Plan::Charge(p) => p,
+            Plan::Decided(d) => panic!("expected a charge, got {d:?}"),
+        };
+        let state = LimitState {
+            limit: 2,
+            remaining: 0,
+            reset_secs: 42,
+        };
+        let d = take().finish(Ok(Outcome::Exceeded(state)), OnStoreError::Deny);
+        assert_eq!(d.reason, Reason::QuotaExceeded);
+        assert_eq!(d.retry_after, Some(42));
+        assert_eq!(
+            d.message,
+            "quota of 2 per minute for product free is exhausted, retry in 42 s"
+        );
+        assert_eq!(d.reason.http_status(), 429);
+
+        let d = take().finish(Err(StoreError::Timeout), OnStoreError::Deny);
+        assert_eq!(
+            (d.reason, d.reason.http_status()),
+            (Reason::StoreUnavailable, 503)
+        );
+        let d = take().finish(Err(StoreError::Timeout), OnStoreError::Allow);
+        assert_eq!(d.reason, Reason::AllowedStoreError);
+        assert!(d.allowed());
+    }
+
+    #[test]
+    fn api_comes_from_the_context_extension_else_the_host() {
+        let w = world();
+        let h = headers(Some("abc"));
+        let none = HashMap::new();
+        // No context extension: the :authority host without its port is the API.
+        let d = decided(decide_now(&w, "GET", "/anything", &h, &none));
+        assert_eq!((d.reason, d.api), (Reason::Allowed, "status.example.com"));
+        assert_eq!(host_of("[::1]:8080"), "[::1]");
+        assert_eq!(host_of("example.com"), "example.com");
+    }
+
+    #[test]
+    fn dangerous_paths_are_refused_before_identity() {
+        let w = world();
+        let h = headers(None);
+        let e = ext("weather");
+        for path in ["/a/%2e%2e/b", "/a%2fb", "/a\\b", "/a%00"] {
+            let d = decided(decide_now(&w, "GET", path, &h, &e));
+            assert_eq!(d.reason, Reason::BadPath, "{path}");
+            assert_eq!(d.reason.error_code(), "bad_request");
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The only place Envoy's protobuf types live: adapters between Envoy's services and tollgate's core.
+
+pub mod authz;

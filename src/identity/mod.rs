@@ -1,0 +1,145 @@
+//! Who is calling: the credential a request presents, and what it resolves to in the catalog.
+
+pub mod api_key;
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::decision::Request;
+
+/// Where API keys are looked for (`identity.api_key` in the config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Request headers that may carry the key, tried in order (lowercase, as Envoy sends them).
+    #[serde(default = "default_headers")]
+    pub headers: Vec<String>,
+    /// Query parameters that may carry the key, tried after the headers.
+    #[serde(default = "default_query_params")]
+    pub query_params: Vec<String>,
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        ApiKeyConfig {
+            headers: default_headers(),
+            query_params: default_query_params(),
+        }
+    }
+}
+
+fn default_headers() -> Vec<String> {
+    vec!["x-api-key".to_owned()]
+}
+
+fn default_query_params() -> Vec<String> {
+    vec!["apikey".to_owned()]
+}
+
+/// Where a credential was found, so that an allowed request can have it removed before the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// In this request header.
+    Header(String),
+    /// In this query parameter.
+    Query(String),
+}
+
+/// The credential a request presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented<'a> {
+    /// None of the configured places carries a credential.
+    Nothing,
+    /// An API key (decoded from the query string when it came from there).
+    ApiKey {
+        /// The key as presented; never logged.
+        key: Cow<'a, str>,
+        /// Where it was found.
+        location: Location,
+    },
+}
+
+/// Finds the API key a request carries: the first configured header, else the first configured query
+/// parameter. Empty values count as absent.
+pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig) -> Presented<'a> {
+    for name in &config.headers {
+        if let Some(value) = request.headers.get(name.as_str()) {
+            let value = value.trim();
+            if !value.is_empty() {
+                return Presented::ApiKey {
+                    key: Cow::Borrowed(value),
+                    location: Location::Header(name.clone()),
+                };
+            }
+        }
+    }
+    if let Some((_, query)) = request.path.split_once('?') {
+        for name in &config.query_params {
+            let found = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, v)| k == name.as_str() && !v.is_empty());
+            if let Some((_, value)) = found {
+                return Presented::ApiKey {
+                    key: value,
+                    location: Location::Query(name.clone()),
+                };
+            }
+        }
+    }
+    Presented::Nothing
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn request<'a>(
+        path: &'a str,
+        headers: &'a HashMap<String, String>,
+        ext: &'a HashMap<String, String>,
+    ) -> Request<'a> {
+        Request {
+            method: "GET",
+            path,
+            authority: "api.example.com",
+            headers,
+            context_extensions: ext,
+        }
+    }
+
+    #[test]
+    fn header_wins_over_query_and_query_is_decoded() {
+        let config = ApiKeyConfig::default();
+        let ext = HashMap::new();
+        let mut headers = HashMap::new();
+        let r = request("/x?apikey=q%2Bkey&a=1", &headers, &ext);
+        assert_eq!(
+            presented(&r, &config),
+            Presented::ApiKey {
+                key: Cow::Owned("q+key".into()),
+                location: Location::Query("apikey".into())
+            }
+        );
+        headers.insert("x-api-key".to_owned(), "hkey".to_owned());
+        let r = request("/x?apikey=qkey", &headers, &ext);
+        assert_eq!(
+            presented(&r, &config),
+            Presented::ApiKey {
+                key: Cow::Borrowed("hkey"),
+                location: Location::Header("x-api-key".into())
+            }
+        );
+    }
+
+    #[test]
+    fn empty_values_and_other_params_are_not_credentials() {
+        let config = ApiKeyConfig::default();
+        let ext = HashMap::new();
+        let mut headers = HashMap::new();
+        headers.insert("x-api-key".to_owned(), "  ".to_owned());
+        let r = request("/x?apikey=&apikeyx=1&x=apikey", &headers, &ext);
+        assert_eq!(presented(&r, &config), Presented::Nothing);
+    }
+}

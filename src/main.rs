@@ -1,0 +1,232 @@
+//! The `tollgate` command line: serve, check, key.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use tollgate::catalog::{self, Catalog, Status};
+use tollgate::config::Config;
+use tollgate::identity::api_key::{self, KeyHash, KeyKind};
+use tollgate::source::SourceError;
+
+/// An Envoy ext_authz sidecar that sells and protects APIs: API keys, API products and quotas.
+#[derive(Parser)]
+#[command(name = "tollgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: gRPC (ext_authz, health) and admin HTTP.
+    Serve(ConfigArg),
+    /// Validate the config and the catalog without serving, and print a summary.
+    Check(ConfigArg),
+    /// Make and hash API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The config file (YAML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print a fresh random API key and the catalog line that stores its hash.
+    New {
+        /// A key for live traffic (tg_live_…).
+        #[arg(long, conflicts_with = "test")]
+        live: bool,
+        /// A key for test traffic (tg_test_…, the default).
+        #[arg(long)]
+        test: bool,
+    },
+    /// Print the hash the catalog stores for KEY (`-` reads the key from stdin, keeping it out of shell history).
+    Hash {
+        /// The API key, or `-`.
+        key: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args.config),
+        Command::Check(args) => check(&args.config),
+        Command::Key(KeyCommand::New { live, .. }) => {
+            let key = api_key::generate(if live { KeyKind::Live } else { KeyKind::Test });
+            emit(&format!(
+                "{key}\n- {{hash: \"{}\", status: approved}}\n",
+                KeyHash::of(&key)
+            ))
+        }
+        Command::Key(KeyCommand::Hash { key }) => hash(&key),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<SourceError>() {
+                Some(source_error) => eprintln!("{source_error}"),
+                None => eprintln!("tollgate: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<()> {
+    tollgate::telemetry::init_logging();
+    let config = Config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(tollgate::server::serve(config))?;
+    Ok(())
+}
+
+fn hash(key: &str) -> anyhow::Result<()> {
+    let key = if key == "-" {
+        let mut buf = String::new();
+        std::io::stdin()
+            .read_to_string(&mut buf)
+            .context("cannot read the key from stdin")?;
+        buf.trim().to_owned()
+    } else {
+        key.to_owned()
+    };
+    if key.is_empty() {
+        anyhow::bail!("the key is empty");
+    }
+    emit(&format!("{}\n", KeyHash::of(&key)))
+}
+
+fn check(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let catalog = catalog::load(&config.catalog.path)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "config  {}: ok", config_path.display());
+    let _ = writeln!(
+        out,
+        "        grpc {}, admin {}, environment {}, quota store {:?} (on error: {:?})",
+        config.grpc_listen,
+        config.admin_listen,
+        config.environment.as_deref().unwrap_or("(none)"),
+        config.quota.store,
+        config.quota.on_store_error,
+    );
+    let _ = writeln!(out, "catalog {}: ok", config.catalog.path.display());
+    summarize(&mut out, &catalog);
+    emit(&out)
+}
+
+/// Writes to stdout; a closed pipe (`tollgate key new | head -1`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The one-screen catalog summary of `tollgate check`.
+fn summarize(out: &mut String, catalog: &Catalog) {
+    let products = catalog.products();
+    let _ = writeln!(out, "  products  {}", products.len());
+    for p in products {
+        let ops = p.operations.len();
+        let quota = p
+            .quota
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}/{}{}",
+                    l.limit,
+                    if l.interval == 1 {
+                        String::new()
+                    } else {
+                        format!("{} ", l.interval)
+                    },
+                    l.unit.as_str()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let _ = writeln!(
+            out,
+            "    {:<24} {} operation{}, quota {}, environments {}",
+            p.name,
+            ops,
+            if ops == 1 { "" } else { "s" },
+            if quota.is_empty() {
+                "none".to_owned()
+            } else {
+                quota
+            },
+            if p.environments.is_empty() {
+                "all".to_owned()
+            } else {
+                p.environments.join(",")
+            },
+        );
+    }
+    let revoked_apps = catalog
+        .apps()
+        .iter()
+        .filter(|a| a.status == Status::Revoked)
+        .count();
+    let _ = writeln!(
+        out,
+        "  developers {}, apps {} ({} revoked)",
+        catalog.developers().len(),
+        catalog.apps().len(),
+        revoked_apps
+    );
+    let now = tollgate::authorizer::unix_now();
+    let (mut approved, mut revoked, mut expired) = (0, 0, 0);
+    for key in catalog.keys() {
+        if key.status == Status::Revoked {
+            revoked += 1;
+        } else if key.expires_at.is_some_and(|t| t <= now) {
+            expired += 1;
+        } else {
+            approved += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  keys      {} ({approved} usable, {revoked} revoked, {expired} expired)",
+        catalog.key_count()
+    );
+    let meters: Vec<String> = products
+        .iter()
+        .filter_map(|p| {
+            p.meter
+                .as_ref()
+                .map(|m| format!("{} ({})", m.event_name, p.name))
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "  meters    {}",
+        if meters.is_empty() {
+            "none".to_owned()
+        } else {
+            meters.join(", ")
+        }
+    );
+}

@@ -1,0 +1,280 @@
+//! The in-memory quota store: exact counters for a single replica.
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::{Charge, Limit, LimitState, Outcome, QuotaStore, StoreError, Unit};
+
+/// Counters of one window length of one bucket.
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    unit: Unit,
+    interval: u32,
+    window_start: i64,
+    window_end: i64,
+    used: u64,
+}
+
+/// Keeps counters in a sharded map; each bucket's limits are updated under one shard lock, so a call that
+/// must fit several limits is charged atomically.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    buckets: DashMap<Box<str>, Vec<Counter>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of buckets currently held (for tests and metrics).
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    fn charge_counters(counters: &mut Vec<Counter>, charge: &Charge<'_>) -> Outcome {
+        let mut slots = Vec::with_capacity(charge.limits.len());
+        for limit in charge.limits {
+            slots.push(Self::slot(counters, limit, charge.now));
+        }
+        for (limit, &slot) in charge.limits.iter().zip(&slots) {
+            let c = &counters[slot];
+            if c.used.saturating_add(charge.cost) > limit.limit {
+                return Outcome::Exceeded(LimitState {
+                    limit: limit.limit,
+                    remaining: limit.limit.saturating_sub(c.used),
+                    reset_secs: window_secs_left(c, charge.now),
+                });
+            }
+        }
+        let mut tightest: Option<LimitState> = None;
+        for (limit, &slot) in charge.limits.iter().zip(&slots) {
+            let c = &mut counters[slot];
+            c.used = c.used.saturating_add(charge.cost);
+            let state = LimitState {
+                limit: limit.limit,
+                remaining: limit.limit.saturating_sub(c.used),
+                reset_secs: window_secs_left(c, charge.now),
+            };
+            if tightest.is_none_or(|t| state.remaining < t.remaining) {
+                tightest = Some(state);
+            }
+        }
+        // A charge with no limits is not sent to a store; report an unlimited-looking state defensively.
+        Outcome::Allowed(tightest.unwrap_or(LimitState {
+            limit: u64::MAX,
+            remaining: u64::MAX,
+            reset_secs: 0,
+        }))
+    }
+
+    /// Index of the counter for `limit`'s window length, reset when its window has moved on.
+    fn slot(counters: &mut Vec<Counter>, limit: &Limit, now: i64) -> usize {
+        let window = limit.window(now);
+        let found = counters
+            .iter()
+            .position(|c| c.unit == limit.unit && c.interval == limit.interval);
+        match found {
+            Some(i) => {
+                let c = &mut counters[i];
+                if c.window_start != window.start {
+                    c.window_start = window.start;
+                    c.window_end = window.end;
+                    c.used = 0;
+                }
+                i
+            }
+            None => {
+                counters.push(Counter {
+                    unit: limit.unit,
+                    interval: limit.interval,
+                    window_start: window.start,
+                    window_end: window.end,
+                    used: 0,
+                });
+                counters.len() - 1
+            }
+        }
+    }
+}
+
+fn window_secs_left(c: &Counter, now: i64) -> u64 {
+    u64::try_from(c.window_end.saturating_sub(now))
+        .unwrap_or(0)
+        .max(1)
+}
+
+#[async_trait]
+impl QuotaStore for MemoryStore {
+    async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
+        if let Some(mut counters) = self.buckets.get_mut(charge.bucket) {
+            return Ok(Self::charge_counters(&mut counters, charge));
+        }
+        let mut counters = self.buckets.entry(charge.bucket.into()).or_default();
+        Ok(Self::charge_counters(&mut counters, charge))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn sweep(&self, now: i64) {
+        self.buckets.retain(|_, counters| {
+            counters.retain(|c| c.window_end > now);
+            !counters.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_795_000_000; // 2026-11-18T...Z, an arbitrary instant
+
+    fn limit(limit: u64, unit: Unit) -> Limit {
+        Limit {
+            limit,
+            interval: 1,
+            unit,
+        }
+    }
+
+    async fn charge(
+        store: &MemoryStore,
+        bucket: &str,
+        limits: &[Limit],
+        cost: u64,
+        now: i64,
+    ) -> Outcome {
+        store
+            .charge(&Charge {
+                bucket,
+                limits,
+                cost,
+                now,
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn counts_up_to_the_limit_then_refuses() {
+        let store = MemoryStore::new();
+        let limits = [limit(3, Unit::Minute)];
+        let now = T0 - T0 % 60 + 10;
+        for remaining in [2, 1, 0] {
+            match charge(&store, "a", &limits, 1, now).await {
+                Outcome::Allowed(s) => {
+                    assert_eq!(s.remaining, remaining);
+                    assert_eq!(s.limit, 3);
+                    assert_eq!(s.reset_secs, 50);
+                }
+                other => panic!("expected allow, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            charge(&store, "a", &limits, 1, now).await,
+            Outcome::Exceeded(LimitState {
+                limit: 3,
+                remaining: 0,
+                reset_secs: 50
+            })
+        );
+        // Another bucket is independent.
+        assert!(matches!(
+            charge(&store, "b", &limits, 1, now).await,
+            Outcome::Allowed(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_new_window_starts_from_zero() {
+        let store = MemoryStore::new();
+        let limits = [limit(1, Unit::Second)];
+        assert!(matches!(
+            charge(&store, "a", &limits, 1, T0).await,
+            Outcome::Allowed(_)
+        ));
+        assert!(matches!(
+            charge(&store, "a", &limits, 1, T0).await,
+            Outcome::Exceeded(_)
+        ));
+        assert!(matches!(
+            charge(&store, "a", &limits, 1, T0 + 1).await,
+            Outcome::Allowed(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn cost_is_spent_and_an_oversized_call_spends_nothing() {
+        let store = MemoryStore::new();
+        let limits = [limit(10, Unit::Hour)];
+        assert!(
+            matches!(charge(&store, "a", &limits, 7, T0).await, Outcome::Allowed(s) if s.remaining == 3)
+        );
+        assert!(
+            matches!(charge(&store, "a", &limits, 4, T0).await, Outcome::Exceeded(s) if s.remaining == 3)
+        );
+        assert!(
+            matches!(charge(&store, "a", &limits, 3, T0).await, Outcome::Allowed(s) if s.remaining == 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn every_limit_must_fit_and_the_exhausted_one_is_reported() {
+        let store = MemoryStore::new();
+        let limits = [limit(500, Unit::Month), limit(2, Unit::Second)];
+        let now = T0;
+        assert!(
+            matches!(charge(&store, "a", &limits, 1, now).await, Outcome::Allowed(s) if s.limit == 2 && s.remaining == 1)
+        );
+        assert!(
+            matches!(charge(&store, "a", &limits, 1, now).await, Outcome::Allowed(s) if s.limit == 2 && s.remaining == 0)
+        );
+        // The spike limit refuses; the monthly allowance is not charged for the refused call.
+        assert!(
+            matches!(charge(&store, "a", &limits, 1, now).await, Outcome::Exceeded(s) if s.limit == 2)
+        );
+        let monthly_only = [limit(500, Unit::Month)];
+        assert!(
+            matches!(charge(&store, "a", &monthly_only, 1, now + 1).await, Outcome::Allowed(s) if s.remaining == 497)
+        );
+    }
+
+    #[tokio::test]
+    async fn sweep_frees_ended_windows() {
+        let store = MemoryStore::new();
+        let limits = [limit(5, Unit::Second)];
+        charge(&store, "a", &limits, 1, T0).await;
+        charge(&store, "b", &[limit(5, Unit::Day)], 1, T0).await;
+        assert_eq!(store.buckets(), 2);
+        store.sweep(T0 + 1).await;
+        assert_eq!(store.buckets(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_charges_never_overshoot() {
+        let store = std::sync::Arc::new(MemoryStore::new());
+        let limits = [limit(1_000, Unit::Day)];
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut allowed = 0u64;
+                for _ in 0..500 {
+                    if let Outcome::Allowed(_) = charge(&store, "hot", &limits, 1, T0).await {
+                        allowed += 1;
+                    }
+                }
+                allowed
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        assert_eq!(total, 1_000);
+    }
+}

@@ -1,0 +1,84 @@
+//! Quotas: calendar windows, the store trait that charges them, and the stores.
+//!
+//! The decision code only sees [`QuotaStore`]: the in-memory store serves a single replica, the Redis store
+//! (its own issue) shares counters across replicas through the same trait.
+
+pub mod memory;
+pub mod window;
+
+use async_trait::async_trait;
+
+pub use window::{Unit, Window, window_at};
+
+/// One limit of a plan: at most `limit` units per `interval` `unit`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Units allowed per window.
+    pub limit: u64,
+    /// Window length in `unit`s (at least 1).
+    pub interval: u32,
+    /// The calendar unit.
+    pub unit: Unit,
+}
+
+impl Limit {
+    /// The window of this limit that contains `now`.
+    pub fn window(&self, now: i64) -> Window {
+        window_at(now, self.unit, self.interval)
+    }
+}
+
+/// A request to spend `cost` units from every limit of one bucket at `now` (Unix seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// The counter's identity: (app or owner, product, operation-or-product), already joined.
+    pub bucket: &'a str,
+    /// Every limit the call must fit; a call that does not fit all of them spends nothing.
+    pub limits: &'a [Limit],
+    /// Units this call spends.
+    pub cost: u64,
+    /// Current time in Unix seconds.
+    pub now: i64,
+}
+
+/// Where one limit stands after a charge: what the `ratelimit-*` headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitState {
+    /// Units allowed per window.
+    pub limit: u64,
+    /// Units left in the current window.
+    pub remaining: u64,
+    /// Seconds until the current window ends.
+    pub reset_secs: u64,
+}
+
+/// The answer of a store to a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Charged; the state of the limit with the fewest units left.
+    Allowed(LimitState),
+    /// Not charged; the state of the first exhausted limit.
+    Exceeded(LimitState),
+}
+
+/// A quota store could not answer (the caller applies `on_store_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer in time.
+    #[error("quota store timed out")]
+    Timeout,
+    /// The store answered with an error or the connection failed.
+    #[error("quota store failed: {0}")]
+    Backend(String),
+}
+
+/// Counts quota units per bucket and window.
+#[async_trait]
+pub trait QuotaStore: Send + Sync + 'static {
+    /// Spends `charge.cost` from every limit if all of them have room; otherwise spends nothing.
+    async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError>;
+    /// Answers when the store is usable (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Forgets windows that ended before `now`.
+    async fn sweep(&self, now: i64);
+}

@@ -1,0 +1,170 @@
+//! `tollgate serve`: binds the gRPC and admin listeners, loads the catalog, and runs until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+
+use crate::admin::{self, AdminState};
+use crate::authorizer::{Authorizer, unix_now};
+use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
+use crate::config::Config;
+use crate::envoy::authz::AuthzService;
+use crate::quota::QuotaStore;
+use crate::quota::memory::MemoryStore;
+use crate::source::SourceError;
+use crate::telemetry::{Metrics, MetricsError};
+
+/// How often ended quota windows are freed.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Why `serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The catalog could not be loaded at start.
+    #[error(transparent)]
+    Catalog(#[from] SourceError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The admin server failed.
+    #[error("admin server failed: {0}")]
+    Admin(std::io::Error),
+    /// The catalog watcher could not start.
+    #[error(transparent)]
+    Watch(#[from] catalog_watch::WatchError),
+    /// Metrics could not be registered.
+    #[error("metrics setup failed: {0}")]
+    Metrics(#[from] MetricsError),
+}
+
+/// Runs the sidecar until a shutdown signal.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let metrics = Metrics::new()?;
+    let loaded = catalog_watch::read(&config.catalog.path, None).await?;
+    let handle = Arc::new(CatalogHandle::new(Catalog::default()));
+    let digest = match loaded {
+        Some(loaded) => catalog_watch::install(&handle, loaded, &metrics),
+        None => [0; 32],
+    };
+
+    let quota: Arc<dyn QuotaStore> = Arc::new(MemoryStore::new());
+    let authorizer = Arc::new(Authorizer::new(
+        handle.clone(),
+        quota.clone(),
+        config.settings(),
+        metrics.clone(),
+    ));
+
+    let grpc_listener = bind(config.grpc_listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AuthorizationServer<AuthzService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(AuthorizationServer::new(AuthzService::new(authorizer)))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            signalled(shutdown_rx.clone()),
+        );
+    let admin_router = admin::router(AdminState {
+        metrics: metrics.clone(),
+        quota: quota.clone(),
+    });
+    let admin = axum::serve(admin_listener, admin_router)
+        .with_graceful_shutdown(signalled(shutdown_rx.clone()));
+
+    let watcher = tokio::spawn(catalog_watch::run(
+        config.catalog.path.clone(),
+        handle,
+        digest,
+        metrics,
+        shutdown_rx.clone(),
+    ));
+    let sweeper = tokio::spawn(sweep(quota, shutdown_rx));
+    tracing::info!(grpc = %config.grpc_listen, admin = %config.admin_listen, "tollgate serving");
+
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    });
+
+    let (grpc, admin) = tokio::join!(grpc, admin);
+    sweeper.abort();
+    grpc?;
+    admin.map_err(ServeError::Admin)?;
+    match watcher.await {
+        Ok(result) => result?,
+        Err(e) => tracing::warn!(error = %e, "catalog watcher ended abnormally"),
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+async fn signalled(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn sweep(quota: Arc<dyn QuotaStore>, shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => quota.sweep(unix_now()).await,
+            _ = signalled(shutdown.clone()) => return,
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops tollgate");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
