@@ -1,0 +1,372 @@
+{{/* Names and labels. */}}
+{{- define "tollgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tollgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tollgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tollgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "tollgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "tollgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: {{ .Values.mode }}
+{{- end }}
+
+{{- define "tollgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tollgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tollgate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Fixed paths inside the container. */}}
+{{- define "tollgate.configDir" -}}/etc/tollgate/config{{- end }}
+{{- define "tollgate.catalogDir" -}}/etc/tollgate/catalog{{- end }}
+{{- define "tollgate.meteringDir" -}}/var/lib/tollgate{{- end }}
+
+{{/* Billing is on when config.billing carries anything (an empty map means "absent" in the contract). */}}
+{{- define "tollgate.billingOn" -}}
+{{- if and (not .Values.existingConfig.configMap) (not .Values.existingConfig.secret) .Values.config.billing }}true{{- end }}
+{{- end }}
+
+{{- define "tollgate.redisOn" -}}
+{{- if or .Values.redis.url .Values.redis.existingSecret }}true{{- end }}
+{{- end }}
+
+{{- define "tollgate.redisSecretName" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecret }}{{- else }}{{ include "tollgate.fullname" . }}-redis{{- end }}
+{{- end }}
+
+{{- define "tollgate.redisSecretKey" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretKey }}{{- else }}TOLLGATE_REDIS_URL{{- end }}
+{{- end }}
+
+{{- define "tollgate.catalogGenerated" -}}
+{{- if and (not .Values.catalog.existingConfigMap) (not .Values.catalog.existingSecret) }}true{{- end }}
+{{- end }}
+
+{{- define "tollgate.configGenerated" -}}
+{{- if and (not .Values.existingConfig.configMap) (not .Values.existingConfig.secret) }}true{{- end }}
+{{- end }}
+
+{{- define "tollgate.claimName" -}}
+{{- if .Values.persistence.existingClaim }}{{ .Values.persistence.existingClaim }}{{- else }}{{ include "tollgate.fullname" . }}-spool{{- end }}
+{{- end }}
+
+{{/* The StatefulSet owns its claims through volumeClaimTemplates; otherwise the chart creates one claim. */}}
+{{- define "tollgate.perPodClaims" -}}
+{{- if and (eq .Values.mode "service") (eq .Values.kind "StatefulSet") .Values.persistence.enabled (not .Values.persistence.existingClaim) }}true{{- end }}
+{{- end }}
+
+{{/*
+Refuses value combinations that would install but misbehave. Included from every template that depends on
+them, so `helm template` and `helm install` fail with one clear sentence.
+*/}}
+{{- define "tollgate.validate" -}}
+{{- $v := .Values }}
+{{- if and $v.existingConfig.configMap $v.existingConfig.secret }}
+{{- fail "existingConfig: set configMap or secret, not both" }}
+{{- end }}
+{{- if and $v.catalog.existingConfigMap $v.catalog.existingSecret }}
+{{- fail "catalog: set existingConfigMap or existingSecret, not both" }}
+{{- end }}
+{{- if and $v.redis.url $v.redis.existingSecret }}
+{{- fail "redis: set url or existingSecret, not both" }}
+{{- end }}
+{{- if include "tollgate.configGenerated" . }}
+{{- $store := default "memory" $v.config.quota.store }}
+{{- if and (eq $store "redis") (not (include "tollgate.redisOn" .)) }}
+{{- fail "config.quota.store is redis: set redis.url or redis.existingSecret" }}
+{{- end }}
+{{- if and (eq $store "memory") (include "tollgate.redisOn" .) }}
+{{- fail "redis is configured but config.quota.store is memory: set config.quota.store to redis" }}
+{{- end }}
+{{- if and (eq $store "memory") (eq $v.mode "service") (or $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
+{{- fail "config.quota.store memory counts quota per pod, and this release runs more than one pod: use quota.store redis, or replicaCount 1 without autoscaling" }}
+{{- end }}
+{{- if and (include "tollgate.billingOn" .) (not $v.secrets.stripeApiKey.name) }}
+{{- fail "config.billing is set: name the Secret holding the Stripe API key in secrets.stripeApiKey.name" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $v.mode "service") (eq $v.kind "Deployment") $v.persistence.enabled (or $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
+{{- fail "persistence with kind Deployment is one claim that only one pod may own (two tollgates must never share a spool): set replicaCount 1 and autoscaling off, or use kind StatefulSet for a claim per pod" }}
+{{- end }}
+{{- if and (eq $v.kind "StatefulSet") $v.persistence.existingClaim }}
+{{- fail "persistence.existingClaim is one claim: it cannot serve a StatefulSet's pods; drop it to get a claim per pod" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas is larger than autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}
+
+{{/* The generated tollgate config file (contract section 2). */}}
+{{- define "tollgate.config" -}}
+{{- $v := .Values }}
+{{- $cfg := deepCopy $v.config }}
+{{- $bind := ternary "0.0.0.0" "127.0.0.1" (eq $v.mode "service") }}
+{{- $_ := set $cfg "grpc_listen" (printf "%s:%d" $bind (int $v.ports.grpc)) }}
+{{- /* The admin port serves the kubelet's probes and Prometheus, which reach the pod IP in both modes. */}}
+{{- $_ := set $cfg "admin_listen" (printf "0.0.0.0:%d" (int $v.ports.admin)) }}
+{{- $_ := set $cfg "admin_token" "${TOLLGATE_ADMIN_TOKEN:-}" }}
+{{- $_ := set $cfg "catalog" (dict "path" (printf "%s/catalog.yaml" (include "tollgate.catalogDir" .))) }}
+{{- $metering := default (dict) $cfg.metering }}
+{{- $_ := set $metering "dir" (include "tollgate.meteringDir" .) }}
+{{- $_ := set $cfg "metering" $metering }}
+{{- $quota := default (dict) $cfg.quota }}
+{{- if eq (default "memory" $quota.store) "redis" }}
+{{- $_ := set $quota "redis_url" "${TOLLGATE_REDIS_URL}" }}
+{{- end }}
+{{- $_ := set $cfg "quota" $quota }}
+{{- if $cfg.billing }}
+{{- $stripe := default (dict) $cfg.billing.stripe }}
+{{- $_ := set $stripe "api_key" "${STRIPE_API_KEY}" }}
+{{- $_ := set $cfg.billing "stripe" $stripe }}
+{{- else }}
+{{- $_ := unset $cfg "billing" }}
+{{- end }}
+{{- $cfg = mustMergeOverwrite $cfg (deepCopy $v.extraConfig) }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* The container's environment: Secrets the config references as ${VAR}, then plain variables. */}}
+{{- define "tollgate.env" -}}
+{{- $v := .Values }}
+{{- if $v.secrets.stripeApiKey.name }}
+- name: STRIPE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.secrets.stripeApiKey.name }}
+      key: {{ $v.secrets.stripeApiKey.key }}
+{{- end }}
+{{- if $v.secrets.adminToken.name }}
+- name: TOLLGATE_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.secrets.adminToken.name }}
+      key: {{ $v.secrets.adminToken.key }}
+{{- end }}
+{{- if include "tollgate.redisOn" . }}
+- name: TOLLGATE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tollgate.redisSecretName" . }}
+      key: {{ include "tollgate.redisSecretKey" . }}
+{{- end }}
+{{- range $name, $ref := $v.secretEnv }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.name }}
+      key: {{ $ref.key }}
+{{- end }}
+{{- with $v.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The tollgate container, shared by the Deployment, the StatefulSet and the sidecar snippet in NOTES.txt. */}}
+{{- define "tollgate.container" -}}
+{{- $v := .Values }}
+name: tollgate
+image: {{ include "tollgate.image" . | quote }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+args:
+  - serve
+  - --config
+  - {{ printf "%s/%s" (include "tollgate.configDir" .) (ternary "config.yaml" $v.existingConfig.key (eq (include "tollgate.configGenerated" .) "true")) }}
+# Prefixed: port names must be unique in a pod, and an Envoy pod often has its own "admin".
+ports:
+  - name: tollgate-grpc
+    containerPort: {{ $v.ports.grpc }}
+    protocol: TCP
+  - name: tollgate-admin
+    containerPort: {{ $v.ports.admin }}
+    protocol: TCP
+{{- $env := include "tollgate.env" . | trim }}
+{{- if $env }}
+env:
+  {{- $env | nindent 2 }}
+{{- end }}
+{{- if eq $v.mode "service" }}
+startupProbe:
+  grpc:
+    port: {{ $v.ports.grpc }}
+    service: ""
+  periodSeconds: {{ $v.probes.startup.periodSeconds }}
+  timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
+  failureThreshold: {{ $v.probes.startup.failureThreshold }}
+livenessProbe:
+  grpc:
+    port: {{ $v.ports.grpc }}
+    service: ""
+  periodSeconds: {{ $v.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+{{- else }}
+startupProbe:
+  httpGet:
+    path: /readyz
+    port: tollgate-admin
+  periodSeconds: {{ $v.probes.startup.periodSeconds }}
+  timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
+  failureThreshold: {{ $v.probes.startup.failureThreshold }}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: tollgate-admin
+  periodSeconds: {{ $v.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+{{- end }}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: tollgate-admin
+  periodSeconds: {{ $v.probes.readiness.periodSeconds }}
+  timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
+  failureThreshold: {{ $v.probes.readiness.failureThreshold }}
+{{- with $v.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.securityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumeMounts:
+  - name: tollgate-config
+    mountPath: {{ include "tollgate.configDir" . }}
+    readOnly: true
+  - name: tollgate-catalog
+    mountPath: {{ include "tollgate.catalogDir" . }}
+    readOnly: true
+  - name: tollgate-spool
+    mountPath: {{ include "tollgate.meteringDir" . }}
+  - name: tollgate-tmp
+    mountPath: /tmp
+{{- end }}
+
+{{/* The pod's volumes, prefixed so they cannot collide with an Envoy pod's own; the spool is left out when a StatefulSet claims one per pod. */}}
+{{- define "tollgate.volumes" -}}
+{{- $v := .Values }}
+- name: tollgate-config
+  {{- if $v.existingConfig.secret }}
+  secret:
+    secretName: {{ $v.existingConfig.secret }}
+  {{- else }}
+  configMap:
+    name: {{ default (printf "%s-config" (include "tollgate.fullname" .)) $v.existingConfig.configMap }}
+  {{- end }}
+- name: tollgate-catalog
+  {{- if $v.catalog.existingSecret }}
+  secret:
+    secretName: {{ $v.catalog.existingSecret }}
+    items:
+      - key: {{ $v.catalog.key }}
+        path: catalog.yaml
+  {{- else if $v.catalog.existingConfigMap }}
+  configMap:
+    name: {{ $v.catalog.existingConfigMap }}
+    items:
+      - key: {{ $v.catalog.key }}
+        path: catalog.yaml
+  {{- else }}
+  configMap:
+    name: {{ include "tollgate.fullname" . }}-catalog
+  {{- end }}
+{{- if not (include "tollgate.perPodClaims" .) }}
+- name: tollgate-spool
+  {{- if $v.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "tollgate.claimName" . }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ $v.persistence.emptyDirSizeLimit }}
+  {{- end }}
+{{- end }}
+- name: tollgate-tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- end }}
+
+{{/* The pod template shared by the Deployment and the StatefulSet. */}}
+{{- define "tollgate.podTemplate" -}}
+{{- $v := .Values }}
+metadata:
+  labels:
+    {{- include "tollgate.selectorLabels" . | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    {{- if include "tollgate.configGenerated" . }}
+    {{- /* The config is read once at start (only the catalog is watched): roll the pods when it changes. */}}
+    checksum/config: {{ include "tollgate.config" . | sha256sum }}
+    {{- end }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "tollgate.serviceAccountName" . }}
+  # tollgate never talks to the Kubernetes API.
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $v.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - {{ include "tollgate.container" . | trim | indent 6 | trim }}
+  volumes:
+    {{- include "tollgate.volumes" . | trim | nindent 4 }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
