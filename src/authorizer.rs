@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{Catalog, CatalogHandle};
 use crate::decision::{self, Decision, Plan, Request, Settings};
+use crate::identity::jwt::JwtVerifier;
+use crate::identity::{self, Caller, Presented};
 use crate::quota::QuotaStore;
 use crate::telemetry::Metrics;
 
@@ -15,21 +17,26 @@ use crate::telemetry::Metrics;
 pub struct Authorizer {
     catalog: Arc<CatalogHandle>,
     quota: Arc<dyn QuotaStore>,
+    jwt: Option<JwtVerifier>,
     settings: Settings,
     metrics: Metrics,
 }
 
 impl Authorizer {
-    /// Wires the catalog, the quota store and the settings together.
+    /// Wires the catalog, the quota store, the token verifier (when JWT providers are configured) and the
+    /// settings together.
     pub fn new(
         catalog: Arc<CatalogHandle>,
         quota: Arc<dyn QuotaStore>,
-        settings: Settings,
+        jwt: Option<JwtVerifier>,
+        mut settings: Settings,
         metrics: Metrics,
     ) -> Self {
+        settings.bearer = jwt.is_some();
         Authorizer {
             catalog,
             quota,
+            jwt,
             settings,
             metrics,
         }
@@ -45,10 +52,29 @@ impl Authorizer {
         &self.settings
     }
 
-    /// Decides one request against `catalog` (a snapshot from [`Authorizer::snapshot`]).
-    pub async fn decide<'a>(&'a self, request: &Request<'a>, catalog: &'a Catalog) -> Decision<'a> {
+    /// Finds the request's credential and verifies it when it is a token (the only step of identification
+    /// that may wait: a JWKS refresh for an unknown `kid`).
+    pub async fn identify<'r>(&self, request: &Request<'r>) -> Caller<'r> {
+        match identity::presented(request, &self.settings.api_key, self.jwt.is_some()) {
+            Presented::Nothing => Caller::Nothing,
+            Presented::ApiKey { key, location } => Caller::ApiKey { key, location },
+            Presented::Bearer(token) => match &self.jwt {
+                Some(jwt) => Caller::Token(jwt.verify(token).await),
+                None => Caller::Nothing,
+            },
+        }
+    }
+
+    /// Decides one request from its identified `caller` against `catalog` (a snapshot from
+    /// [`Authorizer::snapshot`]).
+    pub async fn decide<'a>(
+        &'a self,
+        request: &Request<'a>,
+        caller: &'a Caller<'a>,
+        catalog: &'a Catalog,
+    ) -> Decision<'a> {
         let now = unix_now();
-        let decision = match decision::plan(request, catalog, &self.settings, now) {
+        let decision = match decision::plan(request, caller, catalog, &self.settings, now) {
             Plan::Decided(decision) => decision,
             Plan::Charge(pending) => {
                 let answer = self.quota.charge(&pending.charge(now)).await;

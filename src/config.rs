@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::decision::{OnStoreError, Settings};
 use crate::identity::ApiKeyConfig;
+use crate::identity::jwt::JwtConfig;
 use crate::source::{PathSeg, Source, SourceError};
 
 /// The whole config file.
@@ -42,6 +43,9 @@ pub struct Config {
     pub metering: MeteringConfig,
     /// Billing; absent means nothing is sent.
     pub billing: Option<serde_yaml_ng::Value>,
+    /// The config file's folder: relative paths (catalog, metering dir, JWT key files) start there.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 /// `catalog:`
@@ -59,8 +63,8 @@ pub struct IdentityConfig {
     /// API keys.
     #[serde(default)]
     pub api_key: ApiKeyConfig,
-    /// JWT providers (not supported by this build yet: refused with a clear error).
-    pub jwt: Option<serde_yaml_ng::Value>,
+    /// JWT providers; absent means bearer tokens are not looked for.
+    pub jwt: Option<JwtConfig>,
 }
 
 /// Which quota store holds the counters.
@@ -130,6 +134,13 @@ fn default_lateness() -> Duration {
     Duration::from_secs(10)
 }
 
+fn config_dir(config_path: &Path) -> &Path {
+    match config_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 fn empty_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
 }
@@ -151,10 +162,15 @@ impl Config {
     /// Validates an already read (and expanded) config source.
     pub fn from_source(source: &Source) -> Result<Config, SourceError> {
         let mut config: Config = source.parse()?;
-        if config.identity.jwt.is_some() {
+        if config
+            .identity
+            .jwt
+            .as_ref()
+            .is_some_and(|jwt| jwt.providers.is_empty())
+        {
             return Err(source.error_at(
                 &[PathSeg::Key("identity"), PathSeg::Key("jwt")],
-                "JWT identity is not available in this build yet; remove identity.jwt",
+                "identity.jwt needs at least one provider",
             ));
         }
         if config.billing.is_some() {
@@ -170,7 +186,10 @@ impl Config {
             ));
         }
         let api_key = &config.identity.api_key;
-        if api_key.headers.is_empty() && api_key.query_params.is_empty() {
+        if api_key.headers.is_empty()
+            && api_key.query_params.is_empty()
+            && config.identity.jwt.is_none()
+        {
             return Err(source.error_at(
                 &[PathSeg::Key("identity"), PathSeg::Key("api_key")],
                 "api_key needs at least one header or query parameter",
@@ -199,9 +218,10 @@ impl Config {
                 "window must be longer than 0s",
             ));
         }
-        let base = source.path().parent().unwrap_or(Path::new("."));
+        let base = config_dir(source.path());
         config.catalog.path = base.join(&config.catalog.path);
         config.metering.dir = base.join(&config.metering.dir);
+        config.base_dir = base.to_path_buf();
         Ok(config)
     }
 
@@ -212,6 +232,7 @@ impl Config {
             api_context_extension: self.api_context_extension.clone(),
             api_key: self.identity.api_key.clone(),
             on_store_error: self.quota.on_store_error,
+            bearer: self.identity.jwt.is_some(),
         }
     }
 }

@@ -4,14 +4,16 @@
 //! either decides outright or returns a [`Pending`] charge; the caller asks the quota store and hands its
 //! answer to [`Pending::finish`]. Neither step does I/O, so the whole decision table is unit-tested here.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use crate::catalog::{Catalog, Status, SubscriptionStatus};
+use crate::catalog::{App, Catalog, Status, Subscription, SubscriptionStatus};
 use crate::identity::api_key::KeyHash;
-use crate::identity::{self, ApiKeyConfig, Location, Presented};
+use crate::identity::jwt::{JwtRejection, VerifiedToken};
+use crate::identity::{ApiKeyConfig, Caller, Location};
 use crate::matching::{self, Match, Target, path};
 use crate::quota::{Charge, Limit, LimitState, Outcome, StoreError};
 
@@ -52,6 +54,8 @@ pub struct Settings {
     pub api_key: ApiKeyConfig,
     /// `quota.on_store_error`.
     pub on_store_error: OnStoreError,
+    /// Whether bearer tokens are accepted (JWT providers are configured).
+    pub bearer: bool,
 }
 
 /// Why a request was allowed or denied: the `reason` in metadata and metrics.
@@ -69,6 +73,12 @@ pub enum Reason {
     RevokedKey,
     /// An expired key.
     ExpiredKey,
+    /// A bearer token that failed verification.
+    InvalidToken,
+    /// A valid token naming an app the catalog does not know.
+    UnknownApp,
+    /// A token's issuer keys could not be loaded yet.
+    KeysUnavailable,
     /// The app is revoked.
     AppRevoked,
     /// The product that would cover the request is pending approval for the app.
@@ -77,6 +87,8 @@ pub enum Reason {
     ProductRevoked,
     /// The product that would cover the request is not offered in this environment.
     ProductNotOffered,
+    /// The token lacks every scope of the product that would cover the request.
+    MissingScope,
     /// No product of the app covers the request.
     NoProduct,
     /// The path is dangerous.
@@ -89,17 +101,21 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Allowed,
         Reason::AllowedStoreError,
         Reason::MissingCredential,
         Reason::UnknownKey,
         Reason::RevokedKey,
         Reason::ExpiredKey,
+        Reason::InvalidToken,
+        Reason::UnknownApp,
+        Reason::KeysUnavailable,
         Reason::AppRevoked,
         Reason::ProductPending,
         Reason::ProductRevoked,
         Reason::ProductNotOffered,
+        Reason::MissingScope,
         Reason::NoProduct,
         Reason::BadPath,
         Reason::QuotaExceeded,
@@ -115,10 +131,14 @@ impl Reason {
             Reason::UnknownKey => "unknown_key",
             Reason::RevokedKey => "revoked_key",
             Reason::ExpiredKey => "expired_key",
+            Reason::InvalidToken => "invalid_token",
+            Reason::UnknownApp => "unknown_app",
+            Reason::KeysUnavailable => "keys_unavailable",
             Reason::AppRevoked => "app_revoked",
             Reason::ProductPending => "product_pending",
             Reason::ProductRevoked => "product_revoked",
             Reason::ProductNotOffered => "product_not_offered",
+            Reason::MissingScope => "missing_scope",
             Reason::NoProduct => "no_product",
             Reason::BadPath => "bad_path",
             Reason::QuotaExceeded => "quota_exceeded",
@@ -139,14 +159,17 @@ impl Reason {
             Reason::MissingCredential
             | Reason::UnknownKey
             | Reason::RevokedKey
-            | Reason::ExpiredKey => 401,
+            | Reason::ExpiredKey
+            | Reason::InvalidToken
+            | Reason::UnknownApp => 401,
             Reason::AppRevoked
             | Reason::ProductPending
             | Reason::ProductRevoked
             | Reason::ProductNotOffered
+            | Reason::MissingScope
             | Reason::NoProduct => 403,
             Reason::QuotaExceeded => 429,
-            Reason::StoreUnavailable => 503,
+            Reason::StoreUnavailable | Reason::KeysUnavailable => 503,
         }
     }
 
@@ -227,9 +250,47 @@ pub enum Plan<'a> {
     Charge(Pending<'a>),
 }
 
+/// Who a request's credential resolved to in the catalog, and what it may use.
+struct Entitled<'a> {
+    identity: Identity<'a>,
+    /// Names the caller in messages and starts its quota buckets.
+    owner: Owner<'a>,
+    subscriptions: Cow<'a, [Subscription]>,
+    /// Scopes of a token caller; `None` for API keys, which products do not scope-check.
+    scopes: Option<&'a [String]>,
+}
+
+/// Whose quota a call spends.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    /// A catalog app.
+    App(&'a str),
+    /// A portal token's company or developer, with no catalog app.
+    Account(&'a str),
+}
+
+impl Owner<'_> {
+    fn label(&self) -> String {
+        match self {
+            Owner::App(name) => format!("app {name}"),
+            Owner::Account(name) => format!("account {name}"),
+        }
+    }
+
+    /// The bucket prefix. Accounts start with a record separator, which no app name written in YAML carries,
+    /// so an account can never share an app's counters.
+    fn bucket(&self) -> String {
+        match self {
+            Owner::App(name) => (*name).to_owned(),
+            Owner::Account(name) => format!("\u{1e}{name}"),
+        }
+    }
+}
+
 /// Identifies, entitles and matches a request; decides, or says what to charge.
 pub fn plan<'a>(
     request: &Request<'a>,
+    caller: &'a Caller<'a>,
     catalog: &'a Catalog,
     settings: &'a Settings,
     now: i64,
@@ -262,39 +323,14 @@ pub fn plan<'a>(
         }
     };
 
-    let (key, location) = match identity::presented(request, &settings.api_key) {
-        Presented::ApiKey { key, location } => (key, location),
-        Presented::Nothing => {
-            let message = missing_credential_message(&settings.api_key);
-            return deny(decision, Reason::MissingCredential, message);
-        }
-    };
-    decision.credential = Some(location);
-    let Some(key) = catalog.key(&KeyHash::of(&key)) else {
-        return deny(decision, Reason::UnknownKey, "API key is not valid".into());
-    };
-    let Some(app) = catalog.app(key.app) else {
-        return deny(decision, Reason::UnknownKey, "API key is not valid".into());
-    };
-    let developer = catalog.developer(app.developer);
-    decision.identity = Identity {
-        app: Some(&app.name),
-        developer: developer.map(|d| d.email.as_str()),
-        company: developer.and_then(|d| d.company.as_deref()),
-        stripe_customer: developer.and_then(|d| d.stripe_customer.as_deref()),
-        product: None,
-        operation: None,
-    };
-    if key.status == Status::Revoked {
-        return deny(decision, Reason::RevokedKey, "API key is revoked".into());
+    if let Caller::ApiKey { location, .. } = caller {
+        decision.credential = Some(location.clone());
     }
-    if key.expires_at.is_some_and(|t| t <= now) {
-        return deny(decision, Reason::ExpiredKey, "API key has expired".into());
-    }
-    if app.status == Status::Revoked {
-        let message = format!("app {} is revoked", app.name);
-        return deny(decision, Reason::AppRevoked, message);
-    }
+    let entitled = match entitle(caller, catalog, settings, now, &mut decision.identity) {
+        Ok(entitled) => entitled,
+        Err((reason, message)) => return deny(decision, reason, message),
+    };
+    decision.identity = entitled.identity;
 
     let target = Target {
         api,
@@ -303,7 +339,15 @@ pub fn plan<'a>(
     };
     let env = settings.environment.as_deref();
     let products = catalog.products();
-    let (product, operation) = match matching::select(products, app, env, &target) {
+    let owner = entitled.owner;
+    let found = matching::select(
+        products,
+        &entitled.subscriptions,
+        entitled.scopes,
+        env,
+        &target,
+    );
+    let (product, operation) = match found {
         Match::Covered { product, operation } => match products
             .get(product)
             .and_then(|p| Some((p, p.operations.get(operation)?)))
@@ -313,7 +357,7 @@ pub fn plan<'a>(
                 return deny(
                     decision,
                     Reason::NoProduct,
-                    no_product_message(&app.name, &target),
+                    no_product_message(owner, &target),
                 );
             }
         },
@@ -324,10 +368,18 @@ pub fn plan<'a>(
                 _ => (Reason::ProductPending, "pending approval"),
             };
             let message = format!(
-                "app {}'s subscription to product {name} is {state}",
-                app.name
+                "{}'s subscription to product {name} is {state}",
+                owner.label()
             );
             return deny(decision, reason, message);
+        }
+        Match::MissingScope { product } => {
+            let (name, scopes) = products.get(product).map_or(("", String::new()), |p| {
+                (p.name.as_str(), p.scopes.join(", "))
+            });
+            let message =
+                format!("token has no scope that product {name} requires (one of: {scopes})");
+            return deny(decision, Reason::MissingScope, message);
         }
         Match::NotOffered { product } => {
             let name = products.get(product).map_or("", |p| p.name.as_str());
@@ -343,7 +395,7 @@ pub fn plan<'a>(
             return deny(
                 decision,
                 Reason::NoProduct,
-                no_product_message(&app.name, &target),
+                no_product_message(owner, &target),
             );
         }
     };
@@ -353,11 +405,16 @@ pub fn plan<'a>(
     let (limits, bucket) = match &operation.quota {
         Some(limits) => (
             limits.as_slice(),
-            format!("{}\u{1f}{}\u{1f}{}", app.name, product.name, operation.name),
+            format!(
+                "{}\u{1f}{}\u{1f}{}",
+                owner.bucket(),
+                product.name,
+                operation.name
+            ),
         ),
         None => (
             product.quota.as_slice(),
-            format!("{}\u{1f}{}", app.name, product.name),
+            format!("{}\u{1f}{}", owner.bucket(), product.name),
         ),
     };
     if limits.is_empty() {
@@ -369,6 +426,131 @@ pub fn plan<'a>(
         limits,
         cost: operation.cost,
         product: &product.name,
+    })
+}
+
+/// Resolves the caller to its identity and subscriptions, or says why it is refused. `known` receives the
+/// identity as far as it is known before a refusal, for metadata.
+fn entitle<'a>(
+    caller: &'a Caller<'a>,
+    catalog: &'a Catalog,
+    settings: &Settings,
+    now: i64,
+    known: &mut Identity<'a>,
+) -> Result<Entitled<'a>, (Reason, String)> {
+    let app_identity = |app: &'a App| {
+        let developer = catalog.developer(app.developer);
+        Identity {
+            app: Some(&app.name),
+            developer: developer.map(|d| d.email.as_str()),
+            company: developer.and_then(|d| d.company.as_deref()),
+            stripe_customer: developer.and_then(|d| d.stripe_customer.as_deref()),
+            product: None,
+            operation: None,
+        }
+    };
+    let (app, scopes) = match caller {
+        Caller::Nothing => {
+            return Err((
+                Reason::MissingCredential,
+                missing_credential_message(settings),
+            ));
+        }
+        Caller::ApiKey { key, .. } => {
+            let not_valid = || (Reason::UnknownKey, "API key is not valid".to_owned());
+            let key = catalog.key(&KeyHash::of(key)).ok_or_else(not_valid)?;
+            let app = catalog.app(key.app).ok_or_else(not_valid)?;
+            *known = app_identity(app);
+            if key.status == Status::Revoked {
+                return Err((Reason::RevokedKey, "API key is revoked".into()));
+            }
+            if key.expires_at.is_some_and(|t| t <= now) {
+                return Err((Reason::ExpiredKey, "API key has expired".into()));
+            }
+            (app, None)
+        }
+        Caller::Token(Err(rejection)) => {
+            let reason = match rejection {
+                JwtRejection::KeysUnavailable => Reason::KeysUnavailable,
+                _ => Reason::InvalidToken,
+            };
+            return Err((reason, rejection.to_string()));
+        }
+        Caller::Token(Ok(token)) => match token.app.as_deref() {
+            Some(client_id)
+                if token.products.is_empty() || catalog.app_by_client_id(client_id).is_some() =>
+            {
+                let app = catalog
+                    .app_by_client_id(client_id)
+                    .and_then(|id| catalog.app(id))
+                    .ok_or((
+                        Reason::UnknownApp,
+                        "token's app is not registered".to_owned(),
+                    ))?;
+                *known = app_identity(app);
+                (app, Some(token.scopes.as_slice()))
+            }
+            _ => return account(token, catalog, known),
+        },
+    };
+    if app.status == Status::Revoked {
+        return Err((Reason::AppRevoked, format!("app {} is revoked", app.name)));
+    }
+    Ok(Entitled {
+        identity: known.clone(),
+        owner: Owner::App(&app.name),
+        subscriptions: Cow::Borrowed(&app.products),
+        scopes,
+    })
+}
+
+/// A portal token with no catalog app: its `products` claim entitles it, and its company (else developer) owns
+/// the quota and the usage. The Stripe customer comes from the token, else from the catalog developer whose
+/// e-mail is the token's developer.
+fn account<'a>(
+    token: &'a VerifiedToken,
+    catalog: &'a Catalog,
+    known: &mut Identity<'a>,
+) -> Result<Entitled<'a>, (Reason, String)> {
+    let developer = token.developer.as_deref();
+    let listed = developer.and_then(|d| catalog.developers().iter().find(|entry| entry.email == d));
+    *known = Identity {
+        app: None,
+        developer,
+        company: token
+            .company
+            .as_deref()
+            .or(listed.and_then(|d| d.company.as_deref())),
+        stripe_customer: token
+            .stripe_customer
+            .as_deref()
+            .or(listed.and_then(|d| d.stripe_customer.as_deref())),
+        product: None,
+        operation: None,
+    };
+    let Some(owner) = known.company.or(developer) else {
+        return Err((
+            Reason::InvalidToken,
+            "token names no app, developer or company".into(),
+        ));
+    };
+    if token.products.is_empty() {
+        return Err((Reason::NoProduct, "token grants no products".into()));
+    }
+    let subscriptions = token
+        .products
+        .iter()
+        .filter_map(|name| catalog.product_id(name))
+        .map(|product| Subscription {
+            product,
+            status: SubscriptionStatus::Approved,
+        })
+        .collect();
+    Ok(Entitled {
+        identity: known.clone(),
+        owner: Owner::Account(owner),
+        subscriptions: Cow::Owned(subscriptions),
+        scopes: Some(&token.scopes),
     })
 }
 
@@ -435,26 +617,35 @@ fn host_of(authority: &str) -> &str {
     }
 }
 
-fn missing_credential_message(config: &ApiKeyConfig) -> String {
+fn missing_credential_message(settings: &Settings) -> String {
+    let config = &settings.api_key;
     let mut places = Vec::new();
-    places.extend(config.headers.iter().map(|h| format!("the {h} header")));
+    if settings.bearer {
+        places.push("a bearer token in the authorization header".to_owned());
+    }
+    places.extend(
+        config
+            .headers
+            .iter()
+            .map(|h| format!("an API key in the {h} header")),
+    );
     places.extend(
         config
             .query_params
             .iter()
-            .map(|q| format!("the {q} query parameter")),
+            .map(|q| format!("an API key in the {q} query parameter")),
     );
     if places.is_empty() {
         return "no credential presented".into();
     }
-    format!("no API key: send it in {}", places.join(" or "))
+    format!("no credential: send {}", places.join(" or "))
 }
 
 const MAX_ECHOED_PATH: usize = 200;
 
-fn no_product_message(app: &str, target: &Target<'_>) -> String {
+fn no_product_message(owner: Owner<'_>, target: &Target<'_>) -> String {
     let path = target.path.as_str();
-    let mut message = format!("app {app} has no product for {} ", target.method);
+    let mut message = format!("{} has no product for {} ", owner.label(), target.method);
     match path.char_indices().nth(MAX_ECHOED_PATH) {
         Some((cut, _)) => {
             message.push_str(&path[..cut]);
@@ -503,18 +694,23 @@ products:
     operations: [{api: weather, paths: [/pending]}]
   - name: revoked
     operations: [{api: weather, paths: [/revoked]}]
+  - name: scoped
+    scopes: [admin]
+    operations: [{api: weather, paths: [/scoped]}]
 developers:
   - email: ntesla@theremin.com
     company: theremin
     stripe_customer: cus_1
     apps:
       - name: weatherapp
-        products: [{name: free}, {name: open}, {name: prodonly}, {name: pending}, {name: revoked, status: revoked}]
+        client_id: weatherapp-client
+        products: [{name: free}, {name: open}, {name: prodonly}, {name: pending}, {name: revoked, status: revoked}, {name: scoped}]
         keys:
           - {hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}
           - {hash: 'sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d', status: revoked}
           - {hash: 'sha256:2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6', expires_at: 2020-01-01T00:00:00Z}
       - name: banned
+        client_id: banned-client
         status: revoked
         products: [{name: free}]
         keys: [{hash: 'sha256:18ac3e7343f016890c510e93f935261169d9e3f565436429830faf0934f4f8e4'}]
@@ -534,14 +730,37 @@ developers:
                 api_context_extension: Some("tollgate_api".into()),
                 api_key: ApiKeyConfig::default(),
                 on_store_error: OnStoreError::Deny,
+                bearer: false,
             },
         }
     }
 
-    fn headers(key: Option<&str>) -> HashMap<String, String> {
-        key.map(|k| ("x-api-key".to_owned(), k.to_owned()))
-            .into_iter()
-            .collect()
+    static NO_HEADERS: std::sync::LazyLock<HashMap<String, String>> =
+        std::sync::LazyLock::new(HashMap::new);
+
+    /// The caller presenting API key `key` in the x-api-key header (or nothing).
+    fn headers(key: Option<&str>) -> Caller<'static> {
+        match key {
+            Some(k) => Caller::ApiKey {
+                key: Cow::Owned(k.to_owned()),
+                location: Location::Header("x-api-key".into()),
+            },
+            None => Caller::Nothing,
+        }
+    }
+
+    fn token(app: Option<&str>, products: &[&str], scopes: &[&str]) -> Caller<'static> {
+        Caller::Token(Ok(std::sync::Arc::new(VerifiedToken {
+            provider: "portal".into(),
+            subject: Some("dev@portal".into()),
+            developer: Some("dev@portal".into()),
+            app: app.map(str::to_owned),
+            company: Some("acme".into()),
+            products: products.iter().map(|p| (*p).to_owned()).collect(),
+            scopes: scopes.iter().map(|p| (*p).to_owned()).collect(),
+            stripe_customer: None,
+            expires_at: NOW + 60,
+        })))
     }
 
     fn ext(api: &str) -> HashMap<String, String> {
@@ -554,17 +773,17 @@ developers:
         w: &'a World,
         method: &'a str,
         path: &'a str,
-        h: &'a HashMap<String, String>,
+        caller: &'a Caller<'a>,
         e: &'a HashMap<String, String>,
     ) -> Plan<'a> {
         let request = Request {
             method,
             path,
             authority: "status.example.com:8443",
-            headers: h,
+            headers: &NO_HEADERS,
             context_extensions: e,
         };
-        plan(&request, &w.catalog, &w.settings, NOW)
+        plan(&request, caller, &w.catalog, &w.settings, NOW)
     }
 
     fn decided(p: Plan<'_>) -> Decision<'_> {
@@ -582,7 +801,7 @@ developers:
             (
                 None,
                 Reason::MissingCredential,
-                "no API key: send it in the x-api-key header or the apikey query parameter",
+                "no credential: send an API key in the x-api-key header or an API key in the apikey query parameter",
             ),
             (Some("nope"), Reason::UnknownKey, "API key is not valid"),
             (Some("b"), Reason::RevokedKey, "API key is revoked"),
@@ -758,5 +977,105 @@ developers:
             assert_eq!(d.reason, Reason::BadPath, "{path}");
             assert_eq!(d.reason.error_code(), "bad_request");
         }
+    }
+
+    #[test]
+    fn token_callers_resolve_to_catalog_apps_by_client_id() {
+        let w = world();
+        let e = ext("weather");
+        let t = token(Some("weatherapp-client"), &[], &["read"]);
+        let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast", &t, &e) else {
+            panic!("expected a charge");
+        };
+        assert_eq!(pending.charge(NOW).bucket, "weatherapp\u{1f}free");
+        let d = pending.finish(
+            Ok(Outcome::Allowed(LimitState {
+                limit: 2,
+                remaining: 1,
+                reset_secs: 1,
+            })),
+            OnStoreError::Deny,
+        );
+        // The catalog, not the token, names the developer of a catalog app.
+        assert_eq!(d.identity.app, Some("weatherapp"));
+        assert_eq!(d.identity.developer, Some("ntesla@theremin.com"));
+        // A product with scopes refuses a token without one of them.
+        let d = decided(decide_now(&w, "GET", "/scoped", &t, &e));
+        assert_eq!(d.reason, Reason::MissingScope);
+        assert_eq!(
+            d.message,
+            "token has no scope that product scoped requires (one of: admin)"
+        );
+        let admin = token(Some("weatherapp-client"), &[], &["admin"]);
+        assert_eq!(
+            decided(decide_now(&w, "GET", "/scoped", &admin, &e)).reason,
+            Reason::Allowed
+        );
+        // An unknown app is refused; a revoked one too.
+        let unknown = token(Some("nobody"), &[], &[]);
+        assert_eq!(
+            decided(decide_now(&w, "GET", "/forecast", &unknown, &e)).reason,
+            Reason::UnknownApp
+        );
+        let banned = token(Some("banned-client"), &[], &[]);
+        assert_eq!(
+            decided(decide_now(&w, "GET", "/forecast", &banned, &e)).reason,
+            Reason::AppRevoked
+        );
+    }
+
+    #[test]
+    fn portal_tokens_are_entitled_by_their_products_claim() {
+        let w = world();
+        let e = ext("weather");
+        let t = token(None, &["free", "no-such-product"], &[]);
+        let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast", &t, &e) else {
+            panic!("expected a charge");
+        };
+        // The company owns the bucket, apart from every app's buckets.
+        assert_eq!(pending.charge(NOW).bucket, "\u{1e}acme\u{1f}free");
+        let d = pending.finish(
+            Ok(Outcome::Allowed(LimitState {
+                limit: 2,
+                remaining: 1,
+                reset_secs: 1,
+            })),
+            OnStoreError::Deny,
+        );
+        assert_eq!(
+            (d.identity.app, d.identity.developer, d.identity.company),
+            (None, Some("dev@portal"), Some("acme"))
+        );
+        let d = decided(decide_now(&w, "GET", "/prod", &t, &e));
+        assert_eq!(d.reason, Reason::NoProduct);
+        assert_eq!(
+            d.message,
+            "account acme has no product for GET /prod on API weather"
+        );
+        let nothing = token(None, &[], &[]);
+        assert_eq!(
+            decided(decide_now(&w, "GET", "/forecast", &nothing, &e)).reason,
+            Reason::NoProduct
+        );
+    }
+
+    #[test]
+    fn refused_tokens_say_why_without_echoing_them() {
+        let w = world();
+        let e = ext("weather");
+        let expired = Caller::Token(Err(JwtRejection::Expired));
+        let d = decided(decide_now(&w, "GET", "/forecast", &expired, &e));
+        assert_eq!(
+            (d.reason, d.message.as_str()),
+            (Reason::InvalidToken, "token has expired")
+        );
+        assert_eq!(d.reason.http_status(), 401);
+        let keys = Caller::Token(Err(JwtRejection::KeysUnavailable));
+        assert_eq!(
+            decided(decide_now(&w, "GET", "/forecast", &keys, &e))
+                .reason
+                .http_status(),
+            503
+        );
     }
 }

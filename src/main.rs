@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tollgate::catalog::{self, Catalog, Status};
 use tollgate::config::Config;
 use tollgate::identity::api_key::{self, KeyHash, KeyKind};
+use tollgate::identity::jwt::{JwtMetrics, JwtVerifier, mint_hs256};
 use tollgate::source::SourceError;
 
 /// An Envoy ext_authz sidecar that sells and protects APIs: API keys, API products and quotas.
@@ -30,6 +31,43 @@ enum Command {
     /// Make and hash API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Make JWTs for local testing.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print an HS256 token signed with a configured provider's `hs256_secret` (for the quickstart and tests).
+    Mint(MintArgs),
+}
+
+#[derive(Args)]
+struct MintArgs {
+    /// The config file whose `identity.jwt` names the provider.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The provider (default: the first one with an `hs256_secret`).
+    #[arg(long)]
+    provider: Option<String>,
+    /// The `sub` claim (the developer).
+    #[arg(long)]
+    sub: String,
+    /// The app claim: a catalog app's `client_id`.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// The company claim.
+    #[arg(long)]
+    company: Option<String>,
+    /// Products the token itself entitles (repeatable).
+    #[arg(long = "product")]
+    products: Vec<String>,
+    /// Scopes, space-separated.
+    #[arg(long)]
+    scope: Option<String>,
+    /// Lifetime, like 15m or 1h.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -70,6 +108,7 @@ fn main() -> ExitCode {
             ))
         }
         Command::Key(KeyCommand::Hash { key }) => hash(&key),
+        Command::Token(TokenCommand::Mint(args)) => mint(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +133,45 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn mint(args: &MintArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let Some(jwt) = &config.identity.jwt else {
+        anyhow::bail!(
+            "{} configures no identity.jwt providers",
+            args.config.display()
+        );
+    };
+    let provider = match &args.provider {
+        Some(name) => jwt.providers.iter().find(|p| &p.name == name),
+        None => jwt.providers.iter().find(|p| p.hs256_secret.is_some()),
+    };
+    let Some(provider) = provider else {
+        anyhow::bail!(
+            "no matching provider with an hs256_secret in {}",
+            args.config.display()
+        );
+    };
+    let mut extra = serde_json::Map::new();
+    let claims = &provider.claims;
+    if let Some(company) = &args.company {
+        extra.insert(claims.company.clone(), company.clone().into());
+    }
+    if !args.products.is_empty() {
+        extra.insert(claims.products.clone(), args.products.clone().into());
+    }
+    if let Some(scope) = &args.scope {
+        extra.insert(claims.scope.clone(), scope.clone().into());
+    }
+    let token = mint_hs256(
+        provider,
+        &args.sub,
+        args.client_id.as_deref(),
+        &extra,
+        args.ttl,
+    )?;
+    emit(&format!("{token}\n"))
+}
+
 fn hash(key: &str) -> anyhow::Result<()> {
     let key = if key == "-" {
         let mut buf = String::new();
@@ -113,16 +191,28 @@ fn hash(key: &str) -> anyhow::Result<()> {
 fn check(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let catalog = catalog::load(&config.catalog.path)?;
+    if let Some(jwt) = &config.identity.jwt {
+        // Building the verifier reads key files and checks every provider; JWKS fetch failures are not fatal.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let metrics =
+            JwtMetrics::register(&prometheus::Registry::new()).context("metrics setup failed")?;
+        runtime
+            .block_on(JwtVerifier::new(jwt, &config.base_dir, &metrics))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    }
     let mut out = String::new();
     let _ = writeln!(out, "config  {}: ok", config_path.display());
     let _ = writeln!(
         out,
-        "        grpc {}, admin {}, environment {}, quota store {:?} (on error: {:?})",
+        "        grpc {}, admin {}, environment {}, quota store {} (on error: {})",
         config.grpc_listen,
         config.admin_listen,
         config.environment.as_deref().unwrap_or("(none)"),
-        config.quota.store,
-        config.quota.on_store_error,
+        format!("{:?}", config.quota.store).to_lowercase(),
+        format!("{:?}", config.quota.on_store_error).to_lowercase(),
     );
     let _ = writeln!(out, "catalog {}: ok", config.catalog.path.display());
     summarize(&mut out, &catalog);

@@ -14,6 +14,7 @@ use crate::authorizer::{Authorizer, unix_now};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::config::Config;
 use crate::envoy::authz::AuthzService;
+use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
 use crate::source::SourceError;
@@ -45,6 +46,9 @@ pub enum ServeError {
     /// The catalog watcher could not start.
     #[error(transparent)]
     Watch(#[from] catalog_watch::WatchError),
+    /// A JWT provider could not be set up.
+    #[error(transparent)]
+    Jwt(#[from] JwtConfigError),
     /// Metrics could not be registered.
     #[error("metrics setup failed: {0}")]
     Metrics(#[from] MetricsError),
@@ -61,9 +65,17 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     };
 
     let quota: Arc<dyn QuotaStore> = Arc::new(MemoryStore::new());
+    let jwt = match &config.identity.jwt {
+        Some(jwt) => {
+            let jwt_metrics = JwtMetrics::register(&metrics.registry)?;
+            Some(JwtVerifier::new(jwt, &config.base_dir, &jwt_metrics).await?)
+        }
+        None => None,
+    };
     let authorizer = Arc::new(Authorizer::new(
         handle.clone(),
         quota.clone(),
+        jwt,
         config.settings(),
         metrics.clone(),
     ));

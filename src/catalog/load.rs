@@ -1,6 +1,6 @@
 //! Reading a catalog file and validating it into a [`Catalog`]; every error names its file, line and column.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
@@ -174,11 +174,14 @@ impl Builder<'_> {
 
     fn build(&self, raw: RawCatalog) -> Result<Catalog, SourceError> {
         let mut catalog = Catalog::default();
-        let mut product_ids: HashMap<String, usize> = HashMap::new();
         for (i, p) in raw.products.into_iter().enumerate() {
             let at = [PathSeg::Key("products"), PathSeg::Index(i)];
             let product = self.product(&at, p)?;
-            if product_ids.insert(product.name.clone(), i).is_some() {
+            if catalog
+                .products_by_name
+                .insert(product.name.clone(), i)
+                .is_some()
+            {
                 return Err(self.err(
                     &[at[0], at[1], PathSeg::Key("name")],
                     format!("duplicate product name {:?}", product.name),
@@ -206,14 +209,7 @@ impl Builder<'_> {
             });
             for (a, raw_app) in dev.apps.into_iter().enumerate() {
                 let at = [at[0], at[1], PathSeg::Key("apps"), PathSeg::Index(a)];
-                self.app(
-                    &mut catalog,
-                    &product_ids,
-                    &mut app_names,
-                    developer,
-                    &at,
-                    raw_app,
-                )?;
+                self.app(&mut catalog, &mut app_names, developer, &at, raw_app)?;
             }
         }
         Ok(catalog)
@@ -405,7 +401,6 @@ impl Builder<'_> {
     fn app(
         &self,
         catalog: &mut Catalog,
-        product_ids: &HashMap<String, usize>,
         app_names: &mut HashSet<String>,
         developer: usize,
         at: &[PathSeg<'_>; 4],
@@ -442,7 +437,7 @@ impl Builder<'_> {
                 PathSeg::Index(i),
                 PathSeg::Key("name"),
             ];
-            let Some(&product) = product_ids.get(&s.name) else {
+            let Some(product) = catalog.product_id(&s.name) else {
                 return Err(self.err(
                     &here,
                     format!("app {name:?} subscribes to unknown product {:?}", s.name),

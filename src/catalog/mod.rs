@@ -195,6 +195,7 @@ pub struct Catalog {
     apps: Vec<App>,
     keys: HashMap<KeyHash, Key>,
     apps_by_client_id: HashMap<String, AppId>,
+    products_by_name: HashMap<String, ProductId>,
 }
 
 impl Catalog {
@@ -241,6 +242,11 @@ impl Catalog {
     /// The key whose hash is `hash`: an O(1) lookup, then a constant-time compare of the stored hash.
     pub fn key(&self, hash: &KeyHash) -> Option<&Key> {
         self.keys.get(hash).filter(|k| k.hash.ct_eq(hash))
+    }
+
+    /// A product by name.
+    pub fn product_id(&self, name: &str) -> Option<ProductId> {
+        self.products_by_name.get(name).copied()
     }
 
     /// The app a JWT's app claim names.

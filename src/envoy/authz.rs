@@ -69,8 +69,9 @@ impl Authorization for AuthzService {
             headers: &headers,
             context_extensions,
         };
+        let caller = self.authorizer.identify(&request).await;
         let catalog = self.authorizer.snapshot();
-        let decision = self.authorizer.decide(&request, &catalog).await;
+        let decision = self.authorizer.decide(&request, &caller, &catalog).await;
         tracing::debug!(
             reason = decision.reason.as_str(),
             app = decision.identity.app,
@@ -212,11 +213,17 @@ fn denied_response(decision: &Decision<'_>, settings: &Settings) -> DeniedHttpRe
     }
 }
 
+/// One challenge per accepted scheme (RFC 9110 §11.6.1 allows several, comma-separated).
 fn www_authenticate(settings: &Settings) -> String {
-    match settings.api_key.headers.first() {
-        Some(h) => format!("APIKey realm=\"tollgate\", header=\"{h}\""),
-        None => "APIKey realm=\"tollgate\"".to_owned(),
+    let mut challenges = Vec::new();
+    if settings.bearer {
+        challenges.push("Bearer realm=\"tollgate\"".to_owned());
     }
+    match settings.api_key.headers.first() {
+        Some(h) => challenges.push(format!("APIKey realm=\"tollgate\", header=\"{h}\"")),
+        None => challenges.push("APIKey realm=\"tollgate\"".to_owned()),
+    }
+    challenges.join(", ")
 }
 
 fn ratelimit_headers(decision: &Decision<'_>) -> Vec<HeaderValueOption> {

@@ -1,6 +1,7 @@
 //! Who is calling: the credential a request presents, and what it resolves to in the catalog.
 
 pub mod api_key;
+pub mod jwt;
 
 use std::borrow::Cow;
 
@@ -51,6 +52,8 @@ pub enum Location {
 pub enum Presented<'a> {
     /// None of the configured places carries a credential.
     Nothing,
+    /// A bearer token from the `authorization` header (only looked for when JWT providers are configured).
+    Bearer(&'a str),
     /// An API key (decoded from the query string when it came from there).
     ApiKey {
         /// The key as presented; never logged.
@@ -60,9 +63,35 @@ pub enum Presented<'a> {
     },
 }
 
-/// Finds the API key a request carries: the first configured header, else the first configured query
-/// parameter. Empty values count as absent.
-pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig) -> Presented<'a> {
+/// The credential of a request after the asynchronous part of identification (token verification); what
+/// [`crate::decision::plan`] resolves against the catalog.
+#[derive(Debug)]
+pub enum Caller<'a> {
+    /// No credential.
+    Nothing,
+    /// An API key, not yet looked up.
+    ApiKey {
+        /// The key as presented; never logged.
+        key: Cow<'a, str>,
+        /// Where it was found.
+        location: Location,
+    },
+    /// A bearer token, verified or refused.
+    Token(Result<std::sync::Arc<jwt::VerifiedToken>, jwt::JwtRejection>),
+}
+
+/// Finds the credential a request carries: a bearer token when `bearer` (JWT providers are configured) and
+/// the `authorization` header holds one, else the first configured API-key header, else the first configured
+/// query parameter. Empty values count as absent.
+pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig, bearer: bool) -> Presented<'a> {
+    if bearer
+        && let Some(token) = request
+            .headers
+            .get("authorization")
+            .and_then(|v| bearer_token(v))
+    {
+        return Presented::Bearer(token);
+    }
     for name in &config.headers {
         if let Some(value) = request.headers.get(name.as_str()) {
             let value = value.trim();
@@ -87,6 +116,13 @@ pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig) -> Presented<
         }
     }
     Presented::Nothing
+}
+
+/// The token of an `authorization: Bearer <token>` header (scheme case-insensitive, RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
@@ -116,7 +152,7 @@ mod tests {
         let mut headers = HashMap::new();
         let r = request("/x?apikey=q%2Bkey&a=1", &headers, &ext);
         assert_eq!(
-            presented(&r, &config),
+            presented(&r, &config, false),
             Presented::ApiKey {
                 key: Cow::Owned("q+key".into()),
                 location: Location::Query("apikey".into())
@@ -125,12 +161,39 @@ mod tests {
         headers.insert("x-api-key".to_owned(), "hkey".to_owned());
         let r = request("/x?apikey=qkey", &headers, &ext);
         assert_eq!(
-            presented(&r, &config),
+            presented(&r, &config, false),
             Presented::ApiKey {
                 key: Cow::Borrowed("hkey"),
                 location: Location::Header("x-api-key".into())
             }
         );
+    }
+
+    #[test]
+    fn bearer_tokens_only_count_when_jwt_is_configured() {
+        let config = ApiKeyConfig::default();
+        let ext = HashMap::new();
+        let mut headers = HashMap::new();
+        headers.insert(
+            "authorization".to_owned(),
+            "bearer  abc.def.ghi ".to_owned(),
+        );
+        headers.insert("x-api-key".to_owned(), "hkey".to_owned());
+        let r = request("/x", &headers, &ext);
+        assert_eq!(
+            presented(&r, &config, true),
+            Presented::Bearer("abc.def.ghi")
+        );
+        assert!(matches!(
+            presented(&r, &config, false),
+            Presented::ApiKey { .. }
+        ));
+        headers.insert("authorization".to_owned(), "Basic Zm9vOmJhcg==".to_owned());
+        let r = request("/x", &headers, &ext);
+        assert!(matches!(
+            presented(&r, &config, true),
+            Presented::ApiKey { .. }
+        ));
     }
 
     #[test]
@@ -140,6 +203,6 @@ mod tests {
         let mut headers = HashMap::new();
         headers.insert("x-api-key".to_owned(), "  ".to_owned());
         let r = request("/x?apikey=&apikeyx=1&x=apikey", &headers, &ext);
-        assert_eq!(presented(&r, &config), Presented::Nothing);
+        assert_eq!(presented(&r, &config, false), Presented::Nothing);
     }
 }

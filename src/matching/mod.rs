@@ -2,7 +2,7 @@
 
 pub mod path;
 
-use crate::catalog::{App, Operation, Product, ProductId, SubscriptionStatus};
+use crate::catalog::{Operation, Product, ProductId, Subscription, SubscriptionStatus};
 use path::SafePath;
 
 /// What a request asks for, as matching sees it.
@@ -33,6 +33,11 @@ pub enum Match {
         /// Its subscription state.
         status: SubscriptionStatus,
     },
+    /// A product would cover the request, but the caller's token has none of the product's scopes.
+    MissingScope {
+        /// That product.
+        product: ProductId,
+    },
     /// No approved product offered here covers it, but one offered in another environment would.
     NotOffered {
         /// That product.
@@ -42,16 +47,19 @@ pub enum Match {
     Uncovered,
 }
 
-/// Tries the app's products in catalog order; the first approved one offered in `environment` with a
-/// matching operation wins (CONTRACT §3). Refusals name the most useful reason for the 403 message.
+/// Tries the subscriptions in order; the first approved one offered in `environment`, allowed by the caller's
+/// `scopes` (JWT callers; `None` for API keys, which are not scope-checked) and with a matching operation wins
+/// (CONTRACT §3). Refusals name the most useful reason for the 403 message: an unapproved subscription first,
+/// then a missing scope, then another environment.
 pub fn select(
     products: &[Product],
-    app: &App,
+    subscriptions: &[Subscription],
+    scopes: Option<&[String]>,
     environment: Option<&str>,
     target: &Target<'_>,
 ) -> Match {
     let mut fallback = Match::Uncovered;
-    for sub in &app.products {
+    for sub in subscriptions {
         let Some(product) = products.get(sub.product) else {
             continue;
         };
@@ -61,6 +69,17 @@ pub fn select(
         if !product.offered_in(environment) {
             if fallback == Match::Uncovered {
                 fallback = Match::NotOffered {
+                    product: sub.product,
+                };
+            }
+            continue;
+        }
+        if let Some(scopes) = scopes
+            && !product.scopes.is_empty()
+            && !product.scopes.iter().any(|s| scopes.contains(s))
+        {
+            if matches!(fallback, Match::Uncovered | Match::NotOffered { .. }) {
+                fallback = Match::MissingScope {
                     product: sub.product,
                 };
             }
@@ -102,6 +121,7 @@ products:
     environments: [prod]
     operations: [{api: weather, paths: [/forecast], methods: [GET]}]
   - name: gold
+    scopes: [read, admin]
     operations:
       - {api: weather, paths: [/forecast/**, /forecast]}
       - {api: weather, name: admin, paths: [/admin/*], methods: [POST]}
@@ -118,6 +138,16 @@ developers:
 ";
 
     fn run(method: &str, path: &str, api: &str, env: Option<&str>) -> Match {
+        run_scoped(method, path, api, env, None)
+    }
+
+    fn run_scoped(
+        method: &str,
+        path: &str,
+        api: &str,
+        env: Option<&str>,
+        scopes: Option<&[String]>,
+    ) -> Match {
         let catalog = parse(&Source::from_text("c.yaml", CATALOG.to_owned())).unwrap();
         let path = path::sanitize(path).unwrap();
         let target = Target {
@@ -125,7 +155,13 @@ developers:
             method,
             path: &path,
         };
-        select(catalog.products(), &catalog.apps()[0], env, &target)
+        select(
+            catalog.products(),
+            &catalog.apps()[0].products,
+            scopes,
+            env,
+            &target,
+        )
     }
 
     #[test]
@@ -158,6 +194,35 @@ developers:
             Match::Covered {
                 product: 1,
                 operation: 1
+            }
+        );
+    }
+
+    #[test]
+    fn token_callers_need_one_of_the_product_scopes() {
+        let read = vec!["read".to_owned()];
+        let other = vec!["write".to_owned()];
+        assert_eq!(
+            run_scoped("PUT", "/forecast", "weather", None, Some(&read)),
+            Match::Covered {
+                product: 1,
+                operation: 0
+            }
+        );
+        assert_eq!(
+            run_scoped("PUT", "/forecast", "weather", None, Some(&other)),
+            Match::MissingScope { product: 1 }
+        );
+        assert_eq!(
+            run_scoped("PUT", "/forecast", "weather", None, Some(&[])),
+            Match::MissingScope { product: 1 }
+        );
+        // Products without scopes take any token.
+        assert_eq!(
+            run_scoped("GET", "/forecast", "weather", Some("prod"), Some(&other)),
+            Match::Covered {
+                product: 0,
+                operation: 0
             }
         );
     }
