@@ -1,14 +1,17 @@
-//! Admin HTTP: `/metrics`, `/healthz`, `/readyz`.
+//! Admin HTTP: `/metrics`, `/healthz`, `/readyz` (open), and `/v1/...` partner data (behind `admin_token`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Json, Router};
+use subtle::ConstantTimeEq;
 
+use crate::metering::{Metering, MeteringError, UsageQuery};
 use crate::quota::QuotaStore;
 use crate::telemetry::Metrics;
 
@@ -22,15 +25,69 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// Pinged by `/readyz`.
     pub quota: Arc<dyn QuotaStore>,
+    /// Answers `/v1/usage` and `/v1/outbox`; `/readyz` fails while its spool is full.
+    pub metering: Metering,
+    /// Required as a bearer token by `/v1/...` when set.
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
+    let partner_data = Router::new()
+        .route("/v1/usage", get(usage))
+        .route("/v1/outbox", get(outbox))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(partner_data)
         .with_state(state)
+}
+
+/// Lets a request through when no token is configured or it carries `Authorization: Bearer <admin_token>`
+/// (compared in constant time).
+async fn require_token(State(state): State<AdminState>, headers: HeaderMap, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.admin_token else {
+        return next.run(request).await;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if presented.as_bytes().ct_eq(expected.as_bytes()).into() {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"tollgate-admin\"")],
+        Json(serde_json::json!({"error": "unauthenticated", "message": "this endpoint needs the admin token as a bearer token"})),
+    )
+        .into_response()
+}
+
+async fn usage(State(state): State<AdminState>, Query(query): Query<UsageQuery>) -> Response {
+    match state.metering.usage(query).await {
+        Ok(report) => Json(report).into_response(),
+        Err(MeteringError::BadQuery(bad)) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "bad_request", "message": bad.to_string()})),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "usage report failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"error": "unavailable", "message": "usage report failed"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn outbox(State(state): State<AdminState>) -> Response {
+    Json(state.metering.outbox_rows().await).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
@@ -43,13 +100,17 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-/// Ready once a catalog is loaded (serving implies it: the first load must succeed) and the quota store answers.
+/// Ready once a catalog is loaded (serving implies it: the first load must succeed), the quota store answers
+/// and the metering spool has room.
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if state.metrics.catalog_generation.get() < 1 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no catalog loaded\n".to_owned(),
         );
+    }
+    if state.metering.is_full() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "metering spool is full: usage records are refused\n".to_owned());
     }
     match tokio::time::timeout(READY_TIMEOUT, state.quota.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer};
 use crate::decision::{OnStoreError, Settings};
 use crate::identity::ApiKeyConfig;
 use crate::identity::jwt::JwtConfig;
+use crate::metering::MeteringOptions;
 use crate::source::{PathSeg, Source, SourceError};
 
 /// The whole config file.
@@ -106,6 +107,16 @@ pub struct MeteringConfig {
     /// How late a record may arrive and still join its window.
     #[serde(default = "default_lateness", deserialize_with = "duration")]
     pub lateness: Duration,
+    /// How long after sealing a window still takes late records (as a new revision); default window + lateness.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub retention: Option<Duration>,
+    /// Disk budget of the spool and the outbox; records are refused (loudly) beyond it.
+    #[serde(default = "default_max_disk_bytes")]
+    pub max_disk_bytes: u64,
+    /// This instance's name in billing identifiers: unique per replica with its own spool (default: the
+    /// HOSTNAME environment variable, which is the pod name in Kubernetes, else "tollgate").
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub producer: Option<String>,
 }
 
 impl Default for MeteringConfig {
@@ -114,6 +125,9 @@ impl Default for MeteringConfig {
             dir: default_metering_dir(),
             window: default_window(),
             lateness: default_lateness(),
+            retention: None,
+            max_disk_bytes: default_max_disk_bytes(),
+            producer: None,
         }
     }
 }
@@ -133,6 +147,9 @@ fn default_window() -> Duration {
 fn default_lateness() -> Duration {
     Duration::from_secs(10)
 }
+fn default_max_disk_bytes() -> u64 {
+    1 << 30
+}
 
 fn config_dir(config_path: &Path) -> &Path {
     match config_path.parent() {
@@ -143,6 +160,10 @@ fn config_dir(config_path: &Path) -> &Path {
 
 fn empty_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -223,6 +244,22 @@ impl Config {
         config.metering.dir = base.join(&config.metering.dir);
         config.base_dir = base.to_path_buf();
         Ok(config)
+    }
+
+    /// The metering options: the config's values, the producer name resolved.
+    pub fn metering_options(&self) -> MeteringOptions {
+        let m = &self.metering;
+        let producer = m
+            .producer
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "tollgate".to_owned());
+        let mut options = MeteringOptions::new(&m.dir, m.window, m.lateness, producer);
+        if let Some(retention) = m.retention {
+            options.retention = retention;
+        }
+        options.max_disk_bytes = m.max_disk_bytes;
+        options
     }
 
     /// The parts of the config that decisions depend on.

@@ -13,6 +13,7 @@ pub mod decision;
 pub mod envoy;
 pub mod identity;
 pub mod matching;
+pub mod metering;
 pub mod quota;
 pub mod server;
 pub mod source;

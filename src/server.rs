@@ -13,8 +13,10 @@ use crate::admin::{self, AdminState};
 use crate::authorizer::{Authorizer, unix_now};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::config::Config;
+use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
+use crate::metering::{Metering, MeteringError};
 use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
 use crate::source::SourceError;
@@ -49,6 +51,9 @@ pub enum ServeError {
     /// A JWT provider could not be set up.
     #[error(transparent)]
     Jwt(#[from] JwtConfigError),
+    /// The metering spool could not be opened.
+    #[error("metering: {0}")]
+    Metering(#[from] MeteringError),
     /// Metrics could not be registered.
     #[error("metrics setup failed: {0}")]
     Metrics(#[from] MetricsError),
@@ -63,6 +68,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Some(loaded) => catalog_watch::install(&handle, loaded, &metrics),
         None => [0; 32],
     };
+
+    let metering = Metering::open(config.metering_options(), handle.clone(), &metrics.registry).await?;
+    let access_log = AccessLogService::new(metering.clone(), &metrics.registry)?;
 
     let quota: Arc<dyn QuotaStore> = Arc::new(MemoryStore::new());
     let jwt = match &config.identity.jwt {
@@ -95,6 +103,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(AuthorizationServer::new(AuthzService::new(authorizer)))
+        .add_service(access_log.into_server())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             signalled(shutdown_rx.clone()),
@@ -102,6 +111,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let admin_router = admin::router(AdminState {
         metrics: metrics.clone(),
         quota: quota.clone(),
+        metering: metering.clone(),
+        admin_token: config.admin_token.as_deref().map(Arc::from),
     });
     let admin = axum::serve(admin_listener, admin_router)
         .with_graceful_shutdown(signalled(shutdown_rx.clone()));
@@ -113,6 +124,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics,
         shutdown_rx.clone(),
     ));
+    let sealer = tokio::spawn({
+        let metering = metering.clone();
+        let shutdown = shutdown_rx.clone();
+        async move { metering.run(shutdown).await }
+    });
     let sweeper = tokio::spawn(sweep(quota, shutdown_rx));
     tracing::info!(grpc = %config.grpc_listen, admin = %config.admin_listen, "tollgate serving");
 
@@ -124,6 +140,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let (grpc, admin) = tokio::join!(grpc, admin);
     sweeper.abort();
+    if let Err(e) = sealer.await {
+        tracing::warn!(error = %e, "metering task ended abnormally");
+    }
     grpc?;
     admin.map_err(ServeError::Admin)?;
     match watcher.await {

@@ -1,4 +1,6 @@
-//! An in-process HTTP/1.1 upstream that records every request and answers 200 with a JSON echo of it.
+//! An in-process HTTP/1.1 upstream that records every request and answers with a JSON echo of it: 200, or
+//! the status an `x-echo-status` request header asks for; an `x-echo-tokens: N` request header comes back as
+//! an `x-tokens: N` response header (what a metered upstream reports).
 
 use std::convert::Infallible;
 use std::net::TcpListener as StdTcpListener;
@@ -193,10 +195,16 @@ async fn answer(
         "headers": headers,
         "body_bytes": body_len,
     });
+    // A metered upstream (a GenAI API, say) reports what a call consumed in a response header.
+    let tokens = recorded.header("x-echo-tokens").map(str::to_owned);
     requests.lock().expect("echo requests lock").push(recorded);
-    let response = Response::builder()
+    let mut response = Response::builder()
         .status(status)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if let Some(tokens) = tokens {
+        response = response.header("x-tokens", tokens);
+    }
+    let response = response
         .body(Full::new(Bytes::from(echo.to_string())))
         .expect("echo response");
     Ok(response)

@@ -46,6 +46,18 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: ingress_http
+          access_log:
+          - name: envoy.access_loggers.http_grpc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
+              common_config:
+                log_name: tollgate
+                transport_api_version: V3
+                grpc_service:
+                  envoy_grpc: {{ cluster_name: tollgate_grpc }}
+                buffer_flush_interval: 0.1s
+                buffer_size_bytes: 16384
+              additional_response_headers_to_log: [x-tokens]
           normalize_path: false
           merge_slashes: false
           path_with_escaped_slashes_action: KEEP_UNCHANGED

@@ -57,18 +57,7 @@ impl Tollgate {
         std::fs::write(&config_path, config).expect("write tollgate.yaml");
         std::fs::write(dir.path().join("catalog.yaml"), catalog_yaml).expect("write catalog.yaml");
         let stderr_path = dir.path().join("tollgate.stderr");
-        let stderr = File::create(&stderr_path).expect("create tollgate stderr file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn the tollgate binary");
+        let child = spawn(dir.path(), &stderr_path);
         let mut tollgate = Tollgate {
             child,
             grpc_port,
@@ -77,6 +66,30 @@ impl Tollgate {
             stderr_path,
             edits: AtomicU32::new(0),
         };
+        tollgate.wait_ready().await?;
+        Ok(tollgate)
+    }
+
+    /// Kills the process with SIGKILL (no shutdown path runs) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts `tollgate serve` again on the same folder, config and ports (after [`Tollgate::kill`]).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(self.dir.path(), &self.stderr_path);
+        if let Err(logs) = self.wait_ready().await {
+            panic!("tollgate did not come back after a restart; its stderr:\n{logs}");
+        }
+    }
+
+    /// Waits for `/readyz` and the gRPC port; `Err(stderr)` when the process exited because an address was
+    /// in use.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let tollgate = self;
+        let grpc_port = tollgate.grpc_port;
         let client = http_client();
         let readyz = tollgate.admin_url("/readyz");
         let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -99,7 +112,7 @@ impl Tollgate {
             };
             let grpc_open = TcpStream::connect(("127.0.0.1", grpc_port)).is_ok();
             if ready && grpc_open {
-                return Ok(tollgate);
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -201,6 +214,26 @@ impl Tollgate {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
+}
+
+/// Spawns `tollgate serve --config <dir>/tollgate.yaml`, stderr appended to `stderr_path`.
+fn spawn(dir: &Path, stderr_path: &Path) -> Child {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_path)
+        .expect("open tollgate stderr file");
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("tollgate.yaml"))
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn the tollgate binary")
 }
 
 impl Drop for Tollgate {

@@ -1,0 +1,344 @@
+//! `envoy.service.accesslog.v3.AccessLogService`: HTTP access-log entries -> [`UsageRecord`]s -> metering.
+//!
+//! Envoy's gRPC access log expects no reply and has no acknowledgement: entries Envoy could not send (tollgate
+//! away, stream broken, buffer full) are dropped on Envoy's side and counted only in its
+//! `access_logs.grpc_access_log.logs_dropped` stat. When metering refuses records (spool full, write failed)
+//! this service ends the stream with an error status, counts the refused records, and logs it, so nothing is
+//! dropped silently here; Envoy then opens a new stream.
+//!
+//! Response headers that a `response_header:<name>` meter reads must be listed in the access logger's
+//! `additional_response_headers_to_log`, or Envoy does not send them.
+
+use std::time::Instant;
+
+use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
+    AccessLogService as AccessLogServiceApi, AccessLogServiceServer,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
+use envoy_types::pb::envoy::service::accesslog::v3::{
+    StreamAccessLogsMessage, StreamAccessLogsResponse,
+};
+use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use tokio::task::JoinSet;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metering::{Metering, MeteringError, UsageRecord};
+
+/// The dynamic-metadata namespace ext_authz writes (CONTRACT §4).
+const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// Messages of one stream being made durable at once (they share group commits).
+const IN_FLIGHT: usize = 16;
+
+/// The access-log gRPC service.
+#[derive(Clone)]
+pub struct AccessLogService {
+    metering: Metering,
+    received: IntCounter,
+    tcp_ignored: IntCounter,
+    rejected: IntCounterVec,
+}
+
+impl AccessLogService {
+    /// Feeds `metering`; registers its metrics in `registry`.
+    pub fn new(metering: Metering, registry: &Registry) -> Result<Self, prometheus::Error> {
+        let received = IntCounter::new(
+            "metering_records_received_total",
+            "HTTP access-log entries received from Envoy",
+        )?;
+        let tcp_ignored = IntCounter::new(
+            "metering_tcp_entries_ignored_total",
+            "TCP access-log entries received and ignored (only HTTP requests are metered)",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "metering_records_rejected_total",
+                "HTTP access-log entries refused by metering (the stream got an error status)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(received.clone()))?;
+        registry.register(Box::new(tcp_ignored.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        for reason in ["full", "error"] {
+            rejected.with_label_values(&[reason]);
+        }
+        Ok(AccessLogService {
+            metering,
+            received,
+            tcp_ignored,
+            rejected,
+        })
+    }
+
+    /// The tonic service to add to the gRPC server.
+    pub fn into_server(self) -> AccessLogServiceServer<Self> {
+        AccessLogServiceServer::new(self)
+    }
+
+    fn settle(
+        &self,
+        joined: Result<(usize, Result<(), MeteringError>), tokio::task::JoinError>,
+        log_name: &str,
+    ) -> Result<(), Status> {
+        let (count, result) = match joined {
+            Ok(done) => done,
+            Err(e) => return Err(Status::internal(format!("metering task failed: {e}"))),
+        };
+        let Err(e) = result else {
+            return Ok(());
+        };
+        let (reason, status) = match e {
+            MeteringError::Full { .. } => ("full", Status::resource_exhausted(e.to_string())),
+            _ => ("error", Status::unavailable(e.to_string())),
+        };
+        self.rejected
+            .with_label_values(&[reason])
+            .inc_by(count as u64);
+        tracing::warn!(log_name, records = count, error = %e, "access-log records refused; ending the stream");
+        Err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl AccessLogServiceApi for AccessLogService {
+    async fn stream_access_logs(
+        &self,
+        request: Request<Streaming<StreamAccessLogsMessage>>,
+    ) -> Result<Response<StreamAccessLogsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut log_name = String::new();
+        let mut in_flight = JoinSet::new();
+        let started = Instant::now();
+        let outcome = loop {
+            let message = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(status),
+            };
+            // Envoy names the log only in a stream's first message.
+            if let Some(id) = message.identifier.as_ref().filter(|_| log_name.is_empty()) {
+                log_name.clone_from(&id.log_name);
+                tracing::debug!(log_name, "access-log stream opened");
+            }
+            match message.log_entries {
+                Some(LogEntries::HttpLogs(http)) => {
+                    let records: Vec<UsageRecord> =
+                        http.log_entry.iter().map(usage_record).collect();
+                    self.received.inc_by(records.len() as u64);
+                    while in_flight.len() >= IN_FLIGHT {
+                        if let Some(joined) = in_flight.join_next().await
+                            && let Err(status) = self.settle(joined, &log_name)
+                        {
+                            in_flight.detach_all();
+                            return Err(status);
+                        }
+                    }
+                    let metering = self.metering.clone();
+                    in_flight.spawn(async move {
+                        let count = records.len();
+                        (count, metering.ingest(records).await)
+                    });
+                }
+                Some(LogEntries::TcpLogs(tcp)) => {
+                    self.tcp_ignored.inc_by(tcp.log_entry.len() as u64);
+                }
+                None => {}
+            }
+        };
+        // Records already handed to metering finish even if the stream broke: they may be durable already.
+        while let Some(joined) = in_flight.join_next().await {
+            if let Err(status) = self.settle(joined, &log_name) {
+                in_flight.detach_all();
+                return Err(status);
+            }
+        }
+        tracing::debug!(
+            log_name,
+            seconds = started.elapsed().as_secs_f64(),
+            "access-log stream ended"
+        );
+        outcome.map(|()| Response::new(StreamAccessLogsResponse {}))
+    }
+}
+
+/// The usage record of one HTTP access-log entry.
+pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
+    let common = entry.common_properties.as_ref();
+    let request = entry.request.as_ref();
+    let response = entry.response.as_ref();
+    let authz = common
+        .and_then(|c| c.metadata.as_ref())
+        .and_then(|m| m.filter_metadata.get(EXT_AUTHZ_NAMESPACE));
+    let field = |name: &str| metadata_string(authz, name);
+    let request_id = request
+        .map(|r| {
+            if r.request_id.is_empty() {
+                r.request_headers
+                    .get("x-request-id")
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                r.request_id.clone()
+            }
+        })
+        .unwrap_or_default();
+    let start_ms = common.and_then(|c| c.start_time.as_ref()).map_or(0, |t| {
+        t.seconds
+            .saturating_mul(1_000)
+            .saturating_add(i64::from(t.nanos) / 1_000_000)
+    });
+    let duration_us = common
+        .and_then(|c| c.time_to_last_downstream_tx_byte.as_ref())
+        .map_or(0, |d| {
+            let us = d
+                .seconds
+                .saturating_mul(1_000_000)
+                .saturating_add(i64::from(d.nanos) / 1_000);
+            u64::try_from(us).unwrap_or(0)
+        });
+    UsageRecord {
+        request_id,
+        start_ms,
+        duration_us,
+        decision: field("decision"),
+        reason: field("reason"),
+        app: field("app"),
+        developer: field("developer"),
+        company: field("company"),
+        stripe_customer: field("stripe_customer"),
+        product: field("product"),
+        operation: field("operation"),
+        api: field("api"),
+        environment: field("environment"),
+        response_code: response
+            .and_then(|r| r.response_code)
+            .map_or(0, |c| c.value),
+        request_bytes: request.map_or(0, |r| r.request_body_bytes),
+        response_bytes: response.map_or(0, |r| r.response_body_bytes),
+        response_headers: response
+            .map(|r| {
+                r.response_headers
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+fn metadata_string(fields: Option<&Struct>, name: &str) -> String {
+    match fields
+        .and_then(|s| s.fields.get(name))
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::data::accesslog::v3::{
+        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
+    };
+    use envoy_types::pb::google::protobuf::{Duration, Timestamp, UInt32Value, Value};
+
+    fn text(s: &str) -> Value {
+        Value {
+            kind: Some(Kind::StringValue(s.into())),
+        }
+    }
+
+    #[test]
+    fn an_entry_maps_identity_status_bytes_and_headers() {
+        let authz = Struct {
+            fields: [
+                ("decision", text("allow")),
+                ("app", text("weatherapp")),
+                ("stripe_customer", text("cus_1")),
+                ("product", text("weather_free")),
+                ("api", text("weatherapi")),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        };
+        let entry = HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                start_time: Some(Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 250_000_000,
+                }),
+                time_to_last_downstream_tx_byte: Some(Duration {
+                    seconds: 0,
+                    nanos: 1_500_000,
+                }),
+                metadata: Some(Metadata {
+                    filter_metadata: [(EXT_AUTHZ_NAMESPACE.to_owned(), authz)]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            request: Some(HttpRequestProperties {
+                request_id: "req-1".into(),
+                request_body_bytes: 10,
+                ..Default::default()
+            }),
+            response: Some(HttpResponseProperties {
+                response_code: Some(UInt32Value { value: 201 }),
+                response_body_bytes: 99,
+                response_headers: [("X-Tokens".to_owned(), "7".to_owned())]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = usage_record(&entry);
+        assert_eq!(r.request_id, "req-1");
+        assert_eq!(r.start_ms, 1_700_000_000_250);
+        assert_eq!(r.duration_us, 1_500);
+        assert_eq!(
+            (
+                r.decision.as_str(),
+                r.app.as_str(),
+                r.stripe_customer.as_str()
+            ),
+            ("allow", "weatherapp", "cus_1")
+        );
+        assert_eq!(r.developer, "");
+        assert_eq!(
+            (r.response_code, r.request_bytes, r.response_bytes),
+            (201, 10, 99)
+        );
+        assert_eq!(
+            r.response_headers.get("x-tokens").map(String::as_str),
+            Some("7")
+        );
+    }
+
+    #[test]
+    fn the_request_id_falls_back_to_the_logged_header_and_an_empty_entry_is_empty() {
+        let entry = HttpAccessLogEntry {
+            request: Some(HttpRequestProperties {
+                request_headers: [("x-request-id".to_owned(), "from-header".to_owned())]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(usage_record(&entry).request_id, "from-header");
+        assert_eq!(
+            usage_record(&HttpAccessLogEntry::default()),
+            UsageRecord::default()
+        );
+    }
+}

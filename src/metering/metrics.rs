@@ -1,0 +1,103 @@
+//! Metering's Prometheus metrics (the registry adds the `tollgate_` prefix).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+
+/// The spool, window and outbox metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct MeteringMetrics {
+    /// Records dropped because their request id was already counted.
+    pub deduplicated: IntCounter,
+    /// Records appended and fsynced.
+    pub spooled: IntCounter,
+    /// Bytes of the spool and outbox on disk.
+    pub spool_bytes: IntGauge,
+    /// 1 while the spool refuses records because `max_disk_bytes` is reached.
+    pub spool_full: IntGauge,
+    /// Outbox rows sealed (one per window revision, customer and meter).
+    pub windows_sealed: IntCounter,
+    /// From the earliest request in a sealed row to its seal.
+    pub seal_lag: Histogram,
+    /// `response_header:` meters that found a missing or non-integer value (counted as 0).
+    pub invalid_header_values: IntCounter,
+    /// Outbox rows not yet acknowledged by delivery.
+    pub outbox_pending: IntGauge,
+    /// Time of one group commit (write + fdatasync).
+    pub commit_seconds: Histogram,
+    /// Bytes of torn or corrupt frames cut off at replay.
+    pub replay_dropped_bytes: IntCounter,
+}
+
+impl MeteringMetrics {
+    /// Creates the metrics (not registered yet).
+    pub(crate) fn new() -> Result<Self, prometheus::Error> {
+        Ok(MeteringMetrics {
+            deduplicated: IntCounter::new(
+                "metering_records_deduplicated_total",
+                "usage records dropped because their x-request-id was already counted",
+            )?,
+            spooled: IntCounter::new(
+                "metering_records_spooled_total",
+                "usage records appended to the spool and fsynced",
+            )?,
+            spool_bytes: IntGauge::new(
+                "metering_spool_bytes",
+                "bytes of the metering spool and billing outbox on disk",
+            )?,
+            spool_full: IntGauge::new(
+                "metering_spool_full",
+                "1 while the spool refuses usage records because max_disk_bytes is reached",
+            )?,
+            windows_sealed: IntCounter::new(
+                "metering_windows_sealed_total",
+                "outbox rows sealed: one per window revision, Stripe customer and meter",
+            )?,
+            seal_lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "metering_seal_lag_seconds",
+                    "time from the earliest request in a sealed outbox row to its seal",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                ]),
+            )?,
+            invalid_header_values: IntCounter::new(
+                "metering_invalid_header_values_total",
+                "response_header meters that found a missing or non-integer header (counted as 0)",
+            )?,
+            outbox_pending: IntGauge::new(
+                "metering_outbox_pending",
+                "sealed outbox rows not yet acknowledged by delivery",
+            )?,
+            commit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "metering_commit_seconds",
+                    "time of one spool group commit (write and fdatasync)",
+                )
+                .buckets(vec![
+                    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 1.0,
+                ]),
+            )?,
+            replay_dropped_bytes: IntCounter::new(
+                "metering_replay_dropped_bytes_total",
+                "bytes of torn or corrupt spool frames cut off when the spool was replayed",
+            )?,
+        })
+    }
+
+    /// Registers every metric in `registry`.
+    pub(crate) fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        let m = self;
+        registry.register(Box::new(m.deduplicated.clone()))?;
+        registry.register(Box::new(m.spooled.clone()))?;
+        registry.register(Box::new(m.spool_bytes.clone()))?;
+        registry.register(Box::new(m.spool_full.clone()))?;
+        registry.register(Box::new(m.windows_sealed.clone()))?;
+        registry.register(Box::new(m.seal_lag.clone()))?;
+        registry.register(Box::new(m.invalid_header_values.clone()))?;
+        registry.register(Box::new(m.outbox_pending.clone()))?;
+        registry.register(Box::new(m.commit_seconds.clone()))?;
+        registry.register(Box::new(m.replay_dropped_bytes.clone()))?;
+        Ok(())
+    }
+}
