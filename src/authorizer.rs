@@ -7,16 +7,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{Catalog, CatalogHandle};
-use crate::decision::{self, Decision, Plan, Request, Settings};
+use crate::decision::{self, Decision, OnStoreError, Plan, QuotaAnswer, Request, Settings};
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
 use crate::quota::QuotaStore;
+use crate::quota::memory::MemoryStore;
 use crate::telemetry::Metrics;
 
 /// Everything a Check needs, shared by all requests.
 pub struct Authorizer {
     catalog: Arc<CatalogHandle>,
     quota: Arc<dyn QuotaStore>,
+    /// Counts requests let through while the quota store fails under `on_store_error: allow`, so each
+    /// replica still applies the limits on its own until the store is back.
+    fallback: MemoryStore,
     jwt: Option<JwtVerifier>,
     settings: Settings,
     metrics: Metrics,
@@ -36,6 +40,7 @@ impl Authorizer {
         Authorizer {
             catalog,
             quota,
+            fallback: MemoryStore::new(),
             jwt,
             settings,
             metrics,
@@ -77,16 +82,37 @@ impl Authorizer {
         let decision = match decision::plan(request, caller, catalog, &self.settings, now) {
             Plan::Decided(decision) => decision,
             Plan::Charge(pending) => {
-                let answer = self.quota.charge(&pending.charge(now)).await;
-                if let Err(e) = &answer {
-                    self.metrics.quota_store_errors.inc();
-                    tracing::warn!(error = %e, policy = ?self.settings.on_store_error, "quota store failed");
-                }
-                pending.finish(answer, self.settings.on_store_error)
+                let charge = pending.charge(now);
+                let answer = match self.quota.charge(&charge).await {
+                    Ok(outcome) => QuotaAnswer::Store(outcome),
+                    Err(e) => {
+                        self.metrics.quota_store_errors.inc();
+                        let policy = pending.on_store_error(&self.settings);
+                        tracing::warn!(error = %e, ?policy, "quota store failed");
+                        match policy {
+                            OnStoreError::Deny => QuotaAnswer::Unavailable,
+                            OnStoreError::Allow => {
+                                self.metrics.quota_fallbacks.inc();
+                                match self.fallback.charge(&charge).await {
+                                    Ok(outcome) => QuotaAnswer::Fallback(outcome),
+                                    Err(_) => QuotaAnswer::Unavailable,
+                                }
+                            }
+                        }
+                    }
+                };
+                pending.finish(answer)
             }
         };
         self.metrics.record_decision(decision.reason);
         decision
+    }
+
+    /// Frees quota windows that ended before `now`, in the store and in the local fallback; `i64::MAX` at
+    /// shutdown also hands leased units back to a shared store.
+    pub async fn sweep(&self, now: i64) {
+        self.quota.sweep(now).await;
+        self.fallback.sweep(now).await;
     }
 
     /// The metrics this authorizer records into.

@@ -1,5 +1,6 @@
 //! The config file (CONTRACT §2): YAML with `${VAR}` expansion, unknown keys refused, every error positioned.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub struct Config {
     /// Quota counters.
     #[serde(default)]
     pub quota: QuotaConfig,
-    /// Usage metering (accepted and validated; the metering pipeline is its own issue).
+    /// Usage metering.
     #[serde(default)]
     pub metering: MeteringConfig,
     /// Billing; absent means nothing is sent.
@@ -80,18 +81,46 @@ pub enum StoreKind {
 }
 
 /// `quota:`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// memory | redis.
     #[serde(default)]
     pub store: StoreKind,
-    /// The Redis URL for `store: redis`.
+    /// The Redis URL for `store: redis` (`rediss://` for TLS; a password in the URL); with `redis_cluster`, a
+    /// comma-separated list of node URLs.
     #[serde(default, deserialize_with = "empty_is_none")]
     pub redis_url: Option<String>,
-    /// deny (503) | allow.
+    /// Use the Redis Cluster client.
+    #[serde(default)]
+    pub redis_cluster: bool,
+    /// Bound of every quota store call; past it the call counts as a store error.
+    #[serde(default = "default_store_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Largest block of quota units a replica leases from Redis and serves locally (0: a Redis round trip
+    /// per request). Leases shrink as the remaining quota shrinks; they never let replicas overshoot.
+    #[serde(default = "default_max_lease")]
+    pub max_lease: u64,
+    /// deny (503) | allow (counted by this replica alone until the store is back).
     #[serde(default)]
     pub on_store_error: OnStoreError,
+    /// Per-API overrides of `on_store_error`, by API id (a payments API fails closed, a catalog API open).
+    #[serde(default)]
+    pub on_store_error_by_api: HashMap<String, OnStoreError>,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            store: StoreKind::default(),
+            redis_url: None,
+            redis_cluster: false,
+            timeout: default_store_timeout(),
+            max_lease: default_max_lease(),
+            on_store_error: OnStoreError::default(),
+            on_store_error_by_api: HashMap::new(),
+        }
+    }
 }
 
 /// `metering:`
@@ -147,6 +176,12 @@ fn default_window() -> Duration {
 fn default_lateness() -> Duration {
     Duration::from_secs(10)
 }
+fn default_store_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_max_lease() -> u64 {
+    100
+}
 fn default_max_disk_bytes() -> u64 {
     1 << 30
 }
@@ -200,11 +235,14 @@ impl Config {
                 "billing is not available in this build yet; remove billing (usage is not sent anywhere)",
             ));
         }
-        if config.quota.store == StoreKind::Redis {
+        if config.quota.store == StoreKind::Redis && config.quota.redis_url.is_none() {
             return Err(source.error_at(
                 &[PathSeg::Key("quota"), PathSeg::Key("store")],
-                "the redis quota store is not available in this build yet; use store: memory",
+                "store: redis needs quota.redis_url",
             ));
+        }
+        if config.quota.timeout.is_zero() {
+            return Err(source.error_at(&[PathSeg::Key("quota"), PathSeg::Key("timeout")], "timeout must be longer than 0s"));
         }
         let api_key = &config.identity.api_key;
         if api_key.headers.is_empty()
@@ -269,6 +307,7 @@ impl Config {
             api_context_extension: self.api_context_extension.clone(),
             api_key: self.identity.api_key.clone(),
             on_store_error: self.quota.on_store_error,
+            on_store_error_by_api: self.quota.on_store_error_by_api.clone(),
             bearer: self.identity.jwt.is_some(),
         }
     }

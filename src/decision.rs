@@ -15,7 +15,7 @@ use crate::identity::api_key::KeyHash;
 use crate::identity::jwt::{JwtRejection, VerifiedToken};
 use crate::identity::{ApiKeyConfig, Caller, Location};
 use crate::matching::{self, Match, Target, path};
-use crate::quota::{Charge, Limit, LimitState, Outcome, StoreError};
+use crate::quota::{Charge, Limit, LimitState, Outcome};
 
 /// A request as Envoy describes it, with no protobuf in sight.
 #[derive(Debug, Clone, Copy)]
@@ -54,8 +54,17 @@ pub struct Settings {
     pub api_key: ApiKeyConfig,
     /// `quota.on_store_error`.
     pub on_store_error: OnStoreError,
+    /// `quota.on_store_error_by_api`: overrides by API id.
+    pub on_store_error_by_api: HashMap<String, OnStoreError>,
     /// Whether bearer tokens are accepted (JWT providers are configured).
     pub bearer: bool,
+}
+
+impl Settings {
+    /// What a quota store failure means for a request to `api`.
+    pub fn on_store_error_for(&self, api: &str) -> OnStoreError {
+        self.on_store_error_by_api.get(api).copied().unwrap_or(self.on_store_error)
+    }
 }
 
 /// Why a request was allowed or denied: the `reason` in metadata and metrics.
@@ -565,32 +574,51 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// Completes the decision with the store's answer.
-    pub fn finish(
-        self,
-        answer: Result<Outcome, StoreError>,
-        on_store_error: OnStoreError,
-    ) -> Decision<'a> {
+    /// What a store failure means for this request: `quota.on_store_error`, or the override for its API.
+    pub fn on_store_error(&self, settings: &Settings) -> OnStoreError {
+        settings.on_store_error_for(self.decision.api)
+    }
+
+    /// Completes the decision with the quota answer.
+    pub fn finish(self, answer: QuotaAnswer) -> Decision<'a> {
         let mut decision = self.decision;
-        match answer {
-            Ok(Outcome::Allowed(state)) => decision.ratelimit = Some(state),
-            Ok(Outcome::Exceeded(state)) => {
+        let (outcome, fallback) = match answer {
+            QuotaAnswer::Store(outcome) => (outcome, false),
+            QuotaAnswer::Fallback(outcome) => (outcome, true),
+            QuotaAnswer::Unavailable => {
+                decision.reason = Reason::StoreUnavailable;
+                decision.message = "quota service is unavailable, try again shortly".into();
+                return decision;
+            }
+        };
+        match outcome {
+            Outcome::Allowed(state) => {
+                decision.ratelimit = Some(state);
+                if fallback {
+                    decision.reason = Reason::AllowedStoreError;
+                }
+            }
+            Outcome::Exceeded(state) => {
                 let limit = self.limits.iter().find(|l| l.limit == state.limit).copied();
                 decision.reason = Reason::QuotaExceeded;
                 decision.message = quota_message(self.product, limit, state);
                 decision.ratelimit = Some(state);
                 decision.retry_after = Some(state.reset_secs);
             }
-            Err(_) => match on_store_error {
-                OnStoreError::Allow => decision.reason = Reason::AllowedStoreError,
-                OnStoreError::Deny => {
-                    decision.reason = Reason::StoreUnavailable;
-                    decision.message = "quota service is unavailable, try again shortly".into();
-                }
-            },
         }
         decision
     }
+}
+
+/// What the quota step answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaAnswer {
+    /// The quota store's answer.
+    Store(Outcome),
+    /// The store failed and `on_store_error` is `allow`: this replica's own count decided.
+    Fallback(Outcome),
+    /// The store failed and `on_store_error` is `deny`.
+    Unavailable,
 }
 
 /// The API id: the configured context extension, else the `:authority` host without its port.
@@ -730,6 +758,7 @@ developers:
                 api_context_extension: Some("tollgate_api".into()),
                 api_key: ApiKeyConfig::default(),
                 on_store_error: OnStoreError::Deny,
+                on_store_error_by_api: HashMap::new(),
                 bearer: false,
             },
         }
@@ -885,12 +914,11 @@ developers:
         assert_eq!(charge.bucket, "weatherapp\u{1f}free");
         assert_eq!(charge.cost, 1);
         let d = pending.finish(
-            Ok(Outcome::Allowed(LimitState {
+            QuotaAnswer::Store(Outcome::Allowed(LimitState {
                 limit: 2,
                 remaining: 1,
                 reset_secs: 20,
             })),
-            OnStoreError::Deny,
         );
         assert!(d.allowed());
         assert_eq!(
@@ -936,7 +964,7 @@ developers:
             remaining: 0,
             reset_secs: 42,
         };
-        let d = take().finish(Ok(Outcome::Exceeded(state)), OnStoreError::Deny);
+        let d = take().finish(QuotaAnswer::Store(Outcome::Exceeded(state)));
         assert_eq!(d.reason, Reason::QuotaExceeded);
         assert_eq!(d.retry_after, Some(42));
         assert_eq!(
@@ -945,14 +973,36 @@ developers:
         );
         assert_eq!(d.reason.http_status(), 429);
 
-        let d = take().finish(Err(StoreError::Timeout), OnStoreError::Deny);
+        let d = take().finish(QuotaAnswer::Unavailable);
         assert_eq!(
             (d.reason, d.reason.http_status()),
             (Reason::StoreUnavailable, 503)
         );
-        let d = take().finish(Err(StoreError::Timeout), OnStoreError::Allow);
+        let local = LimitState {
+            limit: 2,
+            remaining: 1,
+            reset_secs: 42,
+        };
+        let d = take().finish(QuotaAnswer::Fallback(Outcome::Allowed(local)));
         assert_eq!(d.reason, Reason::AllowedStoreError);
         assert!(d.allowed());
+        assert_eq!(d.ratelimit, Some(local));
+        let d = take().finish(QuotaAnswer::Fallback(Outcome::Exceeded(state)));
+        assert_eq!(d.reason, Reason::QuotaExceeded);
+    }
+
+    #[test]
+    fn store_failure_policy_can_be_overridden_per_api() {
+        let mut w = world();
+        w.settings.on_store_error_by_api.insert("public".into(), OnStoreError::Allow);
+        assert_eq!(w.settings.on_store_error_for("weather"), OnStoreError::Deny);
+        assert_eq!(w.settings.on_store_error_for("public"), OnStoreError::Allow);
+        let h = headers(Some("abc"));
+        let e = ext("weather");
+        let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast", &h, &e) else {
+            panic!("expected a charge");
+        };
+        assert_eq!(pending.on_store_error(&w.settings), OnStoreError::Deny);
     }
 
     #[test]
@@ -989,12 +1039,11 @@ developers:
         };
         assert_eq!(pending.charge(NOW).bucket, "weatherapp\u{1f}free");
         let d = pending.finish(
-            Ok(Outcome::Allowed(LimitState {
+            QuotaAnswer::Store(Outcome::Allowed(LimitState {
                 limit: 2,
                 remaining: 1,
                 reset_secs: 1,
             })),
-            OnStoreError::Deny,
         );
         // The catalog, not the token, names the developer of a catalog app.
         assert_eq!(d.identity.app, Some("weatherapp"));
@@ -1035,12 +1084,11 @@ developers:
         // The company owns the bucket, apart from every app's buckets.
         assert_eq!(pending.charge(NOW).bucket, "\u{1e}acme\u{1f}free");
         let d = pending.finish(
-            Ok(Outcome::Allowed(LimitState {
+            QuotaAnswer::Store(Outcome::Allowed(LimitState {
                 limit: 2,
                 remaining: 1,
                 reset_secs: 1,
             })),
-            OnStoreError::Deny,
         );
         assert_eq!(
             (d.identity.app, d.identity.developer, d.identity.company),

@@ -12,13 +12,14 @@ use tonic::transport::server::TcpIncoming;
 use crate::admin::{self, AdminState};
 use crate::authorizer::{Authorizer, unix_now};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::metering::{Metering, MeteringError};
 use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
+use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
 use crate::telemetry::{Metrics, MetricsError};
 
@@ -51,6 +52,9 @@ pub enum ServeError {
     /// A JWT provider could not be set up.
     #[error(transparent)]
     Jwt(#[from] JwtConfigError),
+    /// The Redis quota store refused the connection settings.
+    #[error("quota store: {0}")]
+    Redis(#[from] RedisStoreError),
     /// The metering spool could not be opened.
     #[error("metering: {0}")]
     Metering(#[from] MeteringError),
@@ -72,7 +76,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let metering = Metering::open(config.metering_options(), handle.clone(), &metrics.registry).await?;
     let access_log = AccessLogService::new(metering.clone(), &metrics.registry)?;
 
-    let quota: Arc<dyn QuotaStore> = Arc::new(MemoryStore::new());
+    let quota: Arc<dyn QuotaStore> = match config.quota.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Redis => {
+            let options = RedisOptions {
+                url: config.quota.redis_url.clone().unwrap_or_default(),
+                cluster: config.quota.redis_cluster,
+                timeout: config.quota.timeout,
+                max_lease: config.quota.max_lease,
+            };
+            Arc::new(RedisStore::connect(options, &metrics.registry).await?)
+        }
+    };
     let jwt = match &config.identity.jwt {
         Some(jwt) => {
             let jwt_metrics = JwtMetrics::register(&metrics.registry)?;
@@ -102,7 +117,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthzService::new(authorizer)))
+        .add_service(AuthorizationServer::new(AuthzService::new(authorizer.clone())))
         .add_service(access_log.into_server())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -129,7 +144,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let shutdown = shutdown_rx.clone();
         async move { metering.run(shutdown).await }
     });
-    let sweeper = tokio::spawn(sweep(quota, shutdown_rx));
+    let sweeper = tokio::spawn(sweep(authorizer.clone(), shutdown_rx));
     tracing::info!(grpc = %config.grpc_listen, admin = %config.admin_listen, "tollgate serving");
 
     tokio::spawn(async move {
@@ -140,6 +155,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let (grpc, admin) = tokio::join!(grpc, admin);
     sweeper.abort();
+    // Hands leased quota units back to a shared store so other replicas can use them at once.
+    authorizer.sweep(i64::MAX).await;
     if let Err(e) = sealer.await {
         tracing::warn!(error = %e, "metering task ended abnormally");
     }
@@ -166,11 +183,11 @@ async fn signalled(mut rx: watch::Receiver<bool>) {
     }
 }
 
-async fn sweep(quota: Arc<dyn QuotaStore>, shutdown: watch::Receiver<bool>) {
+async fn sweep(authorizer: Arc<Authorizer>, shutdown: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
-            _ = every.tick() => quota.sweep(unix_now()).await,
+            _ = every.tick() => authorizer.sweep(unix_now()).await,
             _ = signalled(shutdown.clone()) => return,
         }
     }

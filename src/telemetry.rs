@@ -25,6 +25,8 @@ pub struct Metrics {
     pub catalog_apps: IntGauge,
     /// Quota store calls that failed or timed out.
     pub quota_store_errors: IntCounter,
+    /// Requests counted by the local fallback because the store failed under `on_store_error: allow`.
+    pub quota_fallbacks: IntCounter,
 }
 
 /// A metric could not be registered (a programming error: duplicate names).
@@ -74,7 +76,12 @@ impl Metrics {
         registry.register(Box::new(catalog_keys.clone()))?;
         registry.register(Box::new(catalog_products.clone()))?;
         registry.register(Box::new(catalog_apps.clone()))?;
+        let quota_fallbacks = IntCounter::new(
+            "quota_fallbacks_total",
+            "requests counted locally because the quota store failed (on_store_error: allow)",
+        )?;
         registry.register(Box::new(quota_store_errors.clone()))?;
+        registry.register(Box::new(quota_fallbacks.clone()))?;
         for reason in Reason::ALL {
             let decision = if reason.allows() { "allow" } else { "deny" };
             decisions.with_label_values(&[decision, reason.as_str()]);
@@ -89,6 +96,7 @@ impl Metrics {
             catalog_products,
             catalog_apps,
             quota_store_errors,
+            quota_fallbacks,
         })
     }
 

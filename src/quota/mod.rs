@@ -4,6 +4,7 @@
 //! (its own issue) shares counters across replicas through the same trait.
 
 pub mod memory;
+pub mod redis;
 pub mod window;
 
 use async_trait::async_trait;

@@ -31,6 +31,19 @@ pub fn envoy_binary() -> PathBuf {
 /// Two virtual hosts: `geo.example.test` has no context extension, so tollgate takes the API from the
 /// :authority host; every other host routes with `tollgate_api: weatherapi`.
 pub fn envoy_config(authz_port: u16, upstream_port: u16) -> String {
+    envoy_config_replicas(&[authz_port], upstream_port)
+}
+
+/// [`envoy_config`] with several tollgate replicas behind the ext_authz and access-log cluster (round robin).
+pub fn envoy_config_replicas(authz_ports: &[u16], upstream_port: u16) -> String {
+    let authz_endpoints: String = authz_ports
+        .iter()
+        .map(|port| {
+            format!(
+                "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+            )
+        })
+        .collect();
     format!(
         r#"admin:
   address:
@@ -115,10 +128,7 @@ static_resources:
       cluster_name: tollgate_grpc
       endpoints:
       - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {authz_port} }}
-"#
+{authz_endpoints}"#
     )
 }
 

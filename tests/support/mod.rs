@@ -10,11 +10,13 @@
 mod echo;
 mod envoy;
 mod raw;
+mod redis;
 mod tollgate;
 
 pub use echo::{EchoUpstream, Recorded};
-pub use envoy::{Envoy, envoy_binary, envoy_config};
+pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas};
 pub use raw::{RawResponse, raw_request};
+pub use redis::{RedisConfig, RedisServer};
 pub use tollgate::{Tollgate, parse_metric};
 
 use std::future::Future;
