@@ -125,6 +125,7 @@ pub async fn run(
 
     let mut poll = tokio::time::interval(POLL);
     poll.tick().await;
+    let mut seen = stamp(&path);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return Ok(()),
@@ -132,8 +133,15 @@ pub async fn run(
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
             }
-            _ = poll.tick() => {}
+            // The poll only backs up the watcher: reading and hashing a large catalog every few seconds
+            // costs real CPU, so it looks at the file's size and mtime first.
+            _ = poll.tick() => {
+                if stamp(&path) == seen {
+                    continue;
+                }
+            }
         }
+        seen = stamp(&path);
         match read(&path, Some(digest)).await {
             Ok(None) => {}
             Ok(Some(loaded)) => digest = install(&handle, loaded, &metrics),
@@ -143,4 +151,10 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Size and modification time of the file `path` leads to (through symlinks, as Kubernetes mounts them).
+fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
 }

@@ -34,11 +34,20 @@ impl MemoryStore {
     }
 
     fn charge_counters(counters: &mut Vec<Counter>, charge: &Charge<'_>) -> Outcome {
-        let mut slots = Vec::with_capacity(charge.limits.len());
-        for limit in charge.limits {
-            slots.push(Self::slot(counters, limit, charge.now));
+        // Plans rarely have more than a few limits: no allocation per request for those.
+        let mut inline = [0usize; 4];
+        let mut spilled = Vec::new();
+        let slots: &mut [usize] = if charge.limits.len() <= inline.len() {
+            &mut inline[..charge.limits.len()]
+        } else {
+            spilled.resize(charge.limits.len(), 0);
+            &mut spilled
+        };
+        for (slot, limit) in slots.iter_mut().zip(charge.limits) {
+            *slot = Self::slot(counters, limit, charge.now);
         }
-        for (limit, &slot) in charge.limits.iter().zip(&slots) {
+        let slots = &*slots;
+        for (limit, &slot) in charge.limits.iter().zip(slots) {
             let c = &counters[slot];
             if c.used.saturating_add(charge.cost) > limit.limit {
                 return Outcome::Exceeded(LimitState {
@@ -49,7 +58,7 @@ impl MemoryStore {
             }
         }
         let mut tightest: Option<LimitState> = None;
-        for (limit, &slot) in charge.limits.iter().zip(&slots) {
+        for (limit, &slot) in charge.limits.iter().zip(slots) {
             let c = &mut counters[slot];
             c.used = c.used.saturating_add(charge.cost);
             let state = LimitState {

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Turns bench/run's records (one JSON object a line) into the markdown report: tables, ratios within the
+same run, the issue's targets, and the raw numbers."""
+import argparse
+import json
+import os
+import statistics
+from datetime import datetime
+
+ORDER = ["envoy", "noop", "tollgate", "redis", "jwt", "envoy-jwt"]
+LABEL = {
+    "envoy": "1 Envoy alone",
+    "noop": "2 Envoy + do-nothing ext_authz (floor)",
+    "tollgate": "3 Envoy + tollgate (API key, memory quota)",
+    "redis": "4 Envoy + tollgate (Redis quota)",
+    "jwt": "5 Envoy + tollgate (RS256 JWT)",
+    "envoy-jwt": "6 Envoy jwt_authn (in-process)",
+}
+
+
+def pct(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    i = max(0, min(len(values) - 1, int(round(q / 100.0 * len(values) + 0.5)) - 1))
+    return values[i]
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=2, unit=""):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}{unit}"
+    return f"{v:,}{unit}"
+
+
+def ms(us):
+    return None if us is None else us / 1000.0
+
+
+def h2load_latencies(path):
+    """Per-request latencies (µs) and the count of non-2xx answers from an h2load --log-file."""
+    lat, bad = [], 0
+    if not os.path.exists(path):
+        return lat, bad
+    with open(path) as f:
+        for line in f:
+            cols = line.split()
+            if len(cols) < 3:
+                continue
+            if not cols[1].startswith("2"):
+                bad += 1
+            lat.append(int(cols[2]))
+    return lat, bad
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--meta", nargs="*", default=[])
+    a = ap.parse_args()
+    meta = dict(m.split("=", 1) for m in a.meta)
+    recs = [json.loads(line) for line in open(a.records) if line.strip()]
+    out = []
+    w = out.append
+
+    w(f"# tollgate benchmark run {meta.get('date', '')} (git {meta.get('git', '?')})\n\n")
+    w(f"`{meta.get('command', 'bench/run')}`\n\n")
+    w("| machine | |\n|---|---|\n")
+    for k in ["nproc", "cpu", "kernel", "envoy", "wrk", "h2load", "build"]:
+        w(f"| {k} | {meta.get(k, '?')} |\n")
+    loads = {r["when"]: r["loadavg"] for r in recs if r["phase"] == "load"}
+    w(f"| load average (1/5/15 min) at start | {loads.get('start', '?')} |\n")
+    w(f"| load average at end | {loads.get('end', '?')} |\n\n")
+    w(f"Parameters: {meta.get('rounds')} interleaved rounds; wrk {meta.get('duration_s')} s per variant per round "
+      f"(1 thread, {meta.get('connections')} connections, HTTP/1.1, closed loop); h2load {meta.get('latency_s')} s "
+      f"at {meta.get('rate')} req/s (HTTP/2, open loop); Envoy --concurrency {meta.get('envoy_concurrency')}; "
+      f"route answered by {'Envoy direct_response' if meta.get('upstream') == 'direct' else 'an upstream Envoy'}; "
+      f"gRPC access log {'on' if meta.get('access_log') == '1' else 'off'}"
+      f"{'; QUICK smoke run: not for publication' if meta.get('quick') == '1' else ''}.\n\n")
+    notes = [r for r in recs if r["phase"] == "note"]
+    for n in notes:
+        w(f"- **{n['variant']}**: {n['text']}\n")
+    if notes:
+        w("\n")
+
+    http = [r for r in recs if r["phase"] == "http"]
+    lat = [r for r in recs if r["phase"] == "latency"]
+    for r in lat:
+        values, bad = h2load_latencies(r["log"])
+        r["n"], r["non2xx"] = len(values), bad
+        r["p50_us"], r["p99_us"], r["p999_us"] = (pct(values, q) for q in (50, 99, 99.9))
+    variants = [v for v in ORDER if any(r["variant"] == v for r in http + lat)]
+
+    def rows(phase_recs, v):
+        return [r for r in phase_recs if r["variant"] == v]
+
+    def rps(r):
+        return r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
+
+    def per10k(r, key):
+        if key not in r or not r["wrk"]["requests"]:
+            return None
+        return r[key] / r["tick"] / r["wrk"]["requests"] * 10_000
+
+    targets = []
+    if http:
+        w("## Through Envoy: wrk, HTTP/1.1, closed loop (medians over rounds)\n\n")
+        w("| variant | req/s | req/s min-max | p50 ms | p99 ms | p99.9 ms | authorizer CPU s / 10k req | "
+          "Envoy CPU s / 10k req | authorizer RSS MB | non-2xx |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        for v in variants:
+            rs = rows(http, v)
+            if not rs:
+                continue
+            rates = [rps(r) for r in rs]
+            w(f"| {LABEL[v]} | {fmt(med(rates), 0)} | {fmt(min(rates), 0)}-{fmt(max(rates), 0)} "
+              f"| {fmt(ms(med([r['wrk']['p50_us'] for r in rs])))} | {fmt(ms(med([r['wrk']['p99_us'] for r in rs])))} "
+              f"| {fmt(ms(med([r['wrk']['p999_us'] for r in rs])))} "
+              f"| {fmt(med([per10k(r, 'authz_ticks') for r in rs]), 3)} | {fmt(med([per10k(r, 'envoy_ticks') for r in rs]), 3)} "
+              f"| {fmt(med([r['authz_rss_kb'] / 1024 if 'authz_rss_kb' in r else None for r in rs]), 1)} "
+              f"| {sum(r['wrk']['errors_status'] + r['wrk']['errors_socket'] for r in rs)} |\n")
+        w("\n")
+
+    if lat:
+        w(f"## Latency at a fixed rate: h2load, HTTP/2, {meta.get('rate')} req/s (medians over rounds)\n\n")
+        w("| variant | p50 ms | p99 ms | p99.9 ms | p50 added over floor ms | p99 added over floor ms | requests | non-2xx |\n"
+          "|---|---|---|---|---|---|---|---|\n")
+        floor = {r["round"]: r for r in rows(lat, "noop")}
+        for v in variants:
+            rs = rows(lat, v)
+            if not rs:
+                continue
+            add50 = [r["p50_us"] - floor[r["round"]]["p50_us"] for r in rs if r["round"] in floor and r["p50_us"] is not None and floor[r["round"]]["p50_us"] is not None]
+            add99 = [r["p99_us"] - floor[r["round"]]["p99_us"] for r in rs if r["round"] in floor and r["p99_us"] is not None and floor[r["round"]]["p99_us"] is not None]
+            w(f"| {LABEL[v]} | {fmt(ms(med([r['p50_us'] for r in rs])))} | {fmt(ms(med([r['p99_us'] for r in rs])))} "
+              f"| {fmt(ms(med([r['p999_us'] for r in rs])))} | {fmt(ms(med(add50)), 3) if v != 'noop' else '-'} "
+              f"| {fmt(ms(med(add99)), 3) if v != 'noop' else '-'} | {sum(r['n'] for r in rs)} | {sum(r['non2xx'] for r in rs)} |\n")
+        w("\n")
+
+    # Ratios within a round, then the median: the machine's drift cancels out.
+    def ratio(num, den, phase_recs, value):
+        by = {}
+        for r in phase_recs:
+            by.setdefault(r["round"], {})[r["variant"]] = r
+        vals = [value(x[num]) / value(x[den]) for x in by.values() if num in x and den in x and value(x[den])]
+        return vals
+
+    w("## Ratios in the same run and the issue's targets\n\n")
+    w("| comparison | per round | median | target | verdict |\n|---|---|---|---|---|\n")
+
+    def line(name, vals, target=None, ok=None, digits=3):
+        verdict = "" if ok is None or not vals else ("**met**" if ok(med(vals)) else "**missed**")
+        w(f"| {name} | {', '.join(fmt(x, digits) for x in vals) or 'n/a'} | {fmt(med(vals), digits)} | {target or ''} | {verdict} |\n")
+        if target:
+            targets.append((name, med(vals), target, verdict))
+
+    if http:
+        line("req/s: tollgate (3) / floor (2)", ratio("tollgate", "noop", http, rps), ">= 0.90", lambda x: x >= 0.90)
+        line("req/s: floor (2) / Envoy alone (1)", ratio("noop", "envoy", http, rps))
+        line("req/s: tollgate (3) / Envoy alone (1)", ratio("tollgate", "envoy", http, rps))
+        line("req/s: tollgate JWT (5) / Envoy jwt_authn (6)", ratio("jwt", "envoy-jwt", http, rps))
+        line("req/s: tollgate Redis (4) / tollgate memory (3)", ratio("redis", "tollgate", http, rps))
+    if lat:
+        by = {}
+        for r in lat:
+            by.setdefault(r["round"], {})[r["variant"]] = r
+        add = [(x["tollgate"]["p99_us"] - x["noop"]["p99_us"]) / 1000 for x in by.values() if "tollgate" in x and "noop" in x]
+        line("p99 added over the floor, ms (fixed rate)", add, "<= 0.3 ms", lambda x: x <= 0.3)
+        add50 = [(x["tollgate"]["p50_us"] - x["noop"]["p50_us"]) / 1000 for x in by.values() if "tollgate" in x and "noop" in x]
+        line("p50 added over the floor, ms (fixed rate)", add50)
+    if http:
+        by = {}
+        for r in http:
+            by.setdefault(r["round"], {})[r["variant"]] = r
+        add = [(x["tollgate"]["wrk"]["p99_us"] - x["noop"]["wrk"]["p99_us"]) / 1000 for x in by.values() if "tollgate" in x and "noop" in x]
+        line("p99 added over the floor, ms (wrk, saturated: includes queueing)", add)
+
+    direct = [r for r in recs if r["phase"] == "direct"]
+    if direct:
+        h2 = [r for r in direct if r["tool"] == "h2load"]
+        cl = [r for r in direct if r["tool"] == "check_load"]
+        tg = [r["result"]["rate"] for r in h2 if r["variant"] == "tollgate"]
+        line("direct Check/s, tollgate memory store (h2load)", tg, ">= 50,000", lambda x: x >= 50_000, 0)
+        line("direct Check/s: tollgate / do-nothing server (h2load)",
+             ratio("tollgate", "noop", h2, lambda r: r["result"]["rate"]))
+        rr = ratio("redis", "tollgate", h2, lambda r: r["result"]["rate"])
+        line("direct Check/s: Redis / memory store (h2load)", rr, ">= 0.70" if rr else None,
+             (lambda x: x >= 0.70) if rr else None)
+        w("\n## Direct Check load, no Envoy (medians over rounds)\n\n")
+        w("check_load: 2 HTTP/2 connections x 16 requests in flight, tonic client, round-robin over the bench "
+          "catalog's apps. h2load: 2 connections x 32 streams, one pre-encoded CheckRequest. Both clients share "
+          "the 2 cores with the server; the server's own CPU per Check gives the capacity it would have with "
+          "2 cores to itself.\n\n")
+        w("| server | tool | Check/s | p50 ms | p99 ms | p99.9 ms | server CPU us / Check | Check/s on 2 dedicated cores (2 / CPU per Check) | checked |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
+        for v in ["noop", "tollgate", "redis"]:
+            for tool, rs in (("check_load", [r for r in cl if r["variant"] == v]), ("h2load", [r for r in h2 if r["variant"] == v])):
+                if not rs:
+                    continue
+                if tool == "check_load":
+                    counts = [r["result"]["checks"] for r in rs]
+                    check = f"{sum(r['result']['ok'] for r in rs)} ok, {sum(r['result']['denied'] for r in rs)} denied, {sum(r['result']['errors'] for r in rs)} errors"
+                else:
+                    counts = [r["result"]["done"] for r in rs]
+                    allowed = [r.get("allowed_delta") for r in rs if r.get("allowed_delta") is not None]
+                    check = f"{sum(allowed)} allowed by tollgate's metric" if allowed else "(no decision metric)"
+                # The CPU window includes the clients' 1 s warm-up at about the same rate: count that share too.
+                cpu_us = []
+                for r, n in zip(rs, counts):
+                    total = n * (1 + 1 / float(meta.get("duration_s", 10)))
+                    if total:
+                        cpu_us.append(r["server_ticks"] / r["tick"] / total * 1e6)
+                cpu = med(cpu_us)
+                res = [r["result"] for r in rs]
+                w(f"| {v} | {tool} | {fmt(med([x['rate'] for x in res]), 0)} "
+                  f"| {fmt(ms(med([x.get('p50_us') for x in res])))} | {fmt(ms(med([x.get('p99_us') for x in res])))} "
+                  f"| {fmt(ms(med([x.get('p999_us') for x in res])))} | {fmt(cpu, 1)} "
+                  f"| {fmt(2e6 / cpu if cpu else None, 0)} | {check} |\n")
+        w("\n")
+    else:
+        w("\n")
+
+    scale = [r for r in recs if r["phase"] == "scale"]
+    if scale:
+        w("## Scale\n\n")
+        start = next((r for r in scale if r["what"] == "start"), None)
+        if start:
+            w(f"Catalog: {start['keys']:,} keys, {start['products']:,} products x 10 operations, "
+              f"{start['catalog_bytes'] / 1e6:.1f} MB of YAML.\n\n")
+            w("| measure | value |\n|---|---|\n")
+            w(f"| `tollgate check` wall time (parse + validate, process start included) | {start['check_s']:.2f} s |\n")
+            w(f"| `tollgate serve` start to /readyz 200 | {start['ready_s']:.2f} s |\n")
+            w(f"| RSS after load | {start['rss_kb'] / 1024:.1f} MB (peak {start['hwm_kb'] / 1024:.1f} MB) |\n")
+        reloads = []
+        for r in (x for x in scale if x["what"] == "reload"):
+            log = r.get("log") or {}
+            ts = log.get("timestamp")
+            if ts:
+                t = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+                # The watcher waits 200 ms (DEBOUNCE in src/catalog/watch.rs) for an edit to settle first.
+                reloads.append((t - r["swapped_at"]) * 1000 - 200)
+        if reloads:
+            w(f"| catalog reload: file replaced to new snapshot live, minus the 200 ms debounce (median of {len(reloads)}) "
+              f"| {med(reloads):.0f} ms (each: {', '.join(f'{x:.0f}' for x in reloads)}) |\n")
+        steady = next((r for r in scale if r["what"] == "steady"), None)
+        rel = next((r for r in scale if r["what"] == "reloading"), None)
+        if rel:
+            w(f"| RSS after {rel['reloads']} more reloads | {rel['rss_kb'] / 1024:.1f} MB (peak {rel['hwm_kb'] / 1024:.1f} MB) |\n")
+        w("\n")
+        if steady or rel:
+            w("Check latency at this size (check_load, 2 connections x 4 in flight, round-robin over one key per app):\n\n")
+            w("| while | Check/s | p50 ms | p99 ms | p99.9 ms | max ms | errors |\n|---|---|---|---|---|---|---|\n")
+            for name, r in (("no reload", steady), (f"catalog rewritten every second ({rel['reloads'] if rel else 0} reloads)", rel)):
+                if not r:
+                    continue
+                x = r["result"]
+                w(f"| {name} | {fmt(x['rate'], 0)} | {fmt(ms(x['p50_us']))} | {fmt(ms(x['p99_us']))} | {fmt(ms(x['p999_us']))} "
+                  f"| {fmt(ms(x['max_us']))} | {x['errors'] + x['denied']} |\n")
+            w("\n")
+
+    w("## Raw numbers\n\nPer round (req/s from wrk; latencies in µs):\n\n")
+    w("| phase | round | variant | req/s | p50 | p99 | p99.9 | authorizer ticks | Envoy ticks |\n|---|---|---|---|---|---|---|---|---|\n")
+    for r in http:
+        w(f"| http | {r['round']} | {r['variant']} | {rps(r):.0f} | {r['wrk']['p50_us']} | {r['wrk']['p99_us']} "
+          f"| {r['wrk']['p999_us']} | {r.get('authz_ticks', '')} | {r['envoy_ticks']} |\n")
+    for r in lat:
+        w(f"| latency | {r['round']} | {r['variant']} | {r['rate']} (fixed) | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | | |\n")
+    for r in direct:
+        x = r["result"]
+        w(f"| direct/{r['tool']} | {r['round']} | {r['variant']} | {x['rate']:.0f} | {x.get('p50_us', '')} "
+          f"| {x.get('p99_us', '')} | {x.get('p999_us', '')} | {r['server_ticks']} | |\n")
+    w("\nRecords as bench/run wrote them:\n\n```\n")
+    for r in recs:
+        r = dict(r)
+        r.pop("log", None) if r.get("phase") == "latency" else None
+        w(json.dumps(r, separators=(",", ":")) + "\n")
+    w("```\n")
+    with open(a.out, "w") as f:
+        f.writelines(out)
+
+
+if __name__ == "__main__":
+    main()
