@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
+use crate::billing::Billing;
 use crate::metering::{Metering, MeteringError, UsageQuery};
 use crate::quota::QuotaStore;
 use crate::telemetry::Metrics;
@@ -27,6 +28,8 @@ pub struct AdminState {
     pub quota: Arc<dyn QuotaStore>,
     /// Answers `/v1/usage` and `/v1/outbox`; `/readyz` fails while its spool is full.
     pub metering: Metering,
+    /// Answers `/v1/billing/dead-letters` when billing is configured.
+    pub billing: Option<Billing>,
     /// Required as a bearer token by `/v1/...` when set.
     pub admin_token: Option<Arc<str>>,
 }
@@ -36,6 +39,7 @@ pub fn router(state: AdminState) -> Router {
     let partner_data = Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/outbox", get(outbox))
+        .route("/v1/billing/dead-letters", get(dead_letters))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -47,7 +51,12 @@ pub fn router(state: AdminState) -> Router {
 
 /// Lets a request through when no token is configured or it carries `Authorization: Bearer <admin_token>`
 /// (compared in constant time).
-async fn require_token(State(state): State<AdminState>, headers: HeaderMap, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = &state.admin_token else {
         return next.run(request).await;
     };
@@ -86,6 +95,27 @@ async fn usage(State(state): State<AdminState>, Query(query): Query<UsageQuery>)
     }
 }
 
+async fn dead_letters(State(state): State<AdminState>) -> Response {
+    let Some(billing) = &state.billing else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "not_found", "message": "billing is not configured"})),
+        )
+            .into_response();
+    };
+    match billing.dead_letters() {
+        Ok(letters) => Json(letters).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "dead letters could not be read");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"error": "unavailable", "message": "dead letters could not be read"})),
+            )
+                .into_response()
+        }
+    }
+}
+
 async fn outbox(State(state): State<AdminState>) -> Response {
     Json(state.metering.outbox_rows().await).into_response()
 }
@@ -110,7 +140,10 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         );
     }
     if state.metering.is_full() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "metering spool is full: usage records are refused\n".to_owned());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metering spool is full: usage records are refused\n".to_owned(),
+        );
     }
     match tokio::time::timeout(READY_TIMEOUT, state.quota.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),

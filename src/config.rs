@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::billing::BillingConfig;
 use crate::decision::{OnStoreError, Settings};
 use crate::identity::ApiKeyConfig;
 use crate::identity::jwt::JwtConfig;
@@ -43,8 +44,8 @@ pub struct Config {
     /// Usage metering.
     #[serde(default)]
     pub metering: MeteringConfig,
-    /// Billing; absent means nothing is sent.
-    pub billing: Option<serde_yaml_ng::Value>,
+    /// Billing; absent means usage is metered and kept, and nothing is sent.
+    pub billing: Option<BillingConfig>,
     /// The config file's folder: relative paths (catalog, metering dir, JWT key files) start there.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -229,11 +230,12 @@ impl Config {
                 "identity.jwt needs at least one provider",
             ));
         }
-        if config.billing.is_some() {
-            return Err(source.error_at(
-                &[PathSeg::Key("billing")],
-                "billing is not available in this build yet; remove billing (usage is not sent anywhere)",
-            ));
+        if let Some(billing) = &config.billing
+            && let Err(message) = billing.stripe.validate()
+        {
+            return Err(
+                source.error_at(&[PathSeg::Key("billing"), PathSeg::Key("stripe")], message)
+            );
         }
         if config.quota.store == StoreKind::Redis && config.quota.redis_url.is_none() {
             return Err(source.error_at(
@@ -242,7 +244,10 @@ impl Config {
             ));
         }
         if config.quota.timeout.is_zero() {
-            return Err(source.error_at(&[PathSeg::Key("quota"), PathSeg::Key("timeout")], "timeout must be longer than 0s"));
+            return Err(source.error_at(
+                &[PathSeg::Key("quota"), PathSeg::Key("timeout")],
+                "timeout must be longer than 0s",
+            ));
         }
         let api_key = &config.identity.api_key;
         if api_key.headers.is_empty()

@@ -63,7 +63,10 @@ pub struct Settings {
 impl Settings {
     /// What a quota store failure means for a request to `api`.
     pub fn on_store_error_for(&self, api: &str) -> OnStoreError {
-        self.on_store_error_by_api.get(api).copied().unwrap_or(self.on_store_error)
+        self.on_store_error_by_api
+            .get(api)
+            .copied()
+            .unwrap_or(self.on_store_error)
     }
 }
 
@@ -913,13 +916,11 @@ developers:
         let charge = pending.charge(NOW);
         assert_eq!(charge.bucket, "weatherapp\u{1f}free");
         assert_eq!(charge.cost, 1);
-        let d = pending.finish(
-            QuotaAnswer::Store(Outcome::Allowed(LimitState {
-                limit: 2,
-                remaining: 1,
-                reset_secs: 20,
-            })),
-        );
+        let d = pending.finish(QuotaAnswer::Store(Outcome::Allowed(LimitState {
+            limit: 2,
+            remaining: 1,
+            reset_secs: 20,
+        })));
         assert!(d.allowed());
         assert_eq!(
             d.identity,
@@ -994,7 +995,9 @@ developers:
     #[test]
     fn store_failure_policy_can_be_overridden_per_api() {
         let mut w = world();
-        w.settings.on_store_error_by_api.insert("public".into(), OnStoreError::Allow);
+        w.settings
+            .on_store_error_by_api
+            .insert("public".into(), OnStoreError::Allow);
         assert_eq!(w.settings.on_store_error_for("weather"), OnStoreError::Deny);
         assert_eq!(w.settings.on_store_error_for("public"), OnStoreError::Allow);
         let h = headers(Some("abc"));
@@ -1038,13 +1041,11 @@ developers:
             panic!("expected a charge");
         };
         assert_eq!(pending.charge(NOW).bucket, "weatherapp\u{1f}free");
-        let d = pending.finish(
-            QuotaAnswer::Store(Outcome::Allowed(LimitState {
-                limit: 2,
-                remaining: 1,
-                reset_secs: 1,
-            })),
-        );
+        let d = pending.finish(QuotaAnswer::Store(Outcome::Allowed(LimitState {
+            limit: 2,
+            remaining: 1,
+            reset_secs: 1,
+        })));
         // The catalog, not the token, names the developer of a catalog app.
         assert_eq!(d.identity.app, Some("weatherapp"));
         assert_eq!(d.identity.developer, Some("ntesla@theremin.com"));
@@ -1083,13 +1084,11 @@ developers:
         };
         // The company owns the bucket, apart from every app's buckets.
         assert_eq!(pending.charge(NOW).bucket, "\u{1e}acme\u{1f}free");
-        let d = pending.finish(
-            QuotaAnswer::Store(Outcome::Allowed(LimitState {
-                limit: 2,
-                remaining: 1,
-                reset_secs: 1,
-            })),
-        );
+        let d = pending.finish(QuotaAnswer::Store(Outcome::Allowed(LimitState {
+            limit: 2,
+            remaining: 1,
+            reset_secs: 1,
+        })));
         assert_eq!(
             (d.identity.app, d.identity.developer, d.identity.company),
             (None, Some("dev@portal"), Some("acme"))

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use tollgate::billing::Requeue;
 use tollgate::catalog::{self, Catalog, Status};
 use tollgate::config::Config;
 use tollgate::identity::api_key::{self, KeyHash, KeyKind};
@@ -34,6 +35,37 @@ enum Command {
     /// Make JWTs for local testing.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Stripe billing: compare with Stripe, re-queue dead letters.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Compare Stripe's meter event summaries with what this tollgate sent; exit 1 on any mismatch.
+    Reconcile {
+        /// The config file (its billing.stripe and metering.dir).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Start of the period (RFC 3339, or a date: 2026-11-01 is midnight UTC).
+        #[arg(long, value_parser = parse_instant)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// End of the period (exclusive), same forms.
+        #[arg(long, value_parser = parse_instant)]
+        until: chrono::DateTime<chrono::Utc>,
+    },
+    /// Send dead-lettered events again (safe while `tollgate serve` runs: it picks them up).
+    Requeue {
+        /// The config file (its metering.dir).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Dead-letter ids (the events' identifiers).
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +141,14 @@ fn main() -> ExitCode {
         }
         Command::Key(KeyCommand::Hash { key }) => hash(&key),
         Command::Token(TokenCommand::Mint(args)) => mint(&args),
+        Command::Billing(BillingCommand::Reconcile {
+            config,
+            since,
+            until,
+        }) => reconcile(&config, since, until),
+        Command::Billing(BillingCommand::Requeue { config, all, ids }) => {
+            requeue(&config, all, ids)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -170,6 +210,63 @@ fn mint(args: &MintArgs) -> anyhow::Result<()> {
         args.ttl,
     )?;
     emit(&format!("{token}\n"))
+}
+
+/// An instant given as RFC 3339 or as a date (midnight UTC).
+fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| format!("{text:?} is neither an RFC 3339 time nor a YYYY-MM-DD date"))
+}
+
+fn reconcile(
+    config_path: &Path,
+    since: chrono::DateTime<chrono::Utc>,
+    until: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let Some(billing) = &config.billing else {
+        anyhow::bail!("{} configures no billing", config_path.display());
+    };
+    if since >= until {
+        anyhow::bail!("--since must be before --until");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(tollgate::billing::reconcile(
+        &billing.stripe,
+        &config.metering.dir,
+        since,
+        until,
+    ))?;
+    emit(&format!("{report}"))?;
+    let mismatches = report.mismatches().len();
+    if mismatches > 0 {
+        anyhow::bail!("{mismatches} (customer, meter) pairs disagree with Stripe");
+    }
+    Ok(())
+}
+
+fn requeue(config_path: &Path, all: bool, ids: Vec<String>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let which = if all { Requeue::All } else { Requeue::Ids(ids) };
+    let outcome = tollgate::billing::requeue(&config.metering.dir, &which)?;
+    let mut out = format!("re-queued {} event(s)\n", outcome.requeued.len());
+    for id in &outcome.requeued {
+        let _ = writeln!(out, "  {id}");
+    }
+    emit(&out)?;
+    if !outcome.unknown.is_empty() {
+        anyhow::bail!("not dead letters: {}", outcome.unknown.join(", "));
+    }
+    Ok(())
 }
 
 fn hash(key: &str) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{self, AdminState};
 use crate::authorizer::{Authorizer, unix_now};
+use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::config::{Config, StoreKind};
 use crate::envoy::access_log::AccessLogService;
@@ -55,6 +56,9 @@ pub enum ServeError {
     /// The Redis quota store refused the connection settings.
     #[error("quota store: {0}")]
     Redis(#[from] RedisStoreError),
+    /// Billing could not start.
+    #[error("billing: {0}")]
+    Billing(#[from] BillingError),
     /// The metering spool could not be opened.
     #[error("metering: {0}")]
     Metering(#[from] MeteringError),
@@ -73,8 +77,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => [0; 32],
     };
 
-    let metering = Metering::open(config.metering_options(), handle.clone(), &metrics.registry).await?;
+    let metering =
+        Metering::open(config.metering_options(), handle.clone(), &metrics.registry).await?;
     let access_log = AccessLogService::new(metering.clone(), &metrics.registry)?;
+    let billing = match &config.billing {
+        Some(billing) => Some(Billing::open(
+            &billing.stripe,
+            metering.clone(),
+            &metrics.registry,
+        )?),
+        None => {
+            tracing::info!("no billing configured: usage is metered and kept, nothing is sent");
+            None
+        }
+    };
 
     let quota: Arc<dyn QuotaStore> = match config.quota.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
@@ -117,7 +133,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthzService::new(authorizer.clone())))
+        .add_service(AuthorizationServer::new(AuthzService::new(
+            authorizer.clone(),
+        )))
         .add_service(access_log.into_server())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -127,6 +145,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics: metrics.clone(),
         quota: quota.clone(),
         metering: metering.clone(),
+        billing: billing.clone(),
         admin_token: config.admin_token.as_deref().map(Arc::from),
     });
     let admin = axum::serve(admin_listener, admin_router)
@@ -139,6 +158,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics,
         shutdown_rx.clone(),
     ));
+    let deliverer = billing.clone().map(|billing| {
+        let shutdown = shutdown_rx.clone();
+        tokio::spawn(async move { billing.run(shutdown).await })
+    });
     let sealer = tokio::spawn({
         let metering = metering.clone();
         let shutdown = shutdown_rx.clone();
@@ -159,6 +182,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     authorizer.sweep(i64::MAX).await;
     if let Err(e) = sealer.await {
         tracing::warn!(error = %e, "metering task ended abnormally");
+    }
+    if let Some(Err(e)) = match deliverer {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        tracing::warn!(error = %e, "billing task ended abnormally");
     }
     grpc?;
     admin.map_err(ServeError::Admin)?;

@@ -146,10 +146,19 @@ mod tests {
     fn every_reason_counts_under_its_own_labels() {
         let metrics = Metrics::new().unwrap();
         for (i, reason) in Reason::ALL.into_iter().enumerate() {
-            assert_eq!(reason as usize, i, "Reason::ALL follows the declaration order");
+            assert_eq!(
+                reason as usize, i,
+                "Reason::ALL follows the declaration order"
+            );
             metrics.record_decision(reason);
             let decision = if reason.allows() { "allow" } else { "deny" };
-            assert_eq!(metrics.decisions.with_label_values(&[decision, reason.as_str()]).get(), 1);
+            assert_eq!(
+                metrics
+                    .decisions
+                    .with_label_values(&[decision, reason.as_str()])
+                    .get(),
+                1
+            );
         }
     }
 }

@@ -59,7 +59,10 @@ developers:
 }
 
 fn config(window: &str, lateness: &str) -> String {
-    format!("{}metering: {{dir: data, window: {window}, lateness: {lateness}}}\n", support::base_config("test"))
+    format!(
+        "{}metering: {{dir: data, window: {window}, lateness: {lateness}}}\n",
+        support::base_config("test")
+    )
 }
 
 /// Sum of outbox values per (customer, meter), from `/v1/outbox`.
@@ -75,7 +78,10 @@ async fn outbox_totals(tollgate: &Tollgate) -> HashMap<(String, String), u64> {
     let mut totals = HashMap::new();
     for row in rows.as_array().expect("outbox is a list") {
         let key = (
-            row["stripe_customer"].as_str().unwrap_or_default().to_owned(),
+            row["stripe_customer"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             row["event_name"].as_str().unwrap_or_default().to_owned(),
         );
         *totals.entry(key).or_insert(0) += row["value"].as_u64().unwrap_or(0);
@@ -87,23 +93,27 @@ async fn outbox_totals(tollgate: &Tollgate) -> HashMap<(String, String), u64> {
 async fn settled_totals(tollgate: &Tollgate, customer: &str) -> HashMap<(String, String), u64> {
     let client = support::http_client();
     let url = tollgate.admin_url(&format!("/v1/usage?customer={customer}"));
-    poll_until(&format!("every window of {customer} to be sealed"), SEAL_TIMEOUT, || {
-        let client = client.clone();
-        let url = url.clone();
-        async move {
-            let report: Json = client.get(&url).send().await.ok()?.json().await.ok()?;
-            let windows: Vec<&Json> = report["meters"]
-                .as_array()?
-                .iter()
-                .flat_map(|m| m["windows"].as_array().into_iter().flatten())
-                .collect();
-            let settled = !windows.is_empty()
-                && windows
+    poll_until(
+        &format!("every window of {customer} to be sealed"),
+        SEAL_TIMEOUT,
+        || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let report: Json = client.get(&url).send().await.ok()?.json().await.ok()?;
+                let windows: Vec<&Json> = report["meters"]
+                    .as_array()?
                     .iter()
-                    .all(|w| w["state"] == "sealed" && w["value"] == w["sealed_value"]);
-            settled.then_some(())
-        }
-    })
+                    .flat_map(|m| m["windows"].as_array().into_iter().flatten())
+                    .collect();
+                let settled = !windows.is_empty()
+                    && windows
+                        .iter()
+                        .all(|w| w["state"] == "sealed" && w["value"] == w["sealed_value"]);
+                settled.then_some(())
+            }
+        },
+    )
     .await;
     outbox_totals(tollgate).await
 }
@@ -115,7 +125,12 @@ async fn requests_through_envoy_become_exact_window_totals() {
     let mut sent = 0u64;
 
     for _ in 0..20 {
-        let r = client.get(stack.url("/forecast")).header("x-api-key", KEY_A).send().await.expect("call");
+        let r = client
+            .get(stack.url("/forecast"))
+            .header("x-api-key", KEY_A)
+            .send()
+            .await
+            .expect("call");
         assert_eq!(r.status().as_u16(), 200);
         sent += 1;
     }
@@ -142,7 +157,11 @@ async fn requests_through_envoy_become_exact_window_totals() {
         sent += 1;
     }
     for _ in 0..4 {
-        let r = client.get(stack.url("/forecast")).send().await.expect("call");
+        let r = client
+            .get(stack.url("/forecast"))
+            .send()
+            .await
+            .expect("call");
         assert_eq!(r.status().as_u16(), 401);
         sent += 1;
     }
@@ -151,17 +170,30 @@ async fn requests_through_envoy_become_exact_window_totals() {
     let expected = sent as f64;
     stack
         .tollgate
-        .wait_metric("tollgate_metering_records_spooled_total", &[], |v| v >= expected)
+        .wait_metric("tollgate_metering_records_spooled_total", &[], |v| {
+            v >= expected
+        })
         .await;
 
     let a = settled_totals(&stack.tollgate, "cus_A").await;
     let b = settled_totals(&stack.tollgate, "cus_B").await;
     // 5xx and 4xx responses and denied requests are not billable; the header meter sums 1..=10.
-    assert_eq!(a.get(&("cus_A".into(), "weather_api_calls".into())), Some(&20), "{a:?}");
-    assert_eq!(b.get(&("cus_B".into(), "genai_tokens".into())), Some(&55), "{b:?}");
+    assert_eq!(
+        a.get(&("cus_A".into(), "weather_api_calls".into())),
+        Some(&20),
+        "{a:?}"
+    );
+    assert_eq!(
+        b.get(&("cus_B".into(), "genai_tokens".into())),
+        Some(&55),
+        "{b:?}"
+    );
     assert_eq!(a.values().sum::<u64>(), 75, "nothing else is billed: {a:?}");
     assert_eq!(
-        stack.tollgate.metric("tollgate_metering_records_received_total", &[]).await,
+        stack
+            .tollgate
+            .metric("tollgate_metering_records_received_total", &[])
+            .await,
         Some(sent as f64)
     );
     // The usage report shows denied records for the app, never billed.
@@ -210,7 +242,9 @@ fn entry(id: &str, start_ms: i64) -> HttpAccessLogEntry {
                 nanos: i32::try_from((start_ms % 1_000) * 1_000_000).unwrap_or(0),
             }),
             metadata: Some(Metadata {
-                filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), authz)].into_iter().collect(),
+                filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), authz)]
+                    .into_iter()
+                    .collect(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -260,10 +294,19 @@ async fn kill_minus_nine_loses_no_acknowledged_record_and_counts_none_twice() {
     );
     let mut tollgate = Tollgate::start(&config("5s", "5s"), &catalog).await;
     let port = tollgate.grpc_port;
-    let now_ms = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis())
-        .expect("ms fit i64");
+    let now_ms = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms fit i64");
     let batches: Vec<Vec<HttpAccessLogEntry>> = (0..BATCHES)
-        .map(|b| (0..PER_BATCH).map(|i| entry(&format!("kill-{b}-{i}"), now_ms)).collect())
+        .map(|b| {
+            (0..PER_BATCH)
+                .map(|i| entry(&format!("kill-{b}-{i}"), now_ms))
+                .collect()
+        })
         .collect();
 
     // Stream batches concurrently with a kill -9 after the first acknowledgements.
@@ -283,15 +326,27 @@ async fn kill_minus_nine_loses_no_acknowledged_record_and_counts_none_twice() {
     poll_until("some batches to be acknowledged", SEAL_TIMEOUT, || {
         let url = metrics_url.clone();
         async move {
-            let text = support::http_client().get(&url).send().await.ok()?.text().await.ok()?;
-            let spooled = support::parse_metric(&text, "tollgate_metering_records_spooled_total", &[])?;
+            let text = support::http_client()
+                .get(&url)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let spooled =
+                support::parse_metric(&text, "tollgate_metering_records_spooled_total", &[])?;
             (spooled >= (5 * PER_BATCH) as f64).then_some(())
         }
     })
     .await;
     tollgate.kill();
     let acked = sender.await.expect("sender task");
-    assert!(!acked.is_empty() && acked.len() < BATCHES, "the kill should land mid-run: {} acked", acked.len());
+    assert!(
+        !acked.is_empty() && acked.len() < BATCHES,
+        "the kill should land mid-run: {} acked",
+        acked.len()
+    );
 
     tollgate.restart().await;
     // Everything acknowledged before the kill survived it.
@@ -303,9 +358,11 @@ async fn kill_minus_nine_loses_no_acknowledged_record_and_counts_none_twice() {
     );
     // The sender does not know what happened to unacknowledged batches: it resends every batch until acked.
     for batch in &batches {
-        poll_until("a resent batch to be acknowledged", SEAL_TIMEOUT, || async {
-            send_batch(port, batch).await.ok()
-        })
+        poll_until(
+            "a resent batch to be acknowledged",
+            SEAL_TIMEOUT,
+            || async { send_batch(port, batch).await.ok() },
+        )
         .await;
     }
     let totals = settled_totals(&tollgate, "cus_K").await;

@@ -6,7 +6,10 @@ mod support;
 
 use std::sync::Arc;
 
-use support::{EchoUpstream, Envoy, RedisServer, Tollgate, envoy_config_replicas, http_client, key_hash, poll_until};
+use support::{
+    EchoUpstream, Envoy, RedisServer, Tollgate, envoy_config_replicas, http_client, key_hash,
+    poll_until,
+};
 
 const KEY: &str = "tg_test_RedisQuotaKeyk7Kp4aggzLahAQ5tvTRefxE";
 
@@ -56,7 +59,11 @@ async fn start(config: &str, catalog: &str) -> Replicas {
     let upstream = EchoUpstream::start();
     let a = Tollgate::start(config, catalog).await;
     let b = Tollgate::start(config, catalog).await;
-    let envoy = Envoy::start(&envoy_config_replicas(&[a.grpc_port, b.grpc_port], upstream.port)).await;
+    let envoy = Envoy::start(&envoy_config_replicas(
+        &[a.grpc_port, b.grpc_port],
+        upstream.port,
+    ))
+    .await;
     Replicas {
         envoy,
         replicas: vec![a, b],
@@ -66,11 +73,19 @@ async fn start(config: &str, catalog: &str) -> Replicas {
 }
 
 async fn call(r: &Replicas, host: Option<&str>) -> u16 {
-    let mut request = r.client.get(r.envoy.url("/forecast")).header("x-api-key", KEY);
+    let mut request = r
+        .client
+        .get(r.envoy.url("/forecast"))
+        .header("x-api-key", KEY);
     if let Some(host) = host {
         request = request.header("host", host);
     }
-    request.send().await.expect("request through envoy").status().as_u16()
+    request
+        .send()
+        .await
+        .expect("request through envoy")
+        .status()
+        .as_u16()
 }
 
 /// Sum of Redis `used` and `reserved` over every quota key.
@@ -122,19 +137,29 @@ async fn two_replicas_never_exceed_a_quota_and_account_for_every_lease() {
     let mut per_replica = Vec::new();
     for t in &r.replicas {
         let allowed = t
-            .metric("tollgate_decisions_total", &[("decision", "allow"), ("reason", "allowed")])
+            .metric(
+                "tollgate_decisions_total",
+                &[("decision", "allow"), ("reason", "allowed")],
+            )
             .await
             .unwrap_or(0.0);
         per_replica.push(allowed as u64);
     }
-    assert!(per_replica.iter().all(|&n| n > 0), "both replicas served: {per_replica:?}");
+    assert!(
+        per_replica.iter().all(|&n| n > 0),
+        "both replicas served: {per_replica:?}"
+    );
     assert_eq!(per_replica.iter().sum::<u64>(), LIMIT);
 
     // Lease accounting: once idle leases are handed back, Redis recorded exactly what the replicas allowed.
-    let (used, reserved) = poll_until("idle leases to be returned", support::CHANGE_TIMEOUT, || async {
-        let (used, reserved) = redis_used_reserved(&redis);
-        (reserved == 0).then_some((used, reserved))
-    })
+    let (used, reserved) = poll_until(
+        "idle leases to be returned",
+        support::CHANGE_TIMEOUT,
+        || async {
+            let (used, reserved) = redis_used_reserved(&redis);
+            (reserved == 0).then_some((used, reserved))
+        },
+    )
     .await;
     assert_eq!((used, reserved), (LIMIT, 0));
 }
@@ -152,22 +177,41 @@ async fn redis_away_fails_as_configured_per_api_and_recovers_without_a_restart()
     // Every call returns (bounded by the store timeout, well within Envoy's 0.5 s ext_authz timeout).
     for _ in 0..4 {
         assert_eq!(call(&r, None).await, 503, "deny: fail closed");
-        assert_eq!(call(&r, Some("geo.example.test")).await, 200, "allow: fail open");
+        assert_eq!(
+            call(&r, Some("geo.example.test")).await,
+            200,
+            "allow: fail open"
+        );
     }
     for t in &r.replicas {
-        let ready = http_client().get(t.admin_url("/readyz")).send().await.expect("readyz");
+        let ready = http_client()
+            .get(t.admin_url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
         assert_eq!(ready.status().as_u16(), 503, "/readyz reflects the store");
-        assert!(t.metric("tollgate_quota_fallbacks_total", &[]).await.unwrap_or(0.0) > 0.0);
+        assert!(
+            t.metric("tollgate_quota_fallbacks_total", &[])
+                .await
+                .unwrap_or(0.0)
+                > 0.0
+        );
     }
 
     redis.restart();
-    poll_until("tollgate to use Redis again", support::CHANGE_TIMEOUT, || async {
-        (call(&r, None).await == 200).then_some(())
-    })
+    poll_until(
+        "tollgate to use Redis again",
+        support::CHANGE_TIMEOUT,
+        || async { (call(&r, None).await == 200).then_some(()) },
+    )
     .await;
     for t in &r.replicas {
         poll_until("/readyz to recover", support::CHANGE_TIMEOUT, || async {
-            let ready = http_client().get(t.admin_url("/readyz")).send().await.ok()?;
+            let ready = http_client()
+                .get(t.admin_url("/readyz"))
+                .send()
+                .await
+                .ok()?;
             ready.status().is_success().then_some(())
         })
         .await;

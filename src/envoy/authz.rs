@@ -184,7 +184,9 @@ fn ok_response(
             .api_key
             .query_params
             .iter()
-            .filter(|name| form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == name.as_str()))
+            .filter(|name| {
+                form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == name.as_str())
+            })
             .cloned()
             .collect(),
         None => Vec::new(),

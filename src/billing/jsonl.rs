@@ -1,0 +1,126 @@
+//! Small durable JSON-lines files: appended under an exclusive file lock with one write and an fsync, read
+//! back ignoring a torn last line. The server appends to them while `tollgate billing …` commands read (and
+//! `requeue` appends) from another process, so every writer locks and every reader tolerates a partial tail.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use fs4::fs_std::FileExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::BillingError;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
+    move |source| BillingError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Appends `items` as lines, durably (one write, one fsync) under an exclusive lock.
+pub(crate) fn append<T: Serialize>(path: &Path, items: &[T]) -> Result<(), BillingError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut out = Vec::new();
+    for item in items {
+        serde_json::to_writer(&mut out, item).map_err(|e| BillingError::Json {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        out.push(b'\n');
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    file.lock_exclusive().map_err(io(path))?;
+    let written = file
+        .write_all(&out)
+        .and_then(|()| file.sync_data())
+        .map_err(io(path));
+    let unlocked = FileExt::unlock(&file).map_err(io(path));
+    written.and(unlocked)
+}
+
+/// Every complete line of `path` that parses (a missing file is empty); the byte length read is returned too.
+pub(crate) fn read<T: DeserializeOwned>(path: &Path) -> Result<(Vec<T>, u64), BillingError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut out = Vec::new();
+    for line in bytes[..complete].split(|&b| b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice(line) {
+            Ok(item) => out.push(item),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable line")
+            }
+        }
+    }
+    Ok((out, bytes.len() as u64))
+}
+
+/// The file's length now (0 when missing): cheap change detection for files another process appends to.
+pub(crate) fn len(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Replaces the file with `items` atomically (temporary file, fsync, rename, fsync of the folder).
+pub(crate) fn rewrite<T: Serialize>(path: &Path, items: &[T]) -> Result<(), BillingError> {
+    let tmp = path.with_extension("rewrite");
+    let mut out = Vec::new();
+    for item in items {
+        serde_json::to_writer(&mut out, item).map_err(|e| BillingError::Json {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        out.push(b'\n');
+    }
+    let mut file = File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(&out)
+        .and_then(|()| file.sync_all())
+        .map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_read_and_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/x.jsonl");
+        append(&path, &[1u32, 2]).unwrap();
+        append(&path, &[3u32]).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"4").unwrap();
+        let (items, n) = read::<u32>(&path).unwrap();
+        assert_eq!(items, [1, 2, 3]);
+        assert_eq!(n, len(&path));
+        rewrite(&path, &[9u32]).unwrap();
+        assert_eq!(read::<u32>(&path).unwrap().0, [9]);
+        assert_eq!(
+            read::<u32>(&dir.path().join("none")).unwrap().0,
+            Vec::<u32>::new()
+        );
+    }
+}
