@@ -115,23 +115,21 @@ impl Shared {
             let started = lock(&self.attempts)
                 .first(&row.id)
                 .map(|first| first.max(self.dead.requeued_at(&row.id).unwrap_or(0)));
-            let verdict = if row.window_start_ms < now - MAX_AGE_MS {
-                Some((
+            let verdict = match refusal(row.window_start_ms, started, now, give_up) {
+                Some(DeadLetterKind::TooOld) => Some((
                     DeadLetterKind::TooOld,
                     "the window started more than 35 days ago; Stripe refuses such timestamps, so it was never sent"
                         .to_owned(),
-                ))
-            } else if started.is_some_and(|s| now.saturating_sub(s) >= give_up) {
-                Some((
-                    DeadLetterKind::Unconfirmed,
+                )),
+                Some(kind) => Some((
+                    kind,
                     format!(
                         "no confirmation from Stripe within {} of the first attempt; blind retries stop because \
                          Stripe's identifier dedup lasts 24h: check `tollgate billing reconcile` before re-queueing",
                         humantime::format_duration(self.config.give_up_after)
                     ),
-                ))
-            } else {
-                None
+                )),
+                None => None,
             };
             match verdict {
                 Some((kind, reason)) => {
@@ -471,8 +469,51 @@ async fn deliver_row(
     }
 }
 
+/// Why a row must not be sent (again): its window is too old for Stripe's timestamp horizon, or it has gone
+/// unconfirmed for `give_up_ms` since its first attempt (`started`, Unix ms); `None` means send it.
+fn refusal(
+    window_start_ms: i64,
+    started: Option<i64>,
+    now: i64,
+    give_up_ms: i64,
+) -> Option<DeadLetterKind> {
+    if window_start_ms < now.saturating_sub(MAX_AGE_MS) {
+        Some(DeadLetterKind::TooOld)
+    } else if started.is_some_and(|s| now.saturating_sub(s) >= give_up_ms) {
+        Some(DeadLetterKind::Unconfirmed)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rows_past_stripes_horizon_or_unconfirmed_too_long_are_refused() {
+        const DAY: i64 = 86_400_000;
+        let now = 100 * DAY;
+        let give_up = 20 * 3_600_000;
+        // Stripe accepts timestamps up to 35 days back; the hour of margin refuses just before that.
+        assert_eq!(
+            refusal(now - 36 * DAY, None, now, give_up),
+            Some(DeadLetterKind::TooOld)
+        );
+        assert_eq!(
+            refusal(now - 35 * DAY + 1, None, now, give_up),
+            Some(DeadLetterKind::TooOld)
+        );
+        assert_eq!(refusal(now - 34 * DAY, None, now, give_up), None);
+        assert_eq!(
+            refusal(now - DAY, Some(now - give_up), now, give_up),
+            Some(DeadLetterKind::Unconfirmed)
+        );
+        assert_eq!(
+            refusal(now - DAY, Some(now - give_up + 1), now, give_up),
+            None
+        );
+        assert_eq!(refusal(now - DAY, None, now, give_up), None);
+    }
     use super::*;
 
     #[test]
