@@ -110,6 +110,13 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- if and (eq $store "memory") (eq $v.mode "service") (or $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
 {{- fail "config.quota.store memory counts quota per pod, and this release runs more than one pod: use quota.store redis, or replicaCount 1 without autoscaling" }}
 {{- end }}
+{{- if and (eq $store "memory") $v.config.quota.redis_cluster }}
+{{- fail "config.quota.redis_cluster is true but config.quota.store is memory: set config.quota.store to redis" }}
+{{- end }}
+{{- $producer := toString (default "" $v.config.metering.producer) }}
+{{- if and $producer (not (contains "${" $producer)) (or (eq $v.mode "sidecar") $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
+{{- fail "config.metering.producer is one fixed name for several tollgates, whose billing identifiers would then collide at Stripe: leave it unset (the pod name) or use a ${VAR} that differs per pod" }}
+{{- end }}
 {{- if and (include "tollgate.billingOn" .) (not $v.secrets.stripeApiKey.name) }}
 {{- fail "config.billing is set: name the Secret holding the Stripe API key in secrets.stripeApiKey.name" }}
 {{- end }}

@@ -1,5 +1,6 @@
 //! Verifier tests against fixtures made by an independent implementation (PyJWT, tests/fixtures/jwt/generate.py),
-//! RFC 7515 / RFC 8037 example vectors, and a JWKS endpoint served by the test.
+//! RFC 7515 / RFC 8037 example vectors, and a JWKS endpoint served by the test. Compiled only under
+//! `#[cfg(test)]` (see `mod tests` in mod.rs).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
