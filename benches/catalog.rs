@@ -12,8 +12,8 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::catalog::{Catalog, parse};
 use tollgate::decision::{self, Plan, Request, Settings};
+use tollgate::identity::Caller;
 use tollgate::identity::api_key::KeyHash;
-use tollgate::identity::{Caller, Location};
 use tollgate::matching::{self, Match, Target, path};
 use tollgate::quota::{Unit, window_at};
 use tollgate::source::Source;
@@ -228,7 +228,6 @@ fn bench_plan(c: &mut Criterion, catalog: &Catalog) {
     let key = key_of(4_200);
     let caller = Caller::ApiKey {
         key: key.as_str().into(),
-        location: Location::Header("x-api-key".to_owned()),
     };
     let now = 1_790_000_000;
     assert!(matches!(

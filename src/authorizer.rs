@@ -4,14 +4,15 @@
 //! [`Decision`] back into protobuf.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{Catalog, CatalogHandle};
 use crate::decision::{self, Decision, OnStoreError, Plan, QuotaAnswer, Request, Settings};
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
-use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
+use crate::quota::{QuotaStore, StoreError};
 use crate::telemetry::Metrics;
 
 /// Everything a Check needs, shared by all requests.
@@ -21,6 +22,8 @@ pub struct Authorizer {
     /// Counts requests let through while the quota store fails under `on_store_error: allow`, so each
     /// replica still applies the limits on its own until the store is back.
     fallback: MemoryStore,
+    /// Second of the last store-failure log line.
+    last_store_warning: AtomicI64,
     jwt: Option<JwtVerifier>,
     settings: Settings,
     metrics: Metrics,
@@ -41,6 +44,7 @@ impl Authorizer {
             catalog,
             quota,
             fallback: MemoryStore::new(),
+            last_store_warning: AtomicI64::new(i64::MIN),
             jwt,
             settings,
             metrics,
@@ -62,7 +66,7 @@ impl Authorizer {
     pub async fn identify<'r>(&self, request: &Request<'r>) -> Caller<'r> {
         match identity::presented(request, &self.settings.api_key, self.jwt.is_some()) {
             Presented::Nothing => Caller::Nothing,
-            Presented::ApiKey { key, location } => Caller::ApiKey { key, location },
+            Presented::ApiKey { key } => Caller::ApiKey { key },
             Presented::Bearer(token) => match &self.jwt {
                 Some(jwt) => Caller::Token(jwt.verify(token).await),
                 None => Caller::Nothing,
@@ -88,7 +92,7 @@ impl Authorizer {
                     Err(e) => {
                         self.metrics.quota_store_errors.inc();
                         let policy = pending.on_store_error(&self.settings);
-                        tracing::warn!(error = %e, ?policy, "quota store failed");
+                        self.warn_store_failure(&e, policy, now);
                         match policy {
                             OnStoreError::Deny => QuotaAnswer::Unavailable,
                             OnStoreError::Allow => {
@@ -106,6 +110,21 @@ impl Authorizer {
         };
         self.metrics.record_decision(decision.reason);
         decision
+    }
+
+    /// Logs a quota store failure at most once a second, with how many failed since the last line: a dead
+    /// store fails every Check, and a log line per Check would flood stderr on the hot path.
+    fn warn_store_failure(&self, error: &StoreError, policy: OnStoreError, now: i64) {
+        let last = self.last_store_warning.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_store_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let failed = self.metrics.quota_store_errors.get();
+            tracing::warn!(%error, ?policy, failed_so_far = failed, "quota store failed");
+        }
     }
 
     /// Frees quota windows that ended before `now`, in the store and in the local fallback; `i64::MAX` at

@@ -14,8 +14,8 @@ use crate::identity::jwt::JwtConfig;
 use crate::metering::MeteringOptions;
 use crate::source::{PathSeg, Source, SourceError};
 
-/// The whole config file.
-#[derive(Debug, Clone, Deserialize)]
+/// The whole config file. No `Debug`: it holds the admin token and maybe a Redis password.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// ext_authz, access-log service and gRPC health.
@@ -81,8 +81,8 @@ pub enum StoreKind {
     Redis,
 }
 
-/// `quota:`
-#[derive(Debug, Clone, Deserialize)]
+/// `quota:` (no `Debug`: `redis_url` may carry a password).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// memory | redis.
@@ -143,8 +143,8 @@ pub struct MeteringConfig {
     /// Disk budget of the spool and the outbox; records are refused (loudly) beyond it.
     #[serde(default = "default_max_disk_bytes")]
     pub max_disk_bytes: u64,
-    /// This instance's name in billing identifiers: unique per replica with its own spool (default: the
-    /// HOSTNAME environment variable, which is the pod name in Kubernetes, else "tollgate").
+    /// This instance's name in billing identifiers: unique per spool (default: a random id kept in
+    /// `<dir>/PRODUCER`, created once, stable across restarts and pod renames).
     #[serde(default, deserialize_with = "empty_is_none")]
     pub producer: Option<String>,
 }
@@ -243,6 +243,20 @@ impl Config {
                 "store: redis needs quota.redis_url",
             ));
         }
+        if let Some(url) = &config.quota.redis_url {
+            let urls: Vec<&str> = if config.quota.redis_cluster {
+                url.split(',').map(str::trim).collect()
+            } else {
+                vec![url.as_str()]
+            };
+            // Parsing only (no connection): `tollgate check` must not need Redis to be up.
+            if urls.iter().any(|u| redis::Client::open(*u).is_err()) {
+                return Err(source.error_at(
+                    &[PathSeg::Key("quota"), PathSeg::Key("redis_url")],
+                    "redis_url is not a redis:// or rediss:// URL (for a cluster: a comma-separated list)",
+                ));
+            }
+        }
         if config.quota.timeout.is_zero() {
             return Err(source.error_at(
                 &[PathSeg::Key("quota"), PathSeg::Key("timeout")],
@@ -289,15 +303,14 @@ impl Config {
         Ok(config)
     }
 
-    /// The metering options: the config's values, the producer name resolved.
+    /// The metering options: the config's values; without a configured producer, the spool folder's own
+    /// random one (a host name is neither unique per spool nor stable across pod restarts).
     pub fn metering_options(&self) -> MeteringOptions {
         let m = &self.metering;
-        let producer = m
-            .producer
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-            .unwrap_or_else(|| "tollgate".to_owned());
-        let mut options = MeteringOptions::new(&m.dir, m.window, m.lateness, producer);
+        let mut options = match &m.producer {
+            Some(producer) => MeteringOptions::new(&m.dir, m.window, m.lateness, producer.clone()),
+            None => MeteringOptions::with_spool_producer(&m.dir, m.window, m.lateness),
+        };
         if let Some(retention) = m.retention {
             options.retention = retention;
         }
@@ -330,6 +343,14 @@ mod tests {
         let source = Source::from_text("/etc/tollgate/tollgate.yaml", text.to_owned())
             .expand_with(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))?;
         Config::from_source(&source)
+    }
+
+    /// The error a config text gives (`Config` has no `Debug`, so `unwrap_err` is not available).
+    fn load_err(text: &str, env: &[(&str, &str)]) -> String {
+        match load_text(text, env) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
     }
 
     #[test]
@@ -372,6 +393,10 @@ metering:
                 "/etc/tollgate/tollgate.yaml:2:1: unknown field `grpc_lissen`",
             ),
             (
+                "catalog: {path: c.yaml}\nquota: {store: redis, redis_url: 'not a url'}\n",
+                "/etc/tollgate/tollgate.yaml:2:34: redis_url is not a redis:// or rediss:// URL",
+            ),
+            (
                 "catalog: {path: c.yaml}\nquota: {store: mongo}\n",
                 "/etc/tollgate/tollgate.yaml:2:16: quota.store: unknown variant `mongo`",
             ),
@@ -390,23 +415,19 @@ metering:
             ("grpc_listen: 127.0.0.1:1\n", "/etc/tollgate/tollgate.yaml:"),
         ];
         for (text, want) in cases {
-            let got = load_text(text, &[]).unwrap_err().to_string();
+            let got = load_err(text, &[]);
             assert!(got.starts_with(want), "got {got:?}, want prefix {want:?}");
         }
     }
 
     #[test]
     fn an_unset_variable_is_named_and_no_value_leaks() {
-        let err = load_text("catalog: {path: c.yaml}\nadmin_token: ${NOPE}\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_err("catalog: {path: c.yaml}\nadmin_token: ${NOPE}\n", &[]);
         assert!(err.contains("NOPE"), "{err}");
-        let err = load_text(
+        let err = load_err(
             "catalog: {path: c.yaml}\ngrpc_listen: ${ADDR}\n",
             &[("ADDR", "hunter2")],
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -6,19 +6,18 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use serde::Deserialize;
 
 use crate::catalog::{App, Catalog, Status, Subscription, SubscriptionStatus};
 use crate::identity::api_key::KeyHash;
 use crate::identity::jwt::{JwtRejection, VerifiedToken};
-use crate::identity::{ApiKeyConfig, Caller, Location};
+use crate::identity::{ApiKeyConfig, Caller};
 use crate::matching::{self, Match, Target, path};
 use crate::quota::{Charge, Limit, LimitState, Outcome};
 
-/// A request as Envoy describes it, with no protobuf in sight.
-#[derive(Debug, Clone, Copy)]
+/// A request as Envoy describes it, with no protobuf in sight. No `Debug`: its headers carry credentials.
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// HTTP method, uppercase.
     pub method: &'a str,
@@ -228,11 +227,9 @@ pub struct Decision<'a> {
     pub api: &'a str,
     /// The environment this sidecar serves.
     pub environment: Option<&'a str>,
-    /// Where the credential was, so an allowed request can have it removed.
-    pub credential: Option<Location>,
     /// The quota state for `ratelimit-*` headers.
     pub ratelimit: Option<LimitState>,
-    /// The limit that was exhausted, with its state, for a 429 message.
+    /// For a 429: seconds until the exhausted limit's window ends (`retry-after`).
     pub retry_after: Option<u64>,
 }
 
@@ -251,6 +248,7 @@ pub struct Pending<'a> {
     limits: &'a [Limit],
     cost: u64,
     product: &'a str,
+    now: i64,
 }
 
 /// The first half of a decision.
@@ -314,7 +312,6 @@ pub fn plan<'a>(
         identity: Identity::default(),
         api,
         environment: settings.environment.as_deref(),
-        credential: None,
         ratelimit: None,
         retry_after: None,
     };
@@ -335,9 +332,6 @@ pub fn plan<'a>(
         }
     };
 
-    if let Caller::ApiKey { location, .. } = caller {
-        decision.credential = Some(location.clone());
-    }
     let entitled = match entitle(caller, catalog, settings, now, &mut decision.identity) {
         Ok(entitled) => entitled,
         Err((reason, message)) => return deny(decision, reason, message),
@@ -438,6 +432,7 @@ pub fn plan<'a>(
         limits,
         cost: operation.cost,
         product: &product.name,
+        now,
     })
 }
 
@@ -602,7 +597,17 @@ impl<'a> Pending<'a> {
                 }
             }
             Outcome::Exceeded(state) => {
-                let limit = self.limits.iter().find(|l| l.limit == state.limit).copied();
+                // Limits of a list differ in (unit, interval): the one whose window ends when the state says
+                // is the exhausted one.
+                let limit = self
+                    .limits
+                    .iter()
+                    .find(|l| {
+                        l.limit == state.limit
+                            && l.window(self.now).seconds_left(self.now) == state.reset_secs
+                    })
+                    .or_else(|| self.limits.iter().find(|l| l.limit == state.limit))
+                    .copied();
                 decision.reason = Reason::QuotaExceeded;
                 decision.message = quota_message(self.product, limit, state);
                 decision.ratelimit = Some(state);
@@ -672,20 +677,26 @@ fn missing_credential_message(settings: &Settings) -> String {
     format!("no credential: send {}", places.join(" or "))
 }
 
-const MAX_ECHOED_PATH: usize = 200;
+/// Client-supplied text echoed in a message (path, API id from `:authority`) is cut at this many characters.
+const MAX_ECHOED: usize = 200;
 
 fn no_product_message(owner: Owner<'_>, target: &Target<'_>) -> String {
-    let path = target.path.as_str();
     let mut message = format!("{} has no product for {} ", owner.label(), target.method);
-    match path.char_indices().nth(MAX_ECHOED_PATH) {
+    push_capped(&mut message, target.path.as_str());
+    message.push_str(" on API ");
+    push_capped(&mut message, target.api);
+    message
+}
+
+/// Appends `text`, cut at [`MAX_ECHOED`] characters (marked with an ellipsis).
+fn push_capped(message: &mut String, text: &str) {
+    match text.char_indices().nth(MAX_ECHOED) {
         Some((cut, _)) => {
-            message.push_str(&path[..cut]);
+            message.push_str(&text[..cut]);
             message.push('…');
         }
-        None => message.push_str(path),
+        None => message.push_str(text),
     }
-    let _ = write!(message, " on API {}", target.api);
-    message
 }
 
 fn quota_message(product: &str, limit: Option<Limit>, state: LimitState) -> String {
@@ -775,7 +786,6 @@ developers:
         match key {
             Some(k) => Caller::ApiKey {
                 key: Cow::Owned(k.to_owned()),
-                location: Location::Header("x-api-key".into()),
             },
             None => Caller::Nothing,
         }
@@ -933,7 +943,6 @@ developers:
                 operation: Some("weather GET /forecast"),
             }
         );
-        assert_eq!(d.credential, Some(Location::Header("x-api-key".into())));
         assert_eq!(d.environment, Some("test"));
     }
 

@@ -1,4 +1,4 @@
-//! The `tollgate` command line: serve, check, key.
+//! The `tollgate` command line: serve, check, key, token, billing.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar: gRPC (ext_authz, health) and admin HTTP.
+    /// Run the sidecar: gRPC (ext_authz, access-log service, health) and admin HTTP.
     Serve(ConfigArg),
     /// Validate the config and the catalog without serving, and print a summary.
     Check(ConfigArg),

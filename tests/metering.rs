@@ -554,3 +554,133 @@ async fn a_crash_mid_ingest_loses_nothing_acknowledged_and_counts_nothing_twice(
         replayed as f64
     );
 }
+
+/// Seals until the outbox holds a row, then returns the pending rows.
+async fn sealed_rows(metering: &Metering) -> Vec<tollgate::metering::OutboxRow> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        metering.seal_once().await.expect("seal pass");
+        let rows = metering.outbox_pending().await;
+        if !rows.is_empty() {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "no window sealed in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spools_without_a_producer_never_share_row_ids_and_keep_theirs_across_restarts() {
+    // A config without `metering.producer` leaves the choice to the spool folder, whatever HOSTNAME says.
+    let source = Source::from_text(
+        "/etc/tollgate/tollgate.yaml",
+        "catalog: {path: catalog.yaml}\nmetering: {dir: /var/lib/tollgate}\n".to_owned(),
+    );
+    let config = tollgate::config::Config::from_source(&source).expect("config");
+    assert_eq!(config.metering_options().producer, None);
+
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let options = |dir: &std::path::Path| {
+        let mut o = MeteringOptions::with_spool_producer(
+            dir,
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        );
+        // The second replica sees the request after the first sealed it: its window must still be open.
+        o.retention = Duration::from_secs(600);
+        o
+    };
+    // The same request seen by two replicas (each with its own spool) seals the same window and customer.
+    let start_ms = now_ms();
+    let record = UsageRecord {
+        request_id: "same-request".into(),
+        start_ms,
+        decision: "allow".into(),
+        app: "adaapp".into(),
+        stripe_customer: "cus_Ada".into(),
+        product: "calls".into(),
+        response_code: 200,
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    let mut producers = Vec::new();
+    for dir in [a.path(), b.path()] {
+        let metering = open(options(dir), &prometheus::Registry::new()).await;
+        metering.ingest(vec![record.clone()]).await.expect("ingest");
+        let sealed = sealed_rows(&metering).await;
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(sealed[0].producer, metering.producer());
+        producers.push(metering.producer().to_owned());
+        rows.push(sealed[0].clone());
+    }
+    assert_eq!(rows[0].window_start_ms, rows[1].window_start_ms);
+    assert_ne!(producers[0], producers[1]);
+    assert_ne!(rows[0].id, rows[1].id, "two spools, two Stripe identifiers");
+
+    // After a restart the folder keeps its producer, and the replayed row keeps its id.
+    let reopened = open(options(a.path()), &prometheus::Registry::new()).await;
+    assert_eq!(reopened.producer(), producers[0]);
+    let pending = reopened.outbox_pending().await;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, rows[0].id);
+    assert_eq!(
+        std::fs::read_to_string(a.path().join("PRODUCER"))
+            .unwrap()
+            .trim_end(),
+        producers[0]
+    );
+
+    // A configured producer still wins over the folder's.
+    let mut named = options(a.path());
+    named.producer = Some("replica-7".into());
+    drop(reopened);
+    let named = open(named, &prometheus::Registry::new()).await;
+    assert_eq!(named.producer(), "replica-7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_start_times_count_at_arrival_and_seal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None).unwrap();
+    let options = MeteringOptions::new(
+        dir.path(),
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        "p",
+    );
+    let metering = open(options, &registry).await;
+    let server = Server::start(metering.clone(), &registry).await;
+    let forged = [
+        (i64::MIN, i32::MIN),
+        (i64::MAX, i32::MAX),
+        (-62_135_596_800, 0),
+        (253_402_300_799, 0),
+        (0, 0),
+    ];
+    let entries = forged
+        .iter()
+        .enumerate()
+        .map(|(i, &(seconds, nanos))| {
+            let mut e = entry(&format!("forged-{i}"), "allow", "calls", 200, None);
+            if let Some(common) = e.common_properties.as_mut() {
+                common.start_time = Some(Timestamp { seconds, nanos });
+            }
+            e
+        })
+        .collect();
+    let before = now_ms();
+    server
+        .stream(vec![http(entries, Some("als"))])
+        .await
+        .expect("forged times are accepted, not fatal");
+    let after = now_ms();
+    let rows = sealed_rows(&metering).await;
+    let calls: u64 = rows.iter().map(|r| r.value).sum();
+    assert_eq!(calls, forged.len() as u64, "{rows:?}");
+    for row in &rows {
+        assert!(
+            row.window_end_ms > before && row.window_start_ms <= after,
+            "counted in its arrival window: {row:?}"
+        );
+    }
+}

@@ -68,6 +68,8 @@ pub struct StripeConfig {
 pub const STRIPE_API_BASE: &str = "https://api.stripe.com";
 /// Stripe's meter event stream host (the v2 stream is served there, not on `api.stripe.com`).
 pub const STRIPE_STREAM_BASE: &str = "https://meter-events.stripe.com";
+/// Longest `give_up_after`: an hour short of the 24 hours Stripe deduplicates identifiers for.
+pub const MAX_GIVE_UP_AFTER: Duration = Duration::from_secs(23 * 3600);
 /// The API version of the schemas in `shared/stripe/`.
 pub const DEFAULT_API_VERSION: &str = "2026-09-30.endive";
 
@@ -133,10 +135,21 @@ impl StripeConfig {
             if let Some(url) = url {
                 let parsed = reqwest::Url::parse(url)
                     .map_err(|e| format!("billing.stripe.{name} {url:?} is not a URL: {e}"))?;
-                if !matches!(parsed.scheme(), "http" | "https") {
-                    return Err(format!(
-                        "billing.stripe.{name} {url:?} must be an http(s) URL"
-                    ));
+                match parsed.scheme() {
+                    "https" => {}
+                    // The API key goes in every request: cleartext only to this machine (tests, emulator).
+                    "http" if is_loopback(&parsed) => {}
+                    "http" => {
+                        return Err(format!(
+                            "billing.stripe.{name} {url:?} must be https: http is allowed only to a loopback \
+                             host (127.0.0.0/8, ::1, localhost), since the API key goes in every request"
+                        ));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "billing.stripe.{name} {url:?} must be an http(s) URL"
+                        ));
+                    }
                 }
             }
         }
@@ -152,6 +165,14 @@ impl StripeConfig {
         if self.request_timeout.is_zero() || self.poll_interval.is_zero() {
             return Err("billing.stripe.request_timeout and poll_interval must be above 0".into());
         }
+        if self.give_up_after > MAX_GIVE_UP_AFTER {
+            return Err(format!(
+                "billing.stripe.give_up_after {} is above {}: Stripe remembers identifiers for 24 hours, and a \
+                 retry after that can bill the same usage twice",
+                humantime::format_duration(self.give_up_after),
+                humantime::format_duration(MAX_GIVE_UP_AFTER),
+            ));
+        }
         Ok(())
     }
 
@@ -162,6 +183,18 @@ impl StripeConfig {
             None if self.api_base.trim_end_matches('/') == STRIPE_API_BASE => STRIPE_STREAM_BASE,
             None => &self.api_base,
         }
+    }
+}
+
+/// Whether `url` names this machine: an IP in 127.0.0.0/8, `::1`, or `localhost`.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost."),
     }
 }
 
@@ -213,5 +246,53 @@ mod tests {
         assert!(empty.validate().unwrap_err().contains("api_key"));
         let not_url = StripeConfig::new("ftp://x", "k");
         assert!(not_url.validate().unwrap_err().contains("api_base"));
+    }
+
+    #[test]
+    fn give_up_after_stays_inside_stripes_dedup_day() {
+        let mut c = StripeConfig::new("https://api.example.test", "k");
+        c.give_up_after = MAX_GIVE_UP_AFTER;
+        assert!(c.validate().is_ok());
+        c.give_up_after = MAX_GIVE_UP_AFTER + Duration::from_secs(1);
+        assert!(c.validate().unwrap_err().contains("give_up_after"));
+        let parsed: BillingConfig =
+            serde_yaml_ng::from_str("stripe: {api_key: k, give_up_after: 25h}").unwrap();
+        assert!(parsed.stripe.validate().unwrap_err().contains("24 hours"));
+    }
+
+    #[test]
+    fn cleartext_http_only_to_loopback() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.3.2.1",
+            "http://[::1]:9",
+            "http://localhost:12111",
+            "http://LOCALHOST",
+            "https://stripe.example.test",
+        ] {
+            let c = StripeConfig::new(ok, "k");
+            assert!(c.validate().is_ok(), "{ok}: {:?}", c.validate());
+        }
+        for remote in [
+            "http://10.0.0.1",
+            "http://128.0.0.1",
+            "http://[::2]",
+            "http://[::ffff:127.0.0.1]",
+            "http://stripe.example.test",
+            "http://localhost.example.test",
+            "http://127.0.0.1.example.test",
+        ] {
+            let c = StripeConfig::new(remote, "k");
+            let err = c.validate().unwrap_err();
+            assert!(
+                err.contains("api_base") && err.contains("https"),
+                "{remote}: {err}"
+            );
+        }
+        let mut stream = StripeConfig::new("https://api.example.test", "k");
+        stream.stream_base = Some("http://meter.example.test".into());
+        assert!(stream.validate().unwrap_err().contains("stream_base"));
+        stream.stream_base = Some("http://127.0.0.1:7".into());
+        assert!(stream.validate().is_ok());
     }
 }

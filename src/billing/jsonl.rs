@@ -3,7 +3,7 @@
 //! `requeue` appends) from another process, so every writer locks and every reader tolerates a partial tail.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use fs4::fs_std::FileExt;
@@ -19,7 +19,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
     }
 }
 
-/// Appends `items` as lines, durably (one write, one fsync) under an exclusive lock.
+/// Appends `items` as lines, durably (one write, one fsync) under an exclusive lock. After a torn last line
+/// (a crashed append) the new lines start on a line of their own, so the fragment cannot swallow them.
 pub(crate) fn append<T: Serialize>(path: &Path, items: &[T]) -> Result<(), BillingError> {
     if items.is_empty() {
         return Ok(());
@@ -37,16 +38,35 @@ pub(crate) fn append<T: Serialize>(path: &Path, items: &[T]) -> Result<(), Billi
     }
     let mut file = OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)
         .map_err(io(path))?;
     file.lock_exclusive().map_err(io(path))?;
-    let written = file
-        .write_all(&out)
+    let written = ends_mid_line(&mut file)
+        .and_then(|torn| {
+            if torn {
+                // The fragment is kept (as a line `read` skips with a warning) rather than cut off: it may be
+                // a whole record someone appended by hand without a newline.
+                out.insert(0, b'\n');
+            }
+            file.write_all(&out)
+        })
         .and_then(|()| file.sync_data())
         .map_err(io(path));
     let unlocked = FileExt::unlock(&file).map_err(io(path));
     written.and(unlocked)
+}
+
+/// Whether the file is non-empty and its last byte is not a newline.
+fn ends_mid_line(file: &mut File) -> std::io::Result<bool> {
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 /// Every complete line of `path` that parses (a missing file is empty); the byte length read is returned too.
@@ -106,6 +126,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_append_after_a_torn_line_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        append(&path, &[vec![1u32]]).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"[2,").unwrap();
+        drop(f);
+        append(&path, &[vec![3u32], vec![4]]).unwrap();
+        assert_eq!(
+            read::<Vec<u32>>(&path).unwrap().0,
+            [vec![1], vec![3], vec![4]]
+        );
+        append(&path, &[vec![5u32]]).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "[1]\n[2,\n[3]\n[4]\n[5]\n");
+    }
+
+    #[test]
     fn append_read_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/x.jsonl");
@@ -116,6 +154,13 @@ mod tests {
         let (items, n) = read::<u32>(&path).unwrap();
         assert_eq!(items, [1, 2, 3]);
         assert_eq!(n, len(&path));
+        drop(f);
+        append(&path, &[5u32]).unwrap();
+        assert_eq!(
+            read::<u32>(&path).unwrap().0,
+            [1, 2, 3, 4, 5],
+            "no merged \"45\""
+        );
         rewrite(&path, &[9u32]).unwrap();
         assert_eq!(read::<u32>(&path).unwrap().0, [9]);
         assert_eq!(

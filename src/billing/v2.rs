@@ -1,6 +1,17 @@
 //! v2 delivery (`mode: v2_stream`): the high-throughput meter event stream. A session token (15 minutes at
 //! Stripe) is refreshed before it expires, batches hold at most 100 events, one batch is in flight at a time,
 //! and a 401 `billing_meter_event_session_expired` gets a new session and the same batch again.
+//!
+//! What a 2xx means here differs from v1: the stream *accepts events for asynchronous processing*. Stripe
+//! validates each event later (unknown meter, missing customer, invalid value, duplicate identifier) and
+//! reports failures afterwards as v2 events, never in the response. The rows of an accepted batch are
+//! therefore acknowledged in the outbox, and recorded in `sent.jsonl`, on acceptance, not on confirmed
+//! billing; an event Stripe drops later is not retried by tollgate. `tollgate billing reconcile` (Stripe's
+//! `event_summaries` against `sent.jsonl`) is the check that v2 usage was billed.
+//!
+//! A 4xx other than 401/403/409/429 refuses the whole request, and Stripe's v2 error body (`code`, `message`)
+//! does not say which event it objects to, so every row of that batch is dead-lettered with the same reason;
+//! `tollgate billing requeue` sends them again once the cause is fixed (identifiers keep resends idempotent).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

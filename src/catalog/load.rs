@@ -279,6 +279,19 @@ impl Builder<'_> {
                 here.push(PathSeg::Key("interval"));
                 return Err(self.err(&here, "quota interval must be at least 1"));
             }
+            if limits
+                .iter()
+                .any(|seen: &Limit| seen.unit == l.unit && seen.interval == l.interval)
+            {
+                return Err(self.err(
+                    &here,
+                    format!(
+                        "two limits per {} {}: keep one (the smaller limit is the one that applies)",
+                        l.interval,
+                        l.unit.as_str()
+                    ),
+                ));
+            }
             limits.push(Limit {
                 limit: l.limit,
                 interval: l.interval,
@@ -645,6 +658,10 @@ developers:
             (
                 "products:\n  - name: p\n    quota: {limit: 0, unit: day}\n    operations: [{api: a, paths: [/]}]\n",
                 "catalog.yaml:3:20: quota limit must be at least 1",
+            ),
+            (
+                "products:\n  - name: p\n    quota: [{limit: 5, unit: day}, {limit: 9, unit: day}]\n    operations: [{api: a, paths: [/]}]\n",
+                "catalog.yaml:3:36: two limits per 1 day",
             ),
             (
                 "products:\n  - name: p\n    quota: {limit: 5, unit: fortnight}\n    operations: [{api: a, paths: [/]}]\n",

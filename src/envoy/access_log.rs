@@ -9,7 +9,7 @@
 //! Response headers that a `response_header:<name>` meter reads must be listed in the access logger's
 //! `additional_response_headers_to_log`, or Envoy does not send them.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse,
 };
-use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+use envoy_types::pb::google::protobuf::{Struct, Timestamp, value::Kind};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status, Streaming};
@@ -185,11 +185,7 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
             }
         })
         .unwrap_or_default();
-    let start_ms = common.and_then(|c| c.start_time.as_ref()).map_or(0, |t| {
-        t.seconds
-            .saturating_mul(1_000)
-            .saturating_add(i64::from(t.nanos) / 1_000_000)
-    });
+    let start_ms = start_ms(common.and_then(|c| c.start_time.as_ref()), now_ms());
     let duration_us = common
         .and_then(|c| c.time_to_last_downstream_tx_byte.as_ref())
         .map_or(0, |d| {
@@ -229,6 +225,31 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
     }
 }
 
+/// Earliest request start taken at face value: 2000-01-01T00:00:00Z.
+const EARLIEST_START_MS: i64 = 946_684_800_000;
+/// How far ahead of tollgate's clock a start may lie and still be taken at face value.
+const MAX_START_AHEAD_MS: i64 = 24 * 3_600 * 1_000;
+
+/// The request start in Unix ms, or 0 (unknown: metering counts the record at its arrival) when it is
+/// missing or outside [2000-01-01, now + 1 day]: the entry comes over the network, and a forged or broken time
+/// must not reach window arithmetic.
+fn start_ms(start_time: Option<&Timestamp>, now_ms: i64) -> i64 {
+    start_time
+        .and_then(|t| {
+            t.seconds
+                .checked_mul(1_000)?
+                .checked_add(i64::from(t.nanos) / 1_000_000)
+        })
+        .filter(|&ms| ms >= EARLIEST_START_MS && ms <= now_ms.saturating_add(MAX_START_AHEAD_MS))
+        .unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn metadata_string(fields: Option<&Struct>, name: &str) -> String {
     match fields
         .and_then(|s| s.fields.get(name))
@@ -246,7 +267,7 @@ mod tests {
     use envoy_types::pb::envoy::data::accesslog::v3::{
         AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
     };
-    use envoy_types::pb::google::protobuf::{Duration, Timestamp, UInt32Value, Value};
+    use envoy_types::pb::google::protobuf::{Duration, UInt32Value, Value};
 
     fn text(s: &str) -> Value {
         Value {
@@ -322,6 +343,28 @@ mod tests {
             r.response_headers.get("x-tokens").map(String::as_str),
             Some("7")
         );
+    }
+
+    #[test]
+    fn a_start_time_outside_the_sane_range_is_unknown() {
+        let now = 1_800_000_000_000;
+        let at = |seconds, nanos| start_ms(Some(&Timestamp { seconds, nanos }), now);
+        assert_eq!(at(1_700_000_000, 250_000_000), 1_700_000_000_250);
+        assert_eq!(at(946_684_800, 0), EARLIEST_START_MS, "2000-01-01 is fine");
+        assert_eq!(at(1_800_086_400, 0), now + MAX_START_AHEAD_MS);
+        for (seconds, nanos) in [
+            (i64::MIN, 0),
+            (i64::MIN, i32::MIN),
+            (i64::MAX, i32::MAX),
+            (i64::MAX / 1_000, 999_999_999),
+            (-1, 0),
+            (0, 0),
+            (946_684_799, 999_999_999),
+            (1_800_086_400, 1_000_000),
+        ] {
+            assert_eq!(at(seconds, nanos), 0, "{seconds}s {nanos}ns");
+        }
+        assert_eq!(start_ms(None, now), 0);
     }
 
     #[test]

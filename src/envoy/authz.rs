@@ -296,7 +296,7 @@ fn metadata(decision: &Decision<'_>) -> Struct {
 mod tests {
     use super::*;
     use crate::decision::Identity;
-    use crate::identity::{ApiKeyConfig, Location};
+    use crate::identity::ApiKeyConfig;
     use crate::quota::LimitState;
 
     fn settings() -> Settings {
@@ -318,7 +318,6 @@ mod tests {
             },
             api: "weather",
             environment: Some("test"),
-            credential: Some(Location::Header("x-api-key".into())),
             ratelimit: Some(LimitState {
                 limit: 10,
                 remaining: 0,

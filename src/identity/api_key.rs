@@ -1,8 +1,8 @@
 //! API keys: generation, hashing, and the stored hash form (`sha256:` + 64 lowercase hex).
 //!
 //! The catalog only ever holds hashes. A presented key is hashed once, looked up by its hash in O(1), and the
-//! stored hash is then compared in constant time, so neither the lookup nor the compare leaks how much of a
-//! key was right.
+//! stored hash is then compared in constant time. The map lookup before that compares SHA-256 outputs, whose
+//! timing says nothing about how much of a key was right: no step compares key material in variable time.
 
 use std::fmt;
 

@@ -4,6 +4,7 @@ pub mod api_key;
 pub mod jwt;
 
 use std::borrow::Cow;
+use std::fmt;
 
 use serde::Deserialize;
 
@@ -38,17 +39,8 @@ fn default_query_params() -> Vec<String> {
     vec!["apikey".to_owned()]
 }
 
-/// Where a credential was found, so that an allowed request can have it removed before the upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// In this request header.
-    Header(String),
-    /// In this query parameter.
-    Query(String),
-}
-
-/// The credential a request presents.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The credential a request presents (its `Debug` never shows a key or a token).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Presented<'a> {
     /// None of the configured places carries a credential.
     Nothing,
@@ -58,14 +50,11 @@ pub enum Presented<'a> {
     ApiKey {
         /// The key as presented; never logged.
         key: Cow<'a, str>,
-        /// Where it was found.
-        location: Location,
     },
 }
 
 /// The credential of a request after the asynchronous part of identification (token verification); what
 /// [`crate::decision::plan`] resolves against the catalog.
-#[derive(Debug)]
 pub enum Caller<'a> {
     /// No credential.
     Nothing,
@@ -73,11 +62,30 @@ pub enum Caller<'a> {
     ApiKey {
         /// The key as presented; never logged.
         key: Cow<'a, str>,
-        /// Where it was found.
-        location: Location,
     },
     /// A bearer token, verified or refused.
     Token(Result<std::sync::Arc<jwt::VerifiedToken>, jwt::JwtRejection>),
+}
+
+impl fmt::Debug for Presented<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Presented::Nothing => f.write_str("Nothing"),
+            Presented::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            Presented::ApiKey { .. } => f.write_str("ApiKey(<redacted>)"),
+        }
+    }
+}
+
+impl fmt::Debug for Caller<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Nothing => f.write_str("Nothing"),
+            Caller::ApiKey { .. } => f.write_str("ApiKey(<redacted>)"),
+            Caller::Token(Ok(token)) => write!(f, "Token(verified by {})", token.provider),
+            Caller::Token(Err(rejection)) => write!(f, "Token(refused: {rejection})"),
+        }
+    }
 }
 
 /// Finds the credential a request carries: a bearer token when `bearer` (JWT providers are configured) and
@@ -98,7 +106,6 @@ pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig, bearer: bool)
             if !value.is_empty() {
                 return Presented::ApiKey {
                     key: Cow::Borrowed(value),
-                    location: Location::Header(name.clone()),
                 };
             }
         }
@@ -108,10 +115,7 @@ pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig, bearer: bool)
             let found = form_urlencoded::parse(query.as_bytes())
                 .find(|(k, v)| k == name.as_str() && !v.is_empty());
             if let Some((_, value)) = found {
-                return Presented::ApiKey {
-                    key: value,
-                    location: Location::Query(name.clone()),
-                };
+                return Presented::ApiKey { key: value };
             }
         }
     }
@@ -154,8 +158,7 @@ mod tests {
         assert_eq!(
             presented(&r, &config, false),
             Presented::ApiKey {
-                key: Cow::Owned("q+key".into()),
-                location: Location::Query("apikey".into())
+                key: Cow::Owned("q+key".into())
             }
         );
         headers.insert("x-api-key".to_owned(), "hkey".to_owned());
@@ -163,8 +166,7 @@ mod tests {
         assert_eq!(
             presented(&r, &config, false),
             Presented::ApiKey {
-                key: Cow::Borrowed("hkey"),
-                location: Location::Header("x-api-key".into())
+                key: Cow::Borrowed("hkey")
             }
         );
     }

@@ -249,14 +249,6 @@ impl SafePath<'_> {
             segment
         })
     }
-
-    /// Detaches the path from the raw request it may borrow, for keeping it past that request.
-    pub fn into_owned(self) -> SafePath<'static> {
-        SafePath {
-            path: Cow::Owned(self.path.into_owned()),
-            ends: self.ends,
-        }
-    }
 }
 
 /// Exclusive end offsets of each segment in the path; segment `i` starts one byte after end `i - 1`.
@@ -705,16 +697,6 @@ mod tests {
     fn sanitize_borrows_unless_it_decodes() {
         assert!(matches!(safe("/a/b?x=%41").path, Cow::Borrowed("/a/b")));
         assert!(matches!(safe("/a/%41").path, Cow::Owned(ref s) if s == "/a/A"));
-    }
-
-    #[test]
-    fn into_owned_keeps_path_and_segments() {
-        let owned = {
-            let raw = String::from("/a/b/");
-            safe(&raw).into_owned()
-        };
-        assert_eq!(owned, safe("/a/b/"));
-        assert_eq!(owned.segments().collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod dedup;
 mod frame;
 mod metrics;
 mod outbox;
+mod producer;
 mod record;
 mod spool;
 mod usage_api;
@@ -68,7 +69,8 @@ pub struct MeteringOptions {
     /// Size at which the spool starts a new segment file (segments are deleted whole).
     pub segment_bytes: u64,
     /// This instance's id, part of every outbox row id, so replicas with their own spools never collide.
-    pub producer: String,
+    /// `None`: a random id created once per spool folder and kept in `<dir>/PRODUCER`.
+    pub producer: Option<String>,
 }
 
 impl MeteringOptions {
@@ -80,13 +82,25 @@ impl MeteringOptions {
         producer: impl Into<String>,
     ) -> Self {
         MeteringOptions {
+            producer: Some(producer.into()),
+            ..Self::with_spool_producer(dir, window, lateness)
+        }
+    }
+
+    /// Like [`MeteringOptions::new`], with the producer id the spool folder keeps (`<dir>/PRODUCER`).
+    pub fn with_spool_producer(
+        dir: impl Into<PathBuf>,
+        window: Duration,
+        lateness: Duration,
+    ) -> Self {
+        MeteringOptions {
             dir: dir.into(),
             window,
             lateness,
             retention: window + lateness,
             max_disk_bytes: 1 << 30,
             segment_bytes: 64 << 20,
-            producer: producer.into(),
+            producer: None,
         }
     }
 
@@ -150,6 +164,8 @@ pub struct Metering {
 
 struct Inner {
     options: MeteringOptions,
+    /// The producer in use: configured or the spool folder's.
+    producer: String,
     catalog: Arc<CatalogHandle>,
     tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
@@ -211,7 +227,7 @@ impl Metering {
         if window_ms < 1 {
             return Err(MeteringError::Options("window must be at least 1ms".into()));
         }
-        if options.producer.is_empty() {
+        if options.producer.as_ref().is_some_and(String::is_empty) {
             return Err(MeteringError::Options("producer must not be empty".into()));
         }
         let dir = &options.dir;
@@ -220,6 +236,10 @@ impl Metering {
             source,
         })?;
         let lock = lock_dir(dir)?;
+        let producer = match &options.producer {
+            Some(p) => p.clone(),
+            None => producer::spool_producer(dir)?,
+        };
         let mut windows = Windows::new(millis(options.lateness), millis(options.retention));
         let outbox = Outbox::open(&dir.join("outbox.log"))?;
         for (row, _) in outbox.rows() {
@@ -227,7 +247,7 @@ impl Metering {
                 window::GroupKey {
                     window: window::WindowKey {
                         start_ms: row.window_start_ms,
-                        len_ms: row.window_end_ms - row.window_start_ms,
+                        len_ms: row.window_end_ms.saturating_sub(row.window_start_ms),
                     },
                     customer: row.stripe_customer.clone(),
                     meter: row.event_name.clone(),
@@ -253,6 +273,7 @@ impl Metering {
             .set(gauge(spool.bytes() + outbox.bytes()));
         tracing::info!(
             dir = %dir.display(),
+            producer = %producer,
             records = replayed.records,
             dropped_bytes = replayed.dropped_bytes,
             remembered_ids = dedup.len(),
@@ -277,6 +298,7 @@ impl Metering {
         Ok(Metering {
             inner: Arc::new(Inner {
                 options,
+                producer,
                 catalog,
                 tx,
                 shared,
@@ -442,6 +464,11 @@ impl Metering {
     pub fn options(&self) -> &MeteringOptions {
         &self.inner.options
     }
+
+    /// The producer in every outbox row: the configured one, else the spool folder's random id.
+    pub fn producer(&self) -> &str {
+        &self.inner.producer
+    }
 }
 
 impl Inner {
@@ -451,7 +478,7 @@ impl Inner {
         if !due.is_empty() {
             let rows: Vec<OutboxRow> = due
                 .iter()
-                .map(|d| OutboxRow::new(&self.options.producer, &d.key, d.revision, d.value, now))
+                .map(|d| OutboxRow::new(&self.producer, &d.key, d.revision, d.value, now))
                 .collect();
             let mut outbox = lock(&self.outbox);
             outbox.append(&rows)?;

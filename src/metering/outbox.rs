@@ -127,6 +127,8 @@ pub(crate) struct Outbox {
     rows: Vec<(OutboxRow, bool)>,
     index: HashMap<String, usize>,
     bytes: u64,
+    /// A failed write could not be rolled back: the file's tail is unknown until a restart replays it.
+    poisoned: bool,
 }
 
 impl Outbox {
@@ -152,6 +154,7 @@ impl Outbox {
             rows: Vec::new(),
             index: HashMap::new(),
             bytes: 0,
+            poisoned: false,
         };
         let mut valid = 0;
         for payload in frames {
@@ -177,8 +180,14 @@ impl Outbox {
         Ok(outbox)
     }
 
+    /// Applies one entry; a row whose id is already held is ignored, so a row written twice (a failed write's
+    /// tail followed by its retry) stays one row, acknowledged by an ack of either copy.
     fn apply(&mut self, entry: Entry) {
         if let Some(row) = entry.row {
+            if self.index.contains_key(&row.id) {
+                tracing::warn!(id = %row.id, "ignoring a second outbox row with an id already held");
+                return;
+            }
             self.index.insert(row.id.clone(), self.rows.len());
             self.rows.push((row, false));
         } else if let Some(&i) = self.index.get(&entry.ack) {
@@ -230,14 +239,27 @@ impl Outbox {
     }
 
     fn write(&mut self, out: &[u8]) -> Result<(), SpoolError> {
+        if self.poisoned {
+            return Err(SpoolError::Poisoned);
+        }
         let before = self.bytes;
         let written = self
             .file
             .write_all(out)
             .and_then(|()| self.file.sync_data());
         if let Err(source) = written {
-            // Best effort: a failed rollback leaves a tail that replay detects or reads as a valid entry.
-            let _ = self.file.set_len(before);
+            let undone = self
+                .file
+                .set_len(before)
+                .and_then(|()| self.file.sync_data());
+            if undone.is_err() {
+                // What of `out` reached the file is unknown, so nothing more is appended behind it.
+                self.poisoned = true;
+                tracing::error!(
+                    outbox = %self.path.display(),
+                    "a failed outbox write could not be rolled back; sealing and acknowledging stop until restart"
+                );
+            }
             return Err(SpoolError::Io {
                 path: self.path.clone(),
                 source,
@@ -271,6 +293,9 @@ impl Outbox {
         &mut self,
         keep: impl Fn(&OutboxRow) -> bool,
     ) -> Result<bool, SpoolError> {
+        if self.poisoned {
+            return Err(SpoolError::Poisoned);
+        }
         let droppable = self
             .rows
             .iter()
@@ -382,6 +407,62 @@ mod tests {
         let outbox = Outbox::open(&path).unwrap();
         let pending: Vec<_> = outbox.pending().into_iter().map(|r| r.id).collect();
         assert_eq!(pending, [rows[0].id.clone(), rows[2].id.clone()]);
+    }
+
+    #[test]
+    fn a_row_written_twice_is_one_row_acknowledged_by_one_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.log");
+        let mut outbox = Outbox::open(&path).unwrap();
+        let row = OutboxRow::new("p", &key("cus", 0), 0, 5, 1);
+        let other = OutboxRow::new("p", &key("cus", 60_000), 0, 1, 1);
+        outbox.append(std::slice::from_ref(&row)).unwrap();
+        // What a retry writes after a failed write whose rollback did not take.
+        outbox.append(&[row.clone(), other.clone()]).unwrap();
+        assert_eq!(outbox.rows().count(), 2);
+        assert_eq!(outbox.ack(&row.id).unwrap(), AckOutcome::Acked);
+        let pending = |o: &Outbox| o.pending().into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(pending(&outbox), std::slice::from_ref(&other.id));
+        drop(outbox);
+        let outbox = Outbox::open(&path).unwrap();
+        assert_eq!(
+            pending(&outbox),
+            std::slice::from_ref(&other.id),
+            "after replay too"
+        );
+        let held: Vec<_> = outbox
+            .rows()
+            .map(|(r, _)| (r.id.clone(), r.value))
+            .collect();
+        assert_eq!(held, [(row.id, 5), (other.id, 1)], "replay counts it once");
+    }
+
+    #[test]
+    fn a_failed_write_that_cannot_be_rolled_back_poisons_the_outbox() {
+        // Writes to /dev/full fail (ENOSPC) and it cannot be truncated, so the rollback fails too.
+        let path = PathBuf::from("/dev/full");
+        let Ok(file) = OpenOptions::new().append(true).open(&path) else {
+            panic!("/dev/full is needed for this test");
+        };
+        let mut outbox = Outbox {
+            path,
+            file,
+            rows: Vec::new(),
+            index: HashMap::new(),
+            bytes: 0,
+            poisoned: false,
+        };
+        let row = OutboxRow::new("p", &key("cus", 0), 0, 5, 1);
+        let first = outbox.append(std::slice::from_ref(&row));
+        assert!(matches!(first, Err(SpoolError::Io { .. })), "{first:?}");
+        assert!(outbox.pending().is_empty());
+        let again = outbox.append(std::slice::from_ref(&row));
+        assert!(matches!(again, Err(SpoolError::Poisoned)), "{again:?}");
+        assert!(matches!(outbox.ack(&row.id), Ok(AckOutcome::Unknown)));
+        assert!(matches!(
+            outbox.compact(|_| false),
+            Err(SpoolError::Poisoned)
+        ));
     }
 
     #[test]

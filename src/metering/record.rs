@@ -13,7 +13,7 @@ pub struct UsageRecord {
     /// `x-request-id`: the deduplication key (empty: the record is never deduplicated).
     #[prost(string, tag = "1")]
     pub request_id: String,
-    /// When the request started, Unix milliseconds.
+    /// When the request started, Unix milliseconds (0: unknown; the record then counts at its arrival).
     #[prost(int64, tag = "2")]
     pub start_ms: i64,
     /// From the first byte received to the last byte sent downstream, microseconds.

@@ -21,11 +21,14 @@ pub(crate) struct WindowKey {
 }
 
 impl WindowKey {
-    /// The window of length `len_ms` that holds `t_ms`.
+    /// The window of length `len_ms` that holds `t_ms`; for any input, without overflow (times too early for
+    /// a whole window before them get the earliest whole window).
     pub(crate) fn containing(t_ms: i64, len_ms: i64) -> Self {
         let len_ms = len_ms.max(1);
+        // From here `t - rem` stays above i64::MIN, since 0 <= rem < len_ms.
+        let t_ms = t_ms.max(i64::MIN + len_ms);
         WindowKey {
-            start_ms: t_ms.div_euclid(len_ms) * len_ms,
+            start_ms: t_ms - t_ms.rem_euclid(len_ms),
             len_ms,
         }
     }
@@ -136,7 +139,7 @@ impl Windows {
     }
 
     /// The window a record counts in: its request start's, unless that window is closed for good or the
-    /// start lies more than a window ahead of arrival (a skewed clock); then the arrival's.
+    /// start lies more than a window ahead of arrival (a skewed clock or a forged time); then the arrival's.
     pub(crate) fn assign(&self, start_ms: i64, received_ms: i64, len_ms: i64) -> WindowKey {
         let window = WindowKey::containing(start_ms, len_ms);
         let closed = self.closed_before_ms.max(
@@ -197,18 +200,21 @@ impl Windows {
         {
             group.late_since_ms = Some(spooled.received_ms);
         }
-        group.oldest_start_ms = Some(
-            group
-                .oldest_start_ms
-                .map_or(record.start_ms, |t| t.min(record.start_ms)),
-        );
+        // A record counted at its arrival (start missing, skewed or in a closed window) started, as far as
+        // the lag metric is concerned, when it arrived.
+        let start = if (window.start_ms..window.end_ms()).contains(&record.start_ms) {
+            record.start_ms
+        } else {
+            spooled.received_ms
+        };
+        group.oldest_start_ms = Some(group.oldest_start_ms.map_or(start, |t| t.min(start)));
     }
 
     /// Replays a sealed outbox row: `value` of `key` is already sealed.
     pub(crate) fn load_sealed(&mut self, key: GroupKey, value: u64) {
         let group = self.groups.entry(key).or_default();
         group.sealed = group.sealed.saturating_add(value);
-        group.revisions += 1;
+        group.revisions = group.revisions.saturating_add(1);
     }
 
     /// The revisions due at `now_ms`, oldest window first.
@@ -239,7 +245,7 @@ impl Windows {
             return;
         };
         group.sealed = group.sealed.saturating_add(due.value);
-        group.revisions = due.revision + 1;
+        group.revisions = due.revision.saturating_add(1);
         // Records added while the row was being written are not in it: they wait for the next revision.
         let rest = group.total > group.sealed;
         group.late_since_ms = rest.then_some(now_ms);
@@ -434,6 +440,29 @@ mod tests {
             future.window_start_ms, 4_000,
             "a start far ahead of arrival is clock skew"
         );
+    }
+
+    #[test]
+    fn any_start_time_gets_a_window_that_seals() {
+        assert_eq!(
+            WindowKey::containing(i64::MIN, LEN).start_ms,
+            i64::MIN + LEN - (i64::MIN + LEN).rem_euclid(LEN)
+        );
+        assert_eq!(
+            WindowKey::containing(i64::MAX, 1).start_ms,
+            i64::MAX,
+            "no overflow at the top either"
+        );
+        for start in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX - 1, i64::MAX] {
+            let mut w = Windows::new(LATENESS, RETENTION);
+            let r = spooled(&w, "cus_a", start, 50_000, 3);
+            assert_eq!(r.window_start_ms, 50_000, "start {start} counts on arrival");
+            w.add(&r);
+            let due = seal_all(&mut w, 51_500);
+            assert_eq!(due.len(), 1, "start {start}: the window seals");
+            assert_eq!(due[0].oldest_start_ms, Some(50_000));
+            assert_eq!(w.advance(60_000).min_live_end_ms, None);
+        }
     }
 
     #[test]

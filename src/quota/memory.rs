@@ -28,7 +28,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Number of buckets currently held (for tests and metrics).
+    /// Number of buckets currently held.
     pub fn buckets(&self) -> usize {
         self.buckets.len()
     }

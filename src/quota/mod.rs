@@ -1,7 +1,7 @@
 //! Quotas: calendar windows, the store trait that charges them, and the stores.
 //!
 //! The decision code only sees [`QuotaStore`]: the in-memory store serves a single replica, the Redis store
-//! (its own issue) shares counters across replicas through the same trait.
+//! shares counters across replicas through the same trait.
 
 pub mod memory;
 pub mod redis;

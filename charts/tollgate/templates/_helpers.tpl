@@ -115,7 +115,7 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- end }}
 {{- $producer := toString (default "" $v.config.metering.producer) }}
 {{- if and $producer (not (contains "${" $producer)) (or (eq $v.mode "sidecar") $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
-{{- fail "config.metering.producer is one fixed name for several tollgates, whose billing identifiers would then collide at Stripe: leave it unset (the pod name) or use a ${VAR} that differs per pod" }}
+{{- fail "config.metering.producer is one fixed name for several tollgates, whose billing identifiers would then collide at Stripe: leave it unset (each spool then keeps its own random id) or use a ${VAR} that differs per pod" }}
 {{- end }}
 {{- if and (include "tollgate.billingOn" .) (not $v.secrets.stripeApiKey.name) }}
 {{- fail "config.billing is set: name the Secret holding the Stripe API key in secrets.stripeApiKey.name" }}

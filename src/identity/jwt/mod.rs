@@ -1,4 +1,4 @@
-//! Bearer JWT verification (issue 3): providers routed by `iss`, static keys and JWKS, RFC 8725 hardening and a
+//! Bearer JWT verification: providers routed by `iss`, static keys and JWKS, RFC 8725 hardening and a
 //! verified-token cache. The catalog mapping of the verified claims lives with the caller.
 
 mod cache;
@@ -148,11 +148,6 @@ impl JwtVerifier {
             .insert(hash, Arc::clone(&verified), index, generation)
             .await;
         Ok(verified)
-    }
-
-    /// Names of the configured providers, in config order.
-    pub fn provider_names(&self) -> impl Iterator<Item = &str> {
-        self.providers.iter().map(|p| &*p.name)
     }
 
     fn rejected(&self, provider: Option<&Provider>, rejection: JwtRejection) -> JwtRejection {
