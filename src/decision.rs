@@ -483,22 +483,28 @@ fn entitle<'a>(
             };
             return Err((reason, rejection.to_string()));
         }
-        Caller::Token(Ok(token)) => match token.app.as_deref() {
-            Some(client_id)
-                if token.products.is_empty() || catalog.app_by_client_id(client_id).is_some() =>
-            {
-                let app = catalog
-                    .app_by_client_id(client_id)
-                    .and_then(|id| catalog.app(id))
-                    .ok_or((
+        Caller::Token(Ok(token)) => {
+            let registered = token
+                .app
+                .as_deref()
+                .and_then(|client_id| catalog.app_by_client_id(client_id))
+                .and_then(|id| catalog.app(id));
+            match (registered, token.app.is_some()) {
+                (Some(app), _) => {
+                    *known = app_identity(app);
+                    (app, Some(token.scopes.as_slice()))
+                }
+                // A token naming an app the catalog does not know is refused, unless its products claim
+                // entitles it as a portal token.
+                (None, true) if token.products.is_empty() => {
+                    return Err((
                         Reason::UnknownApp,
                         "token's app is not registered".to_owned(),
-                    ))?;
-                *known = app_identity(app);
-                (app, Some(token.scopes.as_slice()))
+                    ));
+                }
+                (None, _) => return account(token, catalog, known),
             }
-            _ => return account(token, catalog, known),
-        },
+        }
     };
     if app.status == Status::Revoked {
         return Err((Reason::AppRevoked, format!("app {} is revoked", app.name)));
@@ -520,7 +526,7 @@ fn account<'a>(
     known: &mut Identity<'a>,
 ) -> Result<Entitled<'a>, (Reason, String)> {
     let developer = token.developer.as_deref();
-    let listed = developer.and_then(|d| catalog.developers().iter().find(|entry| entry.email == d));
+    let listed = developer.and_then(|d| catalog.developer_by_email(d));
     *known = Identity {
         app: None,
         developer,

@@ -190,18 +190,21 @@ impl Builder<'_> {
             catalog.products.push(product);
         }
 
-        let mut emails = HashSet::new();
         let mut app_names = HashSet::new();
         for (d, dev) in raw.developers.into_iter().enumerate() {
             let at = [PathSeg::Key("developers"), PathSeg::Index(d)];
             let email = non_empty(self, &at, "email", dev.email)?;
-            if !emails.insert(email.clone()) {
+            let developer = catalog.developers.len();
+            if catalog
+                .developers_by_email
+                .insert(email.clone(), developer)
+                .is_some()
+            {
                 return Err(self.err(
                     &[at[0], at[1], PathSeg::Key("email")],
                     format!("duplicate developer email {email:?}"),
                 ));
             }
-            let developer = catalog.developers.len();
             catalog.developers.push(Developer {
                 email,
                 company: dev.company.filter(|c| !c.is_empty()),

@@ -196,6 +196,7 @@ pub struct Catalog {
     keys: HashMap<KeyHash, Key>,
     apps_by_client_id: HashMap<String, AppId>,
     products_by_name: HashMap<String, ProductId>,
+    developers_by_email: HashMap<String, DeveloperId>,
 }
 
 impl Catalog {
@@ -247,6 +248,13 @@ impl Catalog {
     /// A product by name.
     pub fn product_id(&self, name: &str) -> Option<ProductId> {
         self.products_by_name.get(name).copied()
+    }
+
+    /// The developer with this e-mail (a portal token's developer claim).
+    pub fn developer_by_email(&self, email: &str) -> Option<&Developer> {
+        self.developers_by_email
+            .get(email)
+            .and_then(|&id| self.developers.get(id))
     }
 
     /// The app a JWT's app claim names.

@@ -121,9 +121,8 @@ pub(crate) struct Charge {
 /// Applies the record's product meter: only allowed requests whose status matches a success class count.
 pub(crate) fn charge(record: &UsageRecord, catalog: &Catalog) -> Charge {
     let Some(meter) = catalog
-        .products()
-        .iter()
-        .find(|p| !record.product.is_empty() && p.name == record.product)
+        .product_id(&record.product)
+        .and_then(|id| catalog.product(id))
         .and_then(|p| p.meter.as_ref())
     else {
         return Charge::default();
