@@ -95,6 +95,36 @@ async fn billed(emulator: &StripeEmulator, expected: &BTreeMap<(String, String),
     }
 }
 
+/// What the traffic of these tests bills: 30 calls for Ada, 12 for Bob.
+fn expected_totals() -> BTreeMap<(String, String), u64> {
+    [
+        (("cus_Ada".to_owned(), "weather_api_calls".to_owned()), 30),
+        (("cus_Bob".to_owned(), "weather_api_calls".to_owned()), 12),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// Waits for `expected`, checks it stays so (no late duplicate accepted), that no identifier was accepted
+/// twice and that every request matched Stripe's schemas.
+async fn billed_exactly(emulator: &StripeEmulator, expected: &BTreeMap<(String, String), u64>) {
+    billed(emulator, expected).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(&emulator.totals().await, expected);
+    let state = emulator.state().await;
+    let mut ids: Vec<&str> = state["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["identifier"].as_str().expect("identifier"))
+        .collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an identifier was accepted twice");
+    assert_eq!(state["schema_errors"], serde_json::json!([]));
+}
+
 async fn run(faults: serde_json::Value) {
     let emulator = StripeEmulator::start();
     emulator.faults(faults).await;
@@ -113,28 +143,8 @@ async fn run(faults: serde_json::Value) {
         .await
         .expect("denied call");
     assert_eq!(denied.status(), 401);
-    let expected: BTreeMap<(String, String), u64> = [
-        (("cus_Ada".to_owned(), "weather_api_calls".to_owned()), 30),
-        (("cus_Bob".to_owned(), "weather_api_calls".to_owned()), 12),
-    ]
-    .into_iter()
-    .collect();
-    billed(&emulator, &expected).await;
-    // Settled: a little more time changes nothing (no late duplicate is accepted).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(emulator.totals().await, expected);
+    billed_exactly(&emulator, &expected_totals()).await;
     let state = emulator.state().await;
-    let mut ids: Vec<&str> = state["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["identifier"].as_str().expect("identifier"))
-        .collect();
-    let n = ids.len();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), n, "an identifier was accepted twice");
-    assert_eq!(state["schema_errors"], serde_json::json!([]));
     assert_eq!(state["concurrency_violations"], 0);
     let letters = stack
         .client
@@ -198,25 +208,5 @@ async fn kill_minus_nine_during_delivery_then_restart_is_exact() {
     stack.tollgate.kill();
     stack.tollgate.restart().await;
 
-    let expected: BTreeMap<(String, String), u64> = [
-        (("cus_Ada".to_owned(), "weather_api_calls".to_owned()), 30),
-        (("cus_Bob".to_owned(), "weather_api_calls".to_owned()), 12),
-    ]
-    .into_iter()
-    .collect();
-    billed(&emulator, &expected).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(emulator.totals().await, expected);
-    let state = emulator.state().await;
-    let mut ids: Vec<&str> = state["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["identifier"].as_str().expect("identifier"))
-        .collect();
-    let n = ids.len();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), n, "an identifier was accepted twice");
-    assert_eq!(state["schema_errors"], serde_json::json!([]));
+    billed_exactly(&emulator, &expected_totals()).await;
 }
