@@ -1,6 +1,7 @@
 //! Quota store benchmarks: charge latency and throughput of the memory store and the Redis store (leasing
 //! on and off) against a `redis-server` this bench starts itself on a free loopback port, plus p50/p99 of
-//! single charges and Redis commands per allowed request (from `INFO commandstats`).
+//! single charges and Redis commands per allowed request (from `INFO commandstats`). `charge_hot_16` puts
+//! every charge of 16 tasks on one bucket; `charge_hot_16_paced` does the same with 10 µs of CPU per charge.
 //!
 //! Run: `cargo bench --bench quota` (needs `redis-server` and `redis-cli` on the PATH).
 
@@ -20,8 +21,10 @@ use tollgate::quota::redis::{RedisOptions, RedisStore};
 use tollgate::quota::{Charge, Limit, Outcome, QuotaStore, Unit};
 
 const NOW: i64 = 1_795_000_000;
-/// Concurrent callers in the throughput benches (one bucket each pair, like busy apps).
+/// Concurrent callers in the throughput benches (one bucket each pair, like busy apps; or all on one hot bucket).
 const TASKS: usize = 16;
+/// CPU each caller spends per charge in the paced hot-bucket bench, like handling a Check around it.
+const WORK: Duration = Duration::from_micros(10);
 /// Single charges timed one by one for the percentiles.
 const SAMPLES: usize = 20_000;
 
@@ -90,6 +93,31 @@ async fn concurrent(store: &Arc<dyn QuotaStore>, iters: u64) -> Duration {
             let bucket = format!("conc-{}", t / 2);
             for _ in 0..per_task {
                 charge_once(&store, &bucket).await;
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("bench task");
+    }
+    started.elapsed()
+}
+
+/// `iters` charges spread over `TASKS` concurrent tasks, all on one hot bucket (one busy caller); with
+/// `work`, each charge is followed by that much busy CPU, so the store sees a realistic request rate
+/// rather than charges back to back.
+async fn hot(store: &Arc<dyn QuotaStore>, iters: u64, work: Duration) -> Duration {
+    let per_task = iters.div_ceil(TASKS as u64);
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(TASKS);
+    for _ in 0..TASKS {
+        let store = Arc::clone(store);
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                charge_once(&store, "hot").await;
+                let until = Instant::now() + work;
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
             }
         }));
     }
@@ -190,6 +218,32 @@ fn bench(c: &mut Criterion) {
     for (name, store) in stores {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| rt.block_on(concurrent(store, iters)))
+        });
+    }
+    group.finish();
+    report_errors("after the group");
+
+    let mut group = c.benchmark_group("charge_hot_16");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20);
+    for (name, store) in stores {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| rt.block_on(hot(store, iters, Duration::ZERO)))
+        });
+    }
+    group.finish();
+    report_errors("after the group");
+
+    let mut group = c.benchmark_group("charge_hot_16_paced");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20);
+    for (name, store) in stores {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| rt.block_on(hot(store, iters, WORK)))
         });
     }
     group.finish();

@@ -64,10 +64,15 @@ fn allowed(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Allowed(_))
 }
 
-/// `HGET key field` as a number (0 when absent).
+/// `HGET key field` as a count (0 when absent); a negative or garbled value fails the test.
 fn hget(server: &RedisServer, key: &str, field: &str) -> u64 {
     let out = server.cli(&["HGET", key, field]);
-    out.trim().parse().unwrap_or(0)
+    let out = out.trim();
+    if out.is_empty() {
+        return 0;
+    }
+    out.parse()
+        .unwrap_or_else(|_| panic!("{key} {field} is {out:?}, not a count"))
 }
 
 /// Every store runs `tasks_per_store` concurrent tasks of `per_task` calls on one bucket; returns the
@@ -370,7 +375,7 @@ async fn a_dead_redis_fails_fast_and_a_restarted_one_is_used_again() {
 async fn a_call_lost_to_a_timeout_is_undone_by_the_next_one() {
     // Redis is paused while a lease renewal is in flight: the caller times out, but Redis may still run
     // the call afterwards (a phantom charge and lease). The next call reports absolute totals, which
-    // undoes both, so the count stays exact.
+    // undoes both, so the count stays exact; the part of the lease the lost call kept is served as usual.
     let server = RedisServer::start();
     let s = RedisStore::connect(
         RedisOptions {
@@ -386,29 +391,31 @@ async fn a_call_lost_to_a_timeout_is_undone_by_the_next_one() {
     let limits = [limit(100, Unit::Day)];
     let key = RedisStore::key_for("lost", &limits[0], T0);
     let mut allowed_total = 0;
-    // 1 charged + 12 leased; serve all 12 from the lease.
-    for _ in 0..13 {
+    // 1 charged + 12 leased; serve 8 from the lease, which stays above the prefetch threshold (12 / 4).
+    for _ in 0..9 {
         assert!(allowed(&charge(&s, "lost", &limits, 1, T0).await));
         allowed_total += 1;
     }
     assert_eq!(hget(&server, &key, "reserved"), 12);
     server.cli(&["CLIENT", "PAUSE", "1500", "ALL"]);
+    // 5 units do not fit the 4 left: a renewal that keeps those 4 and charges 5.
     let lost = s
         .charge(&Charge {
             bucket: "lost",
             limits: &limits,
-            cost: 1,
+            cost: 5,
             now: T0,
         })
         .await;
     assert!(lost.is_err(), "{lost:?}");
     // Blocks until the pause ends.
     server.cli(&["PING"]);
-    // Either Redis ran the lost call after the pause (13 served + its phantom charge, its phantom lease)
-    // or it never ran (1 charged, 12 leased and served but not yet reported).
+    // Either Redis ran the lost call after the pause (1 + 8 served + its phantom charge of 5; the 4 kept
+    // plus a phantom lease of min(50 - 4, (100 - 9 - 4 - 5) / 8) = 10) or it never ran (1 charged, 12
+    // leased, 8 of them served but not yet reported).
     let after_pause = (hget(&server, &key, "used"), hget(&server, &key, "reserved"));
     assert!(
-        after_pause == (14, 10) || after_pause == (1, 12),
+        after_pause == (14, 14) || after_pause == (1, 12),
         "{after_pause:?}"
     );
     let mut recovered = false;
@@ -611,4 +618,89 @@ async fn tls_probe() {
             assert!(s.ping().await.is_err());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_bucket_stays_exact_while_leases_renew_under_concurrent_tasks() {
+    static ROOMY: [Limit; 1] = [Limit {
+        limit: 1_000_000,
+        interval: 1,
+        unit: Unit::Day,
+    }];
+    static TIGHT: [Limit; 1] = [Limit {
+        limit: 2_000,
+        interval: 1,
+        unit: Unit::Day,
+    }];
+    let server = RedisServer::start();
+    let stores: Vec<Arc<RedisStore>> = vec![
+        Arc::new(store(server.url(), 100).await),
+        Arc::new(store(server.url(), 100).await),
+    ];
+    // Far from the limit: 2 replicas x 8 tasks x 1,500 calls on one bucket, leases of 100 renewed in the
+    // background while the other tasks keep spending the rest of the lease.
+    let (per_store, denied) = hammer(&stores, 8, 1_500, &ROOMY, T0).await;
+    assert_eq!(per_store, vec![12_000, 12_000]);
+    assert_eq!(denied, 0);
+    let key = RedisStore::key_for("app/product/op", &ROOMY[0], T0);
+    // No replica ever holds more than max_lease, renewals ahead of time included.
+    for s in &stores {
+        let held = hget(&server, &key, &format!("r:{}", s.replica_id()));
+        assert!(held <= 100, "replica holds {held}");
+    }
+    assert!(hget(&server, &key, "reserved") <= 200);
+    for s in &stores {
+        s.flush().await.expect("flush");
+    }
+    assert_eq!(hget(&server, &key, "used"), 24_000);
+    assert_eq!(hget(&server, &key, "reserved"), 0);
+    // Up to the limit, the next day: each replica alone makes more calls than the limit, so none ends
+    // holding an unspent lease and the count must be exact.
+    let next_day = T0 + 86_400;
+    let (per_store, denied) = hammer(&stores, 8, 300, &TIGHT, next_day).await;
+    let total: u64 = per_store.iter().sum();
+    assert_eq!(total, 2_000, "allowed {per_store:?}");
+    assert_eq!(denied, 2 * 8 * 300 - 2_000);
+    for s in &stores {
+        s.flush().await.expect("flush");
+    }
+    let key = RedisStore::key_for("app/product/op", &TIGHT[0], next_day);
+    assert_eq!(hget(&server, &key, "used"), 2_000);
+    assert_eq!(hget(&server, &key, "reserved"), 0);
+}
+
+#[tokio::test]
+async fn leases_are_renewed_before_they_run_out() {
+    let server = RedisServer::start();
+    let registry = Registry::new();
+    let s = RedisStore::connect(options(server.url(), 100), &registry)
+        .await
+        .expect("connect");
+    let limits = [limit(1_000_000, Unit::Day)];
+    for _ in 0..1_000 {
+        assert!(allowed(&charge(&s, "ahead", &limits, 1, T0).await));
+    }
+    // Only the first call charged Redis itself: every later lease was taken while units were left, so
+    // every other call was served locally (at worst after waiting for the renewal already in flight).
+    assert_eq!(counter(&registry, "quota_local_charges_total"), 999);
+    // The first lease is 100; each renewal keeps what is left (at most 100 / 4) and tops it up to at most
+    // 100, so 999 units served locally took at least 10 leases.
+    assert!(counter(&registry, "quota_leases_total") >= 10);
+    let key = RedisStore::key_for("ahead", &limits[0], T0);
+    let held = hget(&server, &key, &format!("r:{}", s.replica_id()));
+    assert!(held <= 100, "holds {held}");
+    assert_eq!(hget(&server, &key, "reserved"), held);
+    // Redis counts what was reported; the rest of the 1,000 is in the lease.
+    let used = hget(&server, &key, "used");
+    assert!(
+        used <= 1_000 && used + held >= 1_000,
+        "used {used}, held {held}"
+    );
+    s.flush().await.expect("flush");
+    assert_eq!(hget(&server, &key, "used"), 1_000);
+    assert_eq!(hget(&server, &key, "reserved"), 0);
+    assert_eq!(
+        counter(&registry, "quota_lease_units_total") + 1 - 1_000,
+        counter(&registry, "quota_lease_units_returned_total")
+    );
 }

@@ -15,7 +15,17 @@
 //! bucket at once, `L = min(max_lease, min over limits of (limit - used - reserved - cost) / LEASE_DIVISOR)`.
 //! The replica then allows up to `L` units of that bucket without Redis. Because the reservation is counted
 //! in Redis before any of it is served, and a lease spends all limits of the bucket together, **the overshoot
-//! bound is zero**: across all replicas, the units allowed in a window never exceed any of its limits. The
+//! bound is zero**: across all replicas, the units allowed in a window never exceed any of its limits.
+//!
+//! Renewal ahead of time: once fewer than 1/[`PREFETCH_DIVISOR`] of the units a replica holds are left, a
+//! background task reports what was served and tops the lease up while charges keep spending the rest, so
+//! a hot bucket never waits for Redis while it has units. That call *keeps* the unserved rest reserved
+//! (`keep`, never more than Redis records for the replica on every key) and adds at most
+//! `max_lease - keep`, so a replica never holds more than `max_lease`; units served during the call are
+//! reported by the next one. A bucket's Redis calls are ordered by a per-bucket async lock (at most one in
+//! flight, as each call's claims build on the answer of the one before); its local bookkeeping sits under a
+//! plain mutex that is never held across a call. A charge that finds too few units waits for the call in
+//! flight, then renews itself if still short. The
 //! lease shrinks with the free quota and is 0 once fewer than `LEASE_DIVISOR` units per limit are free, so
 //! the last units are charged one request at a time; a tight limit (say 2 per second next to 500 per
 //! month) therefore never leases at all. A replica reports what it served and releases the rest of its
@@ -28,23 +38,26 @@
 //! dies strands at most its lease, which expires with the window.
 //!
 //! # Redis operations per request
-//! Steady state, far from the limit: one round trip (`EVALSHA`) per lease, i.e. `1 / (L + 1)` round trips
-//! per allowed request (0.0099 with `max_lease = 100`); the script runs about 11 commands inside Redis, so
-//! about 0.12 commands per request as `INFO commandstats` counts them. Near the limit, with
+//! Steady state, far from the limit: one round trip (`EVALSHA`) per renewal, which adds about
+//! `max_lease * (1 - 1/PREFETCH_DIVISOR)` units (the rest is kept), i.e. about 0.013 round trips per
+//! allowed request with `max_lease = 100` (0.0099 when only one call at a time drains the lease and
+//! renewals find it empty); the script runs about 11 commands inside Redis per call. Near the limit, with
 //! `max_lease = 0`, or for a bucket whose limits are too tight to lease: one round trip per request
 //! (4 commands inside Redis for one limit without a lease).
 //!
 //! # Failure modes
 //! Every call is bounded by `timeout` (the client's own response timeout and a `tokio::time::timeout` around
-//! the whole charge, including waiting for a bucket's renewal). Errors map to [`StoreError::Timeout`] and
-//! [`StoreError::Backend`]; the connection is re-established in the background. A call whose outcome is
-//! unknown (timed out) voids the local lease; the next call reports absolute served totals, which releases
-//! any lease the lost call may have taken and undoes its charge, so lost calls never overshoot.
+//! the whole charge, including waiting for a bucket's renewal, and around each background renewal). Errors
+//! map to [`StoreError::Timeout`] and [`StoreError::Backend`]; the connection is re-established in the
+//! background. A call whose outcome is unknown (timed out) voids the part of the local lease it released;
+//! the part it kept is reserved whether or not Redis ran it, and is still served. The next call reports
+//! absolute served totals, which releases any lease the lost call may have taken and undoes its charge, so
+//! lost calls never overshoot.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -54,7 +67,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, Script};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 use super::{Charge, Limit, LimitState, Outcome, QuotaStore, StoreError, Unit};
 
@@ -66,6 +79,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 pub const LEASE_DIVISOR: u64 = 8;
 /// Keys live this long after their window ends, so late lease returns still find them.
 pub const KEY_GRACE_SECS: i64 = 120;
+/// A replica renews a lease in the background once fewer than 1/n of the units it holds are left.
+pub const PREFETCH_DIVISOR: u64 = 4;
 /// A bucket without traffic for this long returns its lease and drops its local state.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// The shortest budget for establishing a connection (a TLS handshake may need more than `timeout`).
@@ -164,7 +179,7 @@ struct Inner {
     /// Random id of this replica: names its fields in Redis.
     replica: String,
     seq: AtomicU64,
-    buckets: DashMap<Box<str>, Arc<Mutex<Bucket>>>,
+    buckets: DashMap<Box<str>, Arc<Cell>>,
     metrics: StoreMetrics,
     shown_url: String,
     secrets: Vec<String>,
@@ -192,12 +207,73 @@ struct Held {
     reserved: u64,
 }
 
+/// One bucket's local state and the lock that orders its Redis calls.
+struct Cell {
+    /// Held across every Redis call that settles or leases for the bucket, so at most one is in flight:
+    /// each call's claims build on the answer of the one before.
+    io: Arc<Mutex<()>>,
+    /// Held only for local bookkeeping, never across an await: charges are served from the lease while
+    /// a renewal is in flight.
+    state: std::sync::Mutex<Bucket>,
+    /// Wakes every charge that waits for the call in flight, all at once, when `io` is released.
+    released: Notify,
+}
+
+impl Cell {
+    fn new() -> Self {
+        Cell {
+            io: Arc::new(Mutex::new(())),
+            state: std::sync::Mutex::new(Bucket::new()),
+            released: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, Bucket> {
+        // The bookkeeping under this lock cannot panic half-way; a poisoned lock still holds whole state.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The right to make the bucket's next Redis call; releasing it wakes the charges waiting for that call.
+struct IoTurn {
+    cell: Arc<Cell>,
+    io: Option<OwnedMutexGuard<()>>,
+}
+
+impl IoTurn {
+    async fn acquire(cell: &Arc<Cell>) -> IoTurn {
+        let io = Arc::clone(&cell.io).lock_owned().await;
+        IoTurn {
+            cell: Arc::clone(cell),
+            io: Some(io),
+        }
+    }
+
+    fn try_acquire(cell: &Arc<Cell>) -> Option<IoTurn> {
+        let io = Arc::clone(&cell.io).try_lock_owned().ok()?;
+        Some(IoTurn {
+            cell: Arc::clone(cell),
+            io: Some(io),
+        })
+    }
+}
+
+impl Drop for IoTurn {
+    fn drop(&mut self) {
+        // Unlock before waking, so the woken charges find `io` free.
+        self.io.take();
+        self.cell.released.notify_waiters();
+    }
+}
+
 /// What a replica holds for one bucket.
 #[derive(Debug)]
 struct Bucket {
     windows: Vec<Held>,
     /// Units of the lease not served yet.
     lease_left: u64,
+    /// This replica's lease in Redis (`r:<id>`) after the last answer: `lease_left + served` as then.
+    held: u64,
     /// Units served from the lease and not yet reported.
     served: u64,
     /// Redis may hold a lease or a charge of this replica that the local state does not reflect.
@@ -212,6 +288,7 @@ impl Bucket {
         Bucket {
             windows: Vec::new(),
             lease_left: 0,
+            held: 0,
             served: 0,
             dirty: false,
             drained_at: None,
@@ -231,6 +308,13 @@ impl Bucket {
 
     fn clean(&self) -> bool {
         !self.dirty && self.served == 0 && self.lease_left == 0
+    }
+
+    /// The lease is running low and the last answer did not say the bucket is near its limit.
+    fn wants_prefetch(&self) -> bool {
+        self.lease_left > 0
+            && self.lease_left.saturating_mul(PREFETCH_DIVISOR) <= self.held
+            && self.drained_at.is_none_or(|at| at.elapsed() >= IDLE_RETURN)
     }
 
     /// The state the `ratelimit-*` headers report after serving from the lease.
@@ -264,12 +348,36 @@ enum Answer {
         index: usize,
         used: u64,
         reserved: u64,
+        /// The part of the lease the call kept.
+        kept: u64,
     },
     Allowed {
         lease: u64,
+        /// The part of the old lease the call kept; the replica now holds `kept + lease`.
+        kept: u64,
         /// (s, used, reserved) per charged key.
         rows: Vec<(u64, u64, u64)>,
     },
+}
+
+/// What a charge found in its bucket's local state.
+enum Local {
+    /// Served from the lease; `true` when the lease should be renewed in the background.
+    Served(LimitState, bool),
+    /// Near the limit: charge Redis per request, without the bucket's call order.
+    Drained,
+    /// Needs a Redis call that settles and leases.
+    Renew,
+}
+
+/// What a renewal sent, to reconcile the local state with the answer.
+struct Sent {
+    /// `served` when the claims were computed.
+    served: u64,
+    /// Units of the lease kept while the call is in flight.
+    keep: u64,
+    /// Units of the lease released by the call.
+    returning: u64,
 }
 
 struct StoreMetrics {
@@ -456,8 +564,8 @@ impl RedisStore {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let mut result = Ok(());
         for cell in self.inner.cells() {
-            let mut bucket = cell.lock().await;
-            if let Err(e) = self.inner.settle(&mut bucket).await {
+            let _turn = IoTurn::acquire(&cell).await;
+            if let Err(e) = self.inner.settle(&cell).await {
                 result = Err(e);
             }
         }
@@ -516,14 +624,15 @@ impl QuotaStore for RedisStore {
 
     async fn sweep(&self, now: i64) {
         for cell in self.inner.cells() {
-            let mut bucket = cell.lock().await;
-            if !bucket.windows.iter().any(|w| w.end <= now) {
+            let _turn = IoTurn::acquire(&cell).await;
+            if !cell.state().windows.iter().any(|w| w.end <= now) {
                 continue;
             }
-            if let Err(e) = self.inner.settle(&mut bucket).await {
+            if let Err(e) = self.inner.settle(&cell).await {
                 tracing::warn!(error = %e, "could not return a lease of an ended quota window");
                 // While a window is live its unreported units must stay on record, or they could be
                 // served twice; once every window has ended they only expire with the keys.
+                let mut bucket = cell.state();
                 if bucket.windows.iter().all(|w| w.end <= now) {
                     *bucket = Bucket::new();
                 }
@@ -535,7 +644,7 @@ impl QuotaStore for RedisStore {
 }
 
 impl Inner {
-    fn cells(&self) -> Vec<Arc<Mutex<Bucket>>> {
+    fn cells(&self) -> Vec<Arc<Cell>> {
         self.buckets.iter().map(|e| Arc::clone(e.value())).collect()
     }
 
@@ -546,14 +655,15 @@ impl Inner {
             if Arc::strong_count(cell) > 1 {
                 return true;
             }
-            match cell.try_lock() {
-                Ok(bucket) => !(bucket.clean() && pick(&bucket)),
-                Err(_) => true,
+            if cell.io.try_lock().is_err() {
+                return true;
             }
+            let bucket = cell.state();
+            !(bucket.clean() && pick(&bucket))
         });
     }
 
-    async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
+    async fn charge(self: &Arc<Self>, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
         let mut wanted = held_windows(charge);
         if self.max_lease == 0 {
             with_keys(charge.bucket, &mut wanted);
@@ -568,31 +678,99 @@ impl Inner {
             None => Arc::clone(
                 self.buckets
                     .entry(charge.bucket.into())
-                    .or_insert_with(|| Arc::new(Mutex::new(Bucket::new())))
+                    .or_insert_with(|| Arc::new(Cell::new()))
                     .value(),
             ),
         };
-        let mut bucket = cell.lock().await;
-        bucket.touched = Instant::now();
-        if bucket.matches(&wanted) {
-            if bucket.lease_left >= charge.cost {
-                bucket.lease_left -= charge.cost;
-                bucket.served += charge.cost;
-                self.metrics.local.inc();
-                return Ok(Outcome::Allowed(bucket.local_state(charge.now)));
+        loop {
+            match self.serve_locally(&cell, charge, &wanted) {
+                Local::Served(state, prefetch) => {
+                    if prefetch {
+                        self.prefetch(&cell, charge, wanted);
+                    }
+                    return Ok(Outcome::Allowed(state));
+                }
+                Local::Drained => {
+                    with_keys(charge.bucket, &mut wanted);
+                    return self.anonymous(charge, &wanted).await;
+                }
+                Local::Renew => {}
             }
-            if bucket.lease_left == 0
-                && bucket
-                    .drained_at
-                    .is_some_and(|at| at.elapsed() < IDLE_RETURN)
-            {
-                drop(bucket);
+            // Registered before trying `io`, so the end of a call in flight cannot slip by unnoticed.
+            let mut released = std::pin::pin!(cell.released.notified());
+            released.as_mut().enable();
+            if let Some(turn) = IoTurn::try_acquire(&cell) {
+                // The call that held `io` may have refilled the lease since the look above.
+                match self.serve_locally(&cell, charge, &wanted) {
+                    Local::Served(state, _) => return Ok(Outcome::Allowed(state)),
+                    Local::Drained => {
+                        drop(turn);
+                        with_keys(charge.bucket, &mut wanted);
+                        return self.anonymous(charge, &wanted).await;
+                    }
+                    Local::Renew => {}
+                }
                 with_keys(charge.bucket, &mut wanted);
-                return self.anonymous(charge, &wanted).await;
+                let outcome = self.renew(&cell, charge.cost, charge.now, wanted).await;
+                drop(turn);
+                return outcome;
+            }
+            // Another call for the bucket is in flight (bounded by the caller's timeout): wait for it.
+            released.await;
+        }
+    }
+
+    /// Serves `charge` from the bucket's lease if it can, under the bookkeeping lock only.
+    fn serve_locally(&self, cell: &Cell, charge: &Charge<'_>, wanted: &[Held]) -> Local {
+        let mut bucket = cell.state();
+        bucket.touched = Instant::now();
+        if !bucket.matches(wanted) {
+            return Local::Renew;
+        }
+        if bucket.lease_left >= charge.cost {
+            bucket.lease_left -= charge.cost;
+            bucket.served += charge.cost;
+            self.metrics.local.inc();
+            return Local::Served(bucket.local_state(charge.now), bucket.wants_prefetch());
+        }
+        if bucket.lease_left == 0
+            && bucket
+                .drained_at
+                .is_some_and(|at| at.elapsed() < IDLE_RETURN)
+        {
+            return Local::Drained;
+        }
+        Local::Renew
+    }
+
+    /// Renews the bucket's lease in a background task, unless a Redis call for the bucket is in flight.
+    fn prefetch(self: &Arc<Self>, cell: &Arc<Cell>, charge: &Charge<'_>, mut wanted: Vec<Held>) {
+        let Some(turn) = IoTurn::try_acquire(cell) else {
+            return;
+        };
+        {
+            // Another renewal may have completed since this charge looked.
+            let bucket = cell.state();
+            if !bucket.matches(&wanted) || !bucket.wants_prefetch() {
+                return;
             }
         }
         with_keys(charge.bucket, &mut wanted);
-        self.renew(&mut bucket, charge, wanted).await
+        let inner = Arc::clone(self);
+        let now = charge.now;
+        tokio::spawn(async move {
+            let renewed =
+                tokio::time::timeout(inner.timeout, inner.renew(&turn.cell, 0, now, wanted)).await;
+            drop(turn);
+            match renewed {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "could not renew a lease ahead of time"),
+                Err(_) => {
+                    inner.metrics.errors.with_label_values(&["timeout"]).inc();
+                    tracing::debug!("renewing a lease ahead of time timed out");
+                }
+            }
+        });
     }
 
     /// One charge without any lease or per-replica bookkeeping; concurrent ones need no lock.
@@ -603,7 +781,8 @@ impl Inner {
             .arg(0u64)
             .arg(charge.cost.min(LUA_MAX))
             .arg(0u64)
-            .arg(LEASE_DIVISOR);
+            .arg(LEASE_DIVISOR)
+            .arg(0u64);
         for w in wanted {
             call.key(&w.key)
                 .arg(-1i64)
@@ -629,6 +808,7 @@ impl Inner {
                 index,
                 used,
                 reserved,
+                ..
             } => Ok(exceeded(wanted, index, used, reserved, charge.now)),
             Answer::Stale => Err(StoreError::Backend(
                 "Redis answered a quota call as stale".into(),
@@ -636,75 +816,105 @@ impl Inner {
         }
     }
 
-    /// Reports the bucket's served units, releases its lease, charges `charge` and takes a new lease.
+    /// Reports the bucket's served units, charges `cost` and takes a new lease. While the windows stay the
+    /// same, the unserved rest of the lease stays reserved and local charges go on spending it during the
+    /// call; otherwise it is released. The caller holds the bucket's `io` lock.
     async fn renew(
         &self,
-        bucket: &mut Bucket,
-        charge: &Charge<'_>,
+        cell: &Cell,
+        cost: u64,
+        now: i64,
         mut wanted: Vec<Held>,
     ) -> Result<Outcome, StoreError> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let current: HashSet<&str> = wanted.iter().map(|w| w.key.as_str()).collect();
-        let leaving: Vec<&Held> = bucket
-            .windows
-            .iter()
-            .filter(|w| !current.contains(w.key.as_str()))
-            .collect();
-        let mut call = self.script.prepare_invoke();
-        call.arg(&self.replica)
-            .arg(seq)
-            .arg(leaving.len())
-            .arg(charge.cost.min(LUA_MAX))
-            .arg(self.max_lease)
-            .arg(LEASE_DIVISOR);
-        for w in &leaving {
-            call.key(&w.key).arg(claim(w, bucket.served));
-        }
-        for w in &mut wanted {
-            let kept = bucket.windows.iter().find(|h| h.key == w.key);
-            let claimed = kept.map_or(-1, |h| claim(h, bucket.served));
-            call.key(&w.key)
-                .arg(claimed)
-                .arg(w.limit)
-                .arg(ttl(w.end, charge.now));
-            if let Some(h) = kept {
-                w.base = h.base.map(|b| b + bucket.served);
+        let (call, sent) = {
+            let mut bucket = cell.state();
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let keep = if bucket.matches(&wanted) {
+                bucket.lease_left
+            } else {
+                0
+            };
+            let current: HashSet<&str> = wanted.iter().map(|w| w.key.as_str()).collect();
+            let leaving: Vec<&Held> = bucket
+                .windows
+                .iter()
+                .filter(|w| !current.contains(w.key.as_str()))
+                .collect();
+            let mut call = self.script.prepare_invoke();
+            call.arg(&self.replica)
+                .arg(seq)
+                .arg(leaving.len())
+                .arg(cost.min(LUA_MAX))
+                .arg(self.max_lease)
+                .arg(LEASE_DIVISOR)
+                .arg(keep);
+            for w in &leaving {
+                call.key(&w.key).arg(claim(w, bucket.served));
             }
-        }
-        let returning = bucket.lease_left;
-        // Until Redis answers, the lease is gone: if this call is lost, Redis may already have released it.
-        bucket.lease_left = 0;
-        bucket.dirty = true;
-        bucket.drained_at = None;
-        let answer = self.eval(&call, "lease").await?;
-        self.metrics.returned.inc_by(returning);
-        bucket.served = 0;
+            for w in &mut wanted {
+                let kept = bucket.windows.iter().find(|h| h.key == w.key);
+                let claimed = kept.map_or(-1, |h| claim(h, bucket.served));
+                call.key(&w.key)
+                    .arg(claimed)
+                    .arg(w.limit)
+                    .arg(ttl(w.end, now));
+                if let Some(h) = kept {
+                    w.base = h.base.map(|b| b + bucket.served);
+                }
+            }
+            let sent = Sent {
+                served: bucket.served,
+                keep,
+                returning: bucket.lease_left - keep,
+            };
+            // Until Redis answers, the released part is gone: if this call is lost, Redis may already have
+            // released it. The kept part stays reserved whatever becomes of the call.
+            bucket.lease_left = keep;
+            bucket.dirty = true;
+            bucket.drained_at = None;
+            (call, sent)
+        };
+        let answer = self.eval(&call, "lease").await;
+        let mut bucket = cell.state();
+        let answer = answer?;
+        self.metrics.returned.inc_by(sent.returning);
+        // Units served from the kept lease during the call are not in its claims: they stay to report.
+        bucket.served -= sent.served; // invariant: only the holder of `io` lowers `served`
         match answer {
-            Answer::Allowed { lease, rows } => {
+            Answer::Allowed { lease, kept, rows } => {
                 for (w, &(s, used, reserved)) in wanted.iter_mut().zip(&rows) {
                     w.base = Some(s);
                     w.used = used;
                     w.reserved = reserved;
                 }
                 bucket.windows = wanted;
-                bucket.lease_left = lease;
-                bucket.dirty = lease > 0;
+                bucket.lease_left = bucket
+                    .lease_left
+                    .saturating_sub(sent.keep.saturating_sub(kept))
+                    + lease;
+                bucket.held = kept + lease;
+                bucket.dirty = bucket.held > 0;
                 if lease > 0 {
                     self.metrics.leases.inc();
                     self.metrics.lease_units.inc_by(lease);
                 } else {
                     bucket.drained_at = Some(Instant::now());
                 }
-                Ok(Outcome::Allowed(bucket.local_state(charge.now)))
+                Ok(Outcome::Allowed(bucket.local_state(now)))
             }
             Answer::Exceeded {
                 index,
                 used,
                 reserved,
+                kept,
             } => {
-                let outcome = exceeded(&wanted, index, used, reserved, charge.now);
+                let outcome = exceeded(&wanted, index, used, reserved, now);
                 bucket.windows = wanted;
-                bucket.dirty = false;
+                bucket.lease_left = bucket
+                    .lease_left
+                    .saturating_sub(sent.keep.saturating_sub(kept));
+                bucket.held = kept;
+                bucket.dirty = bucket.held > 0;
                 bucket.drained_at = Some(Instant::now());
                 Ok(outcome)
             }
@@ -714,31 +924,40 @@ impl Inner {
         }
     }
 
-    /// Reports what the bucket served and returns its unused lease, keeping its windows.
-    async fn settle(&self, bucket: &mut Bucket) -> Result<(), StoreError> {
-        if bucket.clean() || bucket.windows.is_empty() {
-            return Ok(());
-        }
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut call = self.script.prepare_invoke();
-        call.arg(&self.replica)
-            .arg(seq)
-            .arg(bucket.windows.len())
-            .arg(0u64)
-            .arg(0u64)
-            .arg(LEASE_DIVISOR);
-        for w in &bucket.windows {
-            call.key(&w.key).arg(claim(w, bucket.served));
-        }
-        let returning = bucket.lease_left;
-        bucket.lease_left = 0;
-        bucket.dirty = true;
+    /// Reports what the bucket served and returns its unused lease, keeping its windows. The caller holds
+    /// the bucket's `io` lock.
+    async fn settle(&self, cell: &Cell) -> Result<(), StoreError> {
+        let (call, sent_served, returning) = {
+            let mut bucket = cell.state();
+            if bucket.clean() || bucket.windows.is_empty() {
+                return Ok(());
+            }
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let mut call = self.script.prepare_invoke();
+            call.arg(&self.replica)
+                .arg(seq)
+                .arg(bucket.windows.len())
+                .arg(0u64)
+                .arg(0u64)
+                .arg(LEASE_DIVISOR)
+                .arg(0u64);
+            for w in &bucket.windows {
+                call.key(&w.key).arg(claim(w, bucket.served));
+            }
+            let returning = bucket.lease_left;
+            bucket.lease_left = 0;
+            bucket.dirty = true;
+            (call, bucket.served, returning)
+        };
         self.eval(&call, "settle").await?;
         self.metrics.returned.inc_by(returning);
+        let mut bucket = cell.state();
         for w in &mut bucket.windows {
-            w.base = w.base.map(|b| b + bucket.served);
+            w.base = w.base.map(|b| b + sent_served);
         }
-        bucket.served = 0;
+        // With the lease at 0 nothing is served during the call: charges that find none wait for `io`.
+        bucket.served -= sent_served; // invariant: only the holder of `io` lowers `served`
+        bucket.held = 0;
         bucket.dirty = false;
         Ok(())
     }
@@ -812,13 +1031,13 @@ async fn return_idle_leases(inner: Weak<Inner>) {
             return;
         };
         for cell in inner.cells() {
-            let Ok(mut bucket) = cell.try_lock() else {
+            let Some(_turn) = IoTurn::try_acquire(&cell) else {
                 continue;
             };
-            if bucket.touched.elapsed() < IDLE_RETURN {
+            if cell.state().touched.elapsed() < IDLE_RETURN {
                 continue;
             }
-            if let Err(e) = inner.settle(&mut bucket).await {
+            if let Err(e) = inner.settle(&cell).await {
                 tracing::debug!(error = %e, "could not return an idle lease; will retry");
             }
         }
@@ -922,10 +1141,12 @@ fn parse_answer(values: &[i64]) -> Option<Answer> {
             index: usize::try_from(n(1)?).ok()?,
             used: n(2)?,
             reserved: n(3)?,
+            kept: n(4)?,
         }),
         1 => {
             let lease = n(1)?;
-            let rest = values.get(2..)?;
+            let kept = n(2)?;
+            let rest = values.get(3..)?;
             if rest.len() % 3 != 0 {
                 return None;
             }
@@ -939,7 +1160,7 @@ fn parse_answer(values: &[i64]) -> Option<Answer> {
                     ))
                 })
                 .collect::<Option<Vec<_>>>()?;
-            Some(Answer::Allowed { lease, rows })
+            Some(Answer::Allowed { lease, kept, rows })
         }
         _ => None,
     }
@@ -1079,18 +1300,23 @@ mod tests {
     fn script_answers_parse() {
         assert!(matches!(parse_answer(&[-1]), Some(Answer::Stale)));
         assert!(matches!(
-            parse_answer(&[0, 2, 5, 1]),
+            parse_answer(&[0, 2, 5, 1, 0]),
             Some(Answer::Exceeded {
                 index: 2,
                 used: 5,
-                reserved: 1
+                reserved: 1,
+                kept: 0
             })
         ));
-        match parse_answer(&[1, 7, 3, 4, 9]) {
-            Some(Answer::Allowed { lease: 7, rows }) => assert_eq!(rows, vec![(3, 4, 9)]),
+        match parse_answer(&[1, 7, 2, 3, 4, 9]) {
+            Some(Answer::Allowed {
+                lease: 7,
+                kept: 2,
+                rows,
+            }) => assert_eq!(rows, vec![(3, 4, 9)]),
             _ => panic!("expected allowed"),
         }
-        assert!(parse_answer(&[1, 7, 3, 4]).is_none());
+        assert!(parse_answer(&[1, 7, 2, 3, 4]).is_none());
         assert!(parse_answer(&[]).is_none());
         assert!(parse_answer(&[2]).is_none());
     }
