@@ -25,14 +25,7 @@ pub(crate) fn append<T: Serialize>(path: &Path, items: &[T]) -> Result<(), Billi
     if items.is_empty() {
         return Ok(());
     }
-    let mut out = Vec::new();
-    for item in items {
-        serde_json::to_writer(&mut out, item).map_err(|e| BillingError::Json {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        out.push(b'\n');
-    }
+    let mut out = encode(path, items)?;
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(io(dir))?;
     }
@@ -92,14 +85,8 @@ pub(crate) fn read<T: DeserializeOwned>(path: &Path) -> Result<(Vec<T>, u64), Bi
     Ok((out, bytes.len() as u64))
 }
 
-/// The file's length now (0 when missing): cheap change detection for files another process appends to.
-pub(crate) fn len(path: &Path) -> u64 {
-    fs::metadata(path).map_or(0, |m| m.len())
-}
-
-/// Replaces the file with `items` atomically (temporary file, fsync, rename, fsync of the folder).
-pub(crate) fn rewrite<T: Serialize>(path: &Path, items: &[T]) -> Result<(), BillingError> {
-    let tmp = path.with_extension("rewrite");
+/// `items` as JSON lines, each ending with a newline.
+fn encode<T: Serialize>(path: &Path, items: &[T]) -> Result<Vec<u8>, BillingError> {
     let mut out = Vec::new();
     for item in items {
         serde_json::to_writer(&mut out, item).map_err(|e| BillingError::Json {
@@ -108,6 +95,18 @@ pub(crate) fn rewrite<T: Serialize>(path: &Path, items: &[T]) -> Result<(), Bill
         })?;
         out.push(b'\n');
     }
+    Ok(out)
+}
+
+/// The file's length now (0 when missing): cheap change detection for files another process appends to.
+pub(crate) fn len(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Replaces the file with `items` atomically (temporary file, fsync, rename, fsync of the folder).
+pub(crate) fn rewrite<T: Serialize>(path: &Path, items: &[T]) -> Result<(), BillingError> {
+    let tmp = path.with_extension("rewrite");
+    let out = encode(path, items)?;
     let mut file = File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(&out)
         .and_then(|()| file.sync_all())
