@@ -9,6 +9,8 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 WORKDIR /src
+# make: tikv-jemalloc-sys builds jemalloc from source.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 COPY . .
 # BuildKit cache mounts keep the crate registry and the target folder between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

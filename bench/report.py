@@ -7,7 +7,7 @@ import os
 import statistics
 from datetime import datetime
 
-ORDER = ["envoy", "noop", "tollgate", "redis", "jwt", "envoy-jwt"]
+ORDER = ["envoy", "noop", "tollgate", "redis", "jwt", "envoy-jwt", "baseline"]
 LABEL = {
     "envoy": "1 Envoy alone",
     "noop": "2 Envoy + do-nothing ext_authz (floor)",
@@ -15,6 +15,7 @@ LABEL = {
     "redis": "4 Envoy + tollgate (Redis quota)",
     "jwt": "5 Envoy + tollgate (RS256 JWT)",
     "envoy-jwt": "6 Envoy jwt_authn (in-process)",
+    "baseline": "7 Envoy + the baseline tollgate build (variant 3's config)",
 }
 
 
@@ -166,6 +167,11 @@ def main():
         line("req/s: tollgate (3) / Envoy alone (1)", ratio("tollgate", "envoy", http, rps))
         line("req/s: tollgate JWT (5) / Envoy jwt_authn (6)", ratio("jwt", "envoy-jwt", http, rps))
         line("req/s: tollgate Redis (4) / tollgate memory (3)", ratio("redis", "tollgate", http, rps))
+        if rows(http, "baseline"):
+            line("req/s: this build (3) / baseline build (7)", ratio("tollgate", "baseline", http, rps))
+            line("req/s: baseline build (7) / floor (2)", ratio("baseline", "noop", http, rps))
+            line("authorizer CPU per request: this build (3) / baseline build (7)",
+                 ratio("tollgate", "baseline", http, lambda r: per10k(r, "authz_ticks")))
     if lat:
         by = {}
         for r in lat:
@@ -192,6 +198,9 @@ def main():
         rr = ratio("redis", "tollgate", h2, lambda r: r["result"]["rate"])
         line("direct Check/s: Redis / memory store (h2load)", rr, ">= 0.70" if rr else None,
              (lambda x: x >= 0.70) if rr else None)
+        if rows(h2, "baseline"):
+            line("direct Check/s: this build / baseline build (h2load)",
+                 ratio("tollgate", "baseline", h2, lambda r: r["result"]["rate"]))
         w("\n## Direct Check load, no Envoy (medians over rounds)\n\n")
         w("check_load: 2 HTTP/2 connections x 16 requests in flight, tonic client, round-robin over the bench "
           "catalog's apps. h2load: 2 connections x 32 streams, one pre-encoded CheckRequest. Both clients share "
@@ -199,7 +208,7 @@ def main():
           "2 cores to itself.\n\n")
         w("| server | tool | Check/s | p50 ms | p99 ms | p99.9 ms | server CPU us / Check | Check/s on 2 dedicated cores (2 / CPU per Check) | checked |\n"
           "|---|---|---|---|---|---|---|---|---|\n")
-        for v in ["noop", "tollgate", "redis"]:
+        for v in ["noop", "tollgate", "redis", "baseline"]:
             for tool, rs in (("check_load", [r for r in cl if r["variant"] == v]), ("h2load", [r for r in h2 if r["variant"] == v])):
                 if not rs:
                     continue

@@ -147,6 +147,9 @@ pub struct MeteringConfig {
     /// `<dir>/PRODUCER`, created once, stable across restarts and pod renames).
     #[serde(default, deserialize_with = "empty_is_none")]
     pub producer: Option<String>,
+    /// Least time between two fsyncs of the spool (records gather meanwhile; Envoy never waits for them).
+    #[serde(default = "default_commit_interval", deserialize_with = "duration")]
+    pub commit_interval: Duration,
 }
 
 impl Default for MeteringConfig {
@@ -158,6 +161,7 @@ impl Default for MeteringConfig {
             retention: None,
             max_disk_bytes: default_max_disk_bytes(),
             producer: None,
+            commit_interval: default_commit_interval(),
         }
     }
 }
@@ -167,6 +171,9 @@ fn default_grpc_listen() -> SocketAddr {
 }
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9002))
+}
+fn default_commit_interval() -> Duration {
+    crate::metering::DEFAULT_COMMIT_INTERVAL
 }
 fn default_metering_dir() -> PathBuf {
     PathBuf::from("data")
@@ -315,6 +322,7 @@ impl Config {
             options.retention = retention;
         }
         options.max_disk_bytes = m.max_disk_bytes;
+        options.commit_interval = m.commit_interval;
         options
     }
 
