@@ -7,10 +7,11 @@ import os
 import statistics
 from datetime import datetime
 
-ORDER = ["envoy", "noop", "tollgate", "redis", "jwt", "envoy-jwt", "baseline"]
+ORDER = ["envoy", "noop", "noop-rich", "tollgate", "redis", "jwt", "envoy-jwt", "baseline"]
 LABEL = {
     "envoy": "1 Envoy alone",
     "noop": "2 Envoy + do-nothing ext_authz (floor)",
+    "noop-rich": "8 Envoy + do-nothing ext_authz answering like tollgate (floor with tollgate's answer)",
     "tollgate": "3 Envoy + tollgate (API key, memory quota)",
     "redis": "4 Envoy + tollgate (Redis quota)",
     "jwt": "5 Envoy + tollgate (RS256 JWT)",
@@ -164,6 +165,9 @@ def main():
     if http:
         line("req/s: tollgate (3) / floor (2)", ratio("tollgate", "noop", http, rps), ">= 0.90", lambda x: x >= 0.90)
         line("req/s: floor (2) / Envoy alone (1)", ratio("noop", "envoy", http, rps))
+        if rows(http, "noop-rich"):
+            line("req/s: floor with tollgate's answer (8) / floor (2)", ratio("noop-rich", "noop", http, rps))
+            line("req/s: tollgate (3) / floor with tollgate's answer (8)", ratio("tollgate", "noop-rich", http, rps))
         line("req/s: tollgate (3) / Envoy alone (1)", ratio("tollgate", "envoy", http, rps))
         line("req/s: tollgate JWT (5) / Envoy jwt_authn (6)", ratio("jwt", "envoy-jwt", http, rps))
         line("req/s: tollgate Redis (4) / tollgate memory (3)", ratio("redis", "tollgate", http, rps))

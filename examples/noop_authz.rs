@@ -1,10 +1,11 @@
 //! The floor for any external authorizer: an ext_authz server that allows everything and an access-log
 //! service that reads and drops every entry. `bench/run` puts it behind Envoy exactly where tollgate goes.
 //!
-//! `noop_authz 127.0.0.1:PORT [WORKER_THREADS] [--rich]` (port 0 picks one; the bound address is printed on
-//! stdout). `--rich` answers with a fixed response shaped like tollgate's allow (10 metadata fields, 3 upstream
-//! headers, a header and a query parameter to remove, 3 response headers): what Envoy pays for the answer's
-//! content, apart from what computing it costs.
+//! `noop_authz 127.0.0.1:PORT [WORKER_THREADS] [--rich[=PARTS]]` (port 0 picks one; the bound address is printed
+//! on stdout). `--rich` answers with a fixed response shaped like tollgate's allow to the bench request: what
+//! Envoy pays for the answer's content, apart from what computing it costs (`bench/run` variant 8). PARTS, comma
+//! separated, picks some of it: `metadata` (9 fields), `upstream` (3 `x-tollgate-*` headers), `remove` (the key
+//! header), `response` (3 `ratelimit-*` headers); plain `--rich` is all four.
 
 use std::net::SocketAddr;
 
@@ -36,7 +37,52 @@ impl Authorization for Noop {
     }
 }
 
-fn answer(rich: bool) -> CheckResponse {
+/// The parts of tollgate's allow that `--rich` puts in the answer.
+#[derive(Clone, Copy, Default)]
+struct Parts {
+    metadata: bool,
+    upstream: bool,
+    remove: bool,
+    response: bool,
+}
+
+impl Parts {
+    fn parse(arg: &str) -> Result<Parts, String> {
+        let all = Parts {
+            metadata: true,
+            upstream: true,
+            remove: true,
+            response: true,
+        };
+        let Some(list) = arg.strip_prefix("--rich") else {
+            return Ok(Parts::default());
+        };
+        let Some(list) = list.strip_prefix('=') else {
+            return if list.is_empty() {
+                Ok(all)
+            } else {
+                Err(format!("unknown option {arg}"))
+            };
+        };
+        let mut parts = Parts::default();
+        for part in list.split(',') {
+            match part {
+                "metadata" => parts.metadata = true,
+                "upstream" => parts.upstream = true,
+                "remove" => parts.remove = true,
+                "response" => parts.response = true,
+                other => {
+                    return Err(format!(
+                        "unknown part {other} (metadata, upstream, remove, response)"
+                    ));
+                }
+            }
+        }
+        Ok(parts)
+    }
+}
+
+fn answer(parts: Parts) -> CheckResponse {
     let header = |key: &str, value: &str| HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_owned(),
@@ -46,22 +92,25 @@ fn answer(rich: bool) -> CheckResponse {
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     };
-    let (ok, metadata) = if rich {
-        let ok = OkHttpResponse {
-            headers: vec![
-                header("x-tollgate-app", "app000000"),
-                header("x-tollgate-developer", "dev0@bench.example"),
-                header("x-tollgate-product", "p00019"),
-            ],
-            headers_to_remove: vec!["x-api-key".to_owned()],
-            response_headers_to_add: vec![
-                header("ratelimit-limit", "1000000000000"),
-                header("ratelimit-remaining", "999999999999"),
-                header("ratelimit-reset", "36000"),
-            ],
-            query_parameters_to_remove: vec!["apikey".to_owned()],
-            ..Default::default()
-        };
+    let mut ok = OkHttpResponse::default();
+    if parts.upstream {
+        ok.headers = vec![
+            header("x-tollgate-app", "app000000"),
+            header("x-tollgate-developer", "dev0@bench.example"),
+            header("x-tollgate-product", "p00019"),
+        ];
+    }
+    if parts.remove {
+        ok.headers_to_remove = vec!["x-api-key".to_owned()];
+    }
+    if parts.response {
+        ok.response_headers_to_add = vec![
+            header("ratelimit-limit", "1000000000000"),
+            header("ratelimit-remaining", "999999999999"),
+            header("ratelimit-reset", "36000"),
+        ];
+    }
+    let metadata = parts.metadata.then(|| {
         let fields = [
             ("decision", "allow"),
             ("reason", "allowed"),
@@ -81,10 +130,8 @@ fn answer(rich: bool) -> CheckResponse {
             (k.to_owned(), value)
         })
         .collect();
-        (ok, Some(Struct { fields }))
-    } else {
-        (OkHttpResponse::default(), None)
-    };
+        Struct { fields }
+    });
     CheckResponse {
         status: Some(rpc::Status {
             code: rpc::Code::Ok as i32,
@@ -109,18 +156,21 @@ impl AccessLogService for Noop {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rich = args.iter().any(|a| a == "--rich");
+    let mut parts = Parts::default();
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        parts = Parts::parse(arg)?;
+    }
     let mut positional = args.iter().filter(|a| !a.starts_with("--"));
     let addr: SocketAddr = positional
         .next()
-        .ok_or("usage: noop_authz 127.0.0.1:PORT [WORKER_THREADS] [--rich]")?
+        .ok_or("usage: noop_authz 127.0.0.1:PORT [WORKER_THREADS] [--rich[=PARTS]]")?
         .parse()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = positional.next() {
         runtime.worker_threads(threads.parse()?);
     }
     let noop = Noop {
-        answer: answer(rich),
+        answer: answer(parts),
     };
     runtime.enable_all().build()?.block_on(async move {
         let listener = TcpListener::bind(addr).await?;
