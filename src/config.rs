@@ -38,6 +38,9 @@ pub struct Config {
     /// The route context extension naming the API.
     #[serde(default, deserialize_with = "empty_is_none")]
     pub api_context_extension: Option<String>,
+    /// Whether allowed requests reach the upstream with `x-tollgate-app`, `-developer` and `-product`.
+    #[serde(default = "default_true")]
+    pub upstream_identity_headers: bool,
     /// Quota counters.
     #[serde(default)]
     pub quota: QuotaConfig,
@@ -171,6 +174,9 @@ fn default_grpc_listen() -> SocketAddr {
 }
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9002))
+}
+fn default_true() -> bool {
+    true
 }
 fn default_commit_interval() -> Duration {
     crate::metering::DEFAULT_COMMIT_INTERVAL
@@ -331,6 +337,7 @@ impl Config {
         Settings {
             environment: self.environment.clone(),
             api_context_extension: self.api_context_extension.clone(),
+            upstream_identity_headers: self.upstream_identity_headers,
             api_key: self.identity.api_key.clone(),
             on_store_error: self.quota.on_store_error,
             on_store_error_by_api: self.quota.on_store_error_by_api.clone(),

@@ -49,6 +49,8 @@ pub struct Settings {
     pub environment: Option<String>,
     /// The context extension carrying the API id (`api_context_extension`).
     pub api_context_extension: Option<String>,
+    /// `upstream_identity_headers`: name the caller to the upstream in `x-tollgate-*` headers.
+    pub upstream_identity_headers: bool,
     /// Where API keys are looked for.
     pub api_key: ApiKeyConfig,
     /// `quota.on_store_error`.
@@ -780,6 +782,7 @@ developers:
                 on_store_error: OnStoreError::Deny,
                 on_store_error_by_api: HashMap::new(),
                 bearer: false,
+                upstream_identity_headers: true,
             },
         }
     }

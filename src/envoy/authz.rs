@@ -144,16 +144,18 @@ pub fn check_response(
     }
 }
 
-fn ok_response(
-    decision: &Decision<'_>,
+fn ok_response<'a>(
+    decision: &Decision<'a>,
     request: &Request<'_>,
     settings: &Settings,
 ) -> OkHttpResponse {
     let identity = &decision.identity;
+    // Envoy pays for every header it adds (bench/answer-parts: about 5 % of req/s for these three).
+    let set = |value: Option<&'a str>| value.filter(|_| settings.upstream_identity_headers);
     let own = [
-        ("x-tollgate-app", identity.app),
-        ("x-tollgate-developer", identity.developer),
-        ("x-tollgate-product", identity.product),
+        ("x-tollgate-app", set(identity.app)),
+        ("x-tollgate-developer", set(identity.developer)),
+        ("x-tollgate-product", set(identity.product)),
     ];
     let headers = own
         .iter()
@@ -275,21 +277,17 @@ fn metadata(decision: &Decision<'_>) -> Struct {
         ("api", Some(decision.api).filter(|a| !a.is_empty())),
         ("environment", decision.environment),
     ];
-    Struct {
-        fields: fields
-            .into_iter()
-            .filter_map(|(k, v)| {
-                v.map(|v| {
-                    (
-                        k.to_owned(),
-                        Value {
-                            kind: Some(Kind::StringValue(v.to_owned())),
-                        },
-                    )
-                })
-            })
-            .collect(),
+    // Sized up front: collecting a filtered iterator would grow (and rehash) the table three times per Check.
+    let mut map = HashMap::with_capacity(fields.len());
+    for (k, v) in fields {
+        if let Some(v) = v {
+            let value = Value {
+                kind: Some(Kind::StringValue(v.to_owned())),
+            };
+            map.insert(k.to_owned(), value);
+        }
     }
+    Struct { fields: map }
 }
 
 #[cfg(test)]
@@ -302,6 +300,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             api_key: ApiKeyConfig::default(),
+            upstream_identity_headers: true,
             ..Default::default()
         }
     }
@@ -379,6 +378,35 @@ mod tests {
         assert_eq!(get("app").as_deref(), Some("weatherapp"));
         assert_eq!(get("environment").as_deref(), Some("test"));
         assert_eq!(get("company"), None);
+    }
+
+    #[test]
+    fn without_identity_headers_every_client_sent_own_header_is_removed() {
+        let headers: HashMap<String, String> = [("x-tollgate-app", "evil"), ("x-api-key", "k")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let request = Request {
+            method: "GET",
+            path: "/a",
+            authority: "h",
+            headers: &headers,
+            context_extensions: &EMPTY,
+        };
+        let settings = Settings {
+            upstream_identity_headers: false,
+            ..settings()
+        };
+        let response = check_response(&decision(Reason::Allowed), &request, &settings);
+        let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
+            panic!("expected an OkResponse");
+        };
+        assert!(ok.headers.is_empty(), "{:?}", ok.headers);
+        let mut removed = ok.headers_to_remove.clone();
+        removed.sort();
+        assert_eq!(removed, vec!["x-api-key", "x-tollgate-app"]);
+        let metadata = response.dynamic_metadata.unwrap_or_default();
+        assert!(metadata.fields.contains_key("app"), "metadata is kept");
     }
 
     #[test]
