@@ -277,6 +277,9 @@ volumeMounts:
     mountPath: {{ include "tollgate.meteringDir" . }}
   - name: tollgate-tmp
     mountPath: /tmp
+{{- with $v.extraVolumeMounts }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* The pod's volumes, prefixed so they cannot collide with an Envoy pod's own; the spool is left out when a StatefulSet claims one per pod. */}}
@@ -320,6 +323,9 @@ volumeMounts:
 - name: tollgate-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- with $v.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* The pod template shared by the Deployment and the StatefulSet. */}}
