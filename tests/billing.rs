@@ -400,12 +400,17 @@ async fn dead_letters_and_requeue() {
     let deadline = Instant::now() + SETTLE;
     let letters = loop {
         let letters = running.billing.dead_letters().expect("dead letters");
-        if letters.len() == bob_rows.len() && emulator.totals().await == ada {
+        // Ada's rows are confirmed in the outbox a moment after the emulator counts them.
+        let pending = rig.metering.outbox_pending().await.len();
+        if letters.len() == bob_rows.len()
+            && emulator.totals().await == ada
+            && pending == bob_rows.len()
+        {
             break letters;
         }
         assert!(
             Instant::now() < deadline,
-            "{} dead letters, {} Bob rows",
+            "{} dead letters, {} Bob rows, {pending} rows pending",
             letters.len(),
             bob_rows.len()
         );
