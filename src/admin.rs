@@ -9,8 +9,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use subtle::ConstantTimeEq;
 
+use crate::bearer;
 use crate::billing::Billing;
 use crate::metering::{Metering, MeteringError, UsageQuery};
 use crate::quota::QuotaStore;
@@ -62,11 +62,8 @@ async fn require_token(
     };
     let presented = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
-    if presented.as_bytes().ct_eq(expected.as_bytes()).into() {
+        .and_then(|v| v.to_str().ok());
+    if bearer::matches(presented, expected) {
         return next.run(request).await;
     }
     (

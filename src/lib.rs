@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod authorizer;
+pub mod bearer;
 pub mod billing;
 pub mod catalog;
 pub mod config;

@@ -136,7 +136,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .add_service(AuthorizationServer::new(AuthzService::new(
             authorizer.clone(),
         )))
-        .add_service(access_log.into_server())
+        .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             signalled(shutdown_rx.clone()),

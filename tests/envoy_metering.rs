@@ -394,3 +394,60 @@ async fn usage_records(tollgate: &Tollgate, customer: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The access logger's `grpc_service` in [`support::envoy_config`], with the bearer token Envoy must present.
+fn with_access_log_token(envoy_yaml: &str, token: &str) -> String {
+    let service = "                grpc_service:\n                  envoy_grpc: { cluster_name: tollgate_grpc }\n";
+    assert!(
+        envoy_yaml.contains(service),
+        "the access logger's grpc_service moved"
+    );
+    envoy_yaml.replacen(
+        service,
+        &format!(
+            "{service}                  initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]\n"
+        ),
+        1,
+    )
+}
+
+#[tokio::test]
+async fn with_an_access_log_token_only_the_envoy_presenting_it_is_metered() {
+    let config = format!("access_log_token: s3cret-token\n{}", config("1s", "1s"));
+    let upstream = support::EchoUpstream::start();
+    let tollgate = Tollgate::start(&config, &catalog()).await;
+    let plain = support::envoy_config(tollgate.grpc_port, upstream.port);
+    let trusted = support::Envoy::start(&with_access_log_token(&plain, "s3cret-token")).await;
+    let stranger = support::Envoy::start(&with_access_log_token(&plain, "guessed")).await;
+    let client = support::http_client();
+    for envoy in [&trusted, &stranger] {
+        for _ in 0..5 {
+            let r = client
+                .get(envoy.url("/forecast"))
+                .header("x-api-key", KEY_A)
+                .send()
+                .await
+                .expect("call");
+            assert_eq!(r.status().as_u16(), 200, "ext_authz needs no token");
+        }
+    }
+    poll_until("the trusted Envoy's 5 records", SEAL_TIMEOUT, || async {
+        (usage_records(&tollgate, "cus_A").await == 5).then_some(())
+    })
+    .await;
+    poll_until("the stranger's streams refused", SEAL_TIMEOUT, || async {
+        let refused = tollgate
+            .metric("tollgate_metering_streams_unauthenticated_total", &[])
+            .await
+            .unwrap_or(0.0);
+        (refused >= 1.0).then_some(())
+    })
+    .await;
+    // The stranger keeps retrying and is refused every time: its 5 calls never become usage.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(usage_records(&tollgate, "cus_A").await, 5);
+    assert!(
+        !tollgate.logs().contains("s3cret-token") && !tollgate.logs().contains("guessed"),
+        "a token reached the log"
+    );
+}

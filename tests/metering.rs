@@ -146,6 +146,15 @@ struct Server {
 
 impl Server {
     async fn start(metering: Metering, registry: &prometheus::Registry) -> Server {
+        Self::start_with_token(metering, registry, None).await
+    }
+
+    /// [`Server::start`] with `access_log_token` set.
+    async fn start_with_token(
+        metering: Metering,
+        registry: &prometheus::Registry,
+        token: Option<&str>,
+    ) -> Server {
         let service = AccessLogService::new(metering, registry).expect("register metrics");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -154,7 +163,7 @@ impl Server {
         let (stop, mut stopped) = watch::channel(false);
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(service.into_server())
+                .add_service(service.into_server(token.map(Into::into)))
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 }),
@@ -164,13 +173,25 @@ impl Server {
 
     /// Sends `messages` on one stream; Ok once the server answered (every record durable).
     async fn stream(&self, messages: Vec<StreamAccessLogsMessage>) -> Result<(), tonic::Status> {
+        self.stream_with(messages, None).await
+    }
+
+    /// [`Server::stream`] with an `authorization` header on the stream.
+    async fn stream_with(
+        &self,
+        messages: Vec<StreamAccessLogsMessage>,
+        authorization: Option<&str>,
+    ) -> Result<(), tonic::Status> {
         let mut client = AccessLogServiceClient::connect(format!("http://{}", self.addr))
             .await
             .expect("connect to the access-log service");
-        client
-            .stream_access_logs(tokio_stream::iter(messages))
-            .await
-            .map(|_| ())
+        let mut request = tonic::Request::new(tokio_stream::iter(messages));
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().expect("ascii header"));
+        }
+        client.stream_access_logs(request).await.map(|_| ())
     }
 }
 
@@ -683,4 +704,71 @@ async fn forged_start_times_count_at_arrival_and_seal() {
             "counted in its arrival window: {row:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_access_log_token_only_streams_bearing_it_are_metered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None).unwrap();
+    let options = MeteringOptions::new(
+        dir.path(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        "test-producer",
+    );
+    let metering = open(options, &registry).await;
+    let server = Server::start_with_token(metering.clone(), &registry, Some("s3cret")).await;
+    let batch = |id: &str| {
+        vec![http(
+            vec![entry(id, "allow", "calls", 200, None)],
+            Some("gw"),
+        )]
+    };
+
+    for presented in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret"),
+        Some("Basic s3cret"),
+    ] {
+        let refused = server
+            .stream_with(batch("forged"), presented)
+            .await
+            .expect_err("a stream without the token is refused");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{presented:?}"
+        );
+        assert!(
+            !refused.message().contains("s3cret"),
+            "{}",
+            refused.message()
+        );
+    }
+    assert_eq!(
+        metric(
+            &registry,
+            "tollgate_metering_streams_unauthenticated_total",
+            None
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(&registry, "tollgate_metering_records_received_total", None),
+        0.0
+    );
+
+    server
+        .stream_with(batch("real"), Some("Bearer s3cret"))
+        .await
+        .expect("a stream with the token is metered");
+    assert_eq!(
+        metric(&registry, "tollgate_metering_records_received_total", None),
+        1.0
+    );
+    assert_eq!(
+        metric(&registry, "tollgate_metering_records_spooled_total", None),
+        1.0
+    );
 }

@@ -8,7 +8,12 @@
 //!
 //! Response headers that a `response_header:<name>` meter reads must be listed in the access logger's
 //! `additional_response_headers_to_log`, or Envoy does not send them.
+//!
+//! Records become billed usage, so with `access_log_token` set a stream must carry
+//! `authorization: Bearer <token>` (Envoy: the logger's `grpc_service.initial_metadata`); others are refused
+//! before a single entry is read.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
@@ -22,8 +27,11 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 use envoy_types::pb::google::protobuf::{Struct, Timestamp, value::Kind};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::bearer;
 use crate::metering::{Metering, MeteringError, UsageRecord};
 
 /// The dynamic-metadata namespace ext_authz writes (CONTRACT §4).
@@ -39,6 +47,34 @@ pub struct AccessLogService {
     received: IntCounter,
     tcp_ignored: IntCounter,
     rejected: IntCounterVec,
+    unauthenticated: IntCounter,
+}
+
+/// Refuses access-log streams without the configured bearer token; lets all through when none is set.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Option<Arc<str>>,
+    refused: IntCounter,
+}
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if bearer::matches(presented, token) {
+            return Ok(request);
+        }
+        self.refused.inc();
+        tracing::warn!("access-log stream refused: it carries no valid access_log_token");
+        Err(Status::unauthenticated(
+            "access-log streams need the access_log_token as a bearer token (grpc_service.initial_metadata)",
+        ))
+    }
 }
 
 impl AccessLogService {
@@ -61,7 +97,12 @@ impl AccessLogService {
         )?;
         registry.register(Box::new(received.clone()))?;
         registry.register(Box::new(tcp_ignored.clone()))?;
+        let unauthenticated = IntCounter::new(
+            "metering_streams_unauthenticated_total",
+            "access-log streams refused for want of the access_log_token",
+        )?;
         registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(unauthenticated.clone()))?;
         for reason in ["full", "error"] {
             rejected.with_label_values(&[reason]);
         }
@@ -70,12 +111,20 @@ impl AccessLogService {
             received,
             tcp_ignored,
             rejected,
+            unauthenticated,
         })
     }
 
-    /// The tonic service to add to the gRPC server.
-    pub fn into_server(self) -> AccessLogServiceServer<Self> {
-        AccessLogServiceServer::new(self)
+    /// The tonic service to add to the gRPC server; with `token`, only streams bearing it are served.
+    pub fn into_server(
+        self,
+        token: Option<Arc<str>>,
+    ) -> InterceptedService<AccessLogServiceServer<Self>, TokenCheck> {
+        let check = TokenCheck {
+            token,
+            refused: self.unauthenticated.clone(),
+        };
+        AccessLogServiceServer::with_interceptor(self, check)
     }
 
     fn settle(

@@ -141,6 +141,7 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- /* The admin port serves the kubelet's probes and Prometheus, which reach the pod IP in both modes. */}}
 {{- $_ := set $cfg "admin_listen" (printf "0.0.0.0:%d" (int $v.ports.admin)) }}
 {{- $_ := set $cfg "admin_token" "${TOLLGATE_ADMIN_TOKEN:-}" }}
+{{- $_ := set $cfg "access_log_token" "${TOLLGATE_ACCESS_LOG_TOKEN:-}" }}
 {{- $_ := set $cfg "catalog" (dict "path" (printf "%s/catalog.yaml" (include "tollgate.catalogDir" .))) }}
 {{- $metering := default (dict) $cfg.metering }}
 {{- $_ := set $metering "dir" (include "tollgate.meteringDir" .) }}
@@ -177,6 +178,13 @@ them, so `helm template` and `helm install` fail with one clear sentence.
     secretKeyRef:
       name: {{ $v.secrets.adminToken.name }}
       key: {{ $v.secrets.adminToken.key }}
+{{- end }}
+{{- if $v.secrets.accessLogToken.name }}
+- name: TOLLGATE_ACCESS_LOG_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.secrets.accessLogToken.name }}
+      key: {{ $v.secrets.accessLogToken.key }}
 {{- end }}
 {{- if include "tollgate.redisOn" . }}
 - name: TOLLGATE_REDIS_URL
