@@ -120,9 +120,11 @@ tg_ensure_redis() {
   command -v redis-server
 }
 
-# Cargo settings for a shared 2-core machine.
+# Cargo settings for a shared 2-core machine, and what the build needs besides Rust: make, for jemalloc
+# (tikv-jemalloc-sys builds it from source).
 tg_cargo_env() {
   if [ -z "${CARGO_BUILD_JOBS:-}" ]; then
     export CARGO_BUILD_JOBS=2
   fi
+  command -v make >/dev/null 2>&1 || tg_apt_install make
 }
