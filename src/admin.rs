@@ -12,8 +12,10 @@ use axum::{Json, Router};
 
 use crate::bearer;
 use crate::billing::Billing;
+use crate::catalog::CatalogHandle;
+use crate::decision::app_quotas;
 use crate::metering::{Metering, MeteringError, UsageQuery};
-use crate::quota::QuotaStore;
+use crate::quota::{LimitUsage, QuotaStore};
 use crate::telemetry::Metrics;
 
 /// How long `/readyz` waits for the quota store.
@@ -24,8 +26,10 @@ const READY_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct AdminState {
     /// Rendered by `/metrics`.
     pub metrics: Metrics,
-    /// Pinged by `/readyz`.
+    /// Pinged by `/readyz`; read for the quota counters of `/v1/usage?app=`.
     pub quota: Arc<dyn QuotaStore>,
+    /// Names an app's quota counters for `/v1/usage?app=`.
+    pub catalog: Arc<CatalogHandle>,
     /// Answers `/v1/usage` and `/v1/outbox`; `/readyz` fails while its spool is full.
     pub metering: Metering,
     /// Answers `/v1/billing/dead-letters` when billing is configured.
@@ -75,8 +79,23 @@ async fn require_token(
 }
 
 async fn usage(State(state): State<AdminState>, Query(query): Query<UsageQuery>) -> Response {
+    let app = query.app.clone();
     match state.metering.usage(query).await {
-        Ok(report) => Json(report).into_response(),
+        Ok(report) => {
+            let Some(app) = app else {
+                return Json(report).into_response();
+            };
+            let mut body = serde_json::to_value(&report).unwrap_or_default();
+            match quota_counters(&state, &app).await {
+                Ok(counters) => body["quota"] = serde_json::Value::Array(counters),
+                Err(e) => {
+                    tracing::warn!(error = %e, "quota counters unavailable for the usage report");
+                    body["quota"] = serde_json::Value::Null;
+                    body["quota_error"] = "the quota store did not answer".into();
+                }
+            }
+            Json(body).into_response()
+        }
         Err(MeteringError::BadQuery(bad)) => (
             StatusCode::BAD_REQUEST,
             Json(serde_json::json!({"error": "bad_request", "message": bad.to_string()})),
@@ -91,6 +110,42 @@ async fn usage(State(state): State<AdminState>, Query(query): Query<UsageQuery>)
                 .into_response()
         }
     }
+}
+
+/// Where each of the app's quota counters stands now (an app unknown to the catalog has none).
+async fn quota_counters(
+    state: &AdminState,
+    app: &str,
+) -> Result<Vec<serde_json::Value>, crate::quota::StoreError> {
+    let catalog = state.catalog.snapshot();
+    let Some(app) = catalog.apps().iter().find(|a| a.name == app) else {
+        return Ok(Vec::new());
+    };
+    let now = chrono::Utc::now().timestamp();
+    let mut counters = Vec::new();
+    for quota in app_quotas(&catalog, app) {
+        for usage in state.quota.usage(&quota.bucket, quota.limits, now).await? {
+            counters.push(counter_json(quota.product, quota.operation, &usage));
+        }
+    }
+    Ok(counters)
+}
+
+fn counter_json(product: &str, operation: Option<&str>, usage: &LimitUsage) -> serde_json::Value {
+    let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339());
+    let limit = usage.limit.limit;
+    serde_json::json!({
+        "product": product,
+        "operation": operation,
+        "limit": limit,
+        "interval": usage.limit.interval,
+        "unit": usage.limit.unit.as_str(),
+        "window_start": at(usage.window.start),
+        "window_end": at(usage.window.end),
+        "used": usage.used,
+        "reserved": usage.reserved,
+        "remaining": limit.saturating_sub(usage.used.saturating_add(usage.reserved)),
+    })
 }
 
 async fn dead_letters(State(state): State<AdminState>) -> Response {

@@ -262,6 +262,62 @@ pub enum Plan<'a> {
     Charge(Pending<'a>),
 }
 
+/// The quota store's bucket of `owner`'s counters for a product, or for one of its operations that has a
+/// quota of its own.
+fn bucket_key(owner: Owner<'_>, product: &str, operation: Option<&str>) -> String {
+    match operation {
+        Some(operation) => format!("{}\u{1f}{product}\u{1f}{operation}", owner.bucket()),
+        None => format!("{}\u{1f}{product}", owner.bucket()),
+    }
+}
+
+/// One quota counter an app spends: a product's quota, or an operation's own.
+#[derive(Debug, Clone)]
+pub struct AppQuota<'a> {
+    /// The product.
+    pub product: &'a str,
+    /// The operation, when the counter is its own quota.
+    pub operation: Option<&'a str>,
+    /// The quota store's bucket.
+    pub bucket: String,
+    /// The limits charged on it.
+    pub limits: &'a [Limit],
+}
+
+/// Every quota counter `app` spends, product by product in catalog order: for each approved subscription, the
+/// product's quota (when some operation falls back to it) and each operation's own quota.
+pub fn app_quotas<'a>(catalog: &'a Catalog, app: &'a App) -> Vec<AppQuota<'a>> {
+    let owner = Owner::App(&app.name);
+    let mut quotas = Vec::new();
+    for subscription in &app.products {
+        if subscription.status != SubscriptionStatus::Approved {
+            continue;
+        }
+        let Some(product) = catalog.product(subscription.product) else {
+            continue;
+        };
+        if !product.quota.is_empty() && product.operations.iter().any(|o| o.quota.is_none()) {
+            quotas.push(AppQuota {
+                product: &product.name,
+                operation: None,
+                bucket: bucket_key(owner, &product.name, None),
+                limits: &product.quota,
+            });
+        }
+        for operation in &product.operations {
+            if let Some(limits) = operation.quota.as_deref().filter(|l| !l.is_empty()) {
+                quotas.push(AppQuota {
+                    product: &product.name,
+                    operation: Some(&operation.name),
+                    bucket: bucket_key(owner, &product.name, Some(&operation.name)),
+                    limits,
+                });
+            }
+        }
+    }
+    quotas
+}
+
 /// Who a request's credential resolved to in the catalog, and what it may use.
 struct Entitled<'a> {
     identity: Identity<'a>,
@@ -413,16 +469,11 @@ pub fn plan<'a>(
     let (limits, bucket) = match &operation.quota {
         Some(limits) => (
             limits.as_slice(),
-            format!(
-                "{}\u{1f}{}\u{1f}{}",
-                owner.bucket(),
-                product.name,
-                operation.name
-            ),
+            bucket_key(owner, &product.name, Some(&operation.name)),
         ),
         None => (
             product.quota.as_slice(),
-            format!("{}\u{1f}{}", owner.bucket(), product.name),
+            bucket_key(owner, &product.name, None),
         ),
     };
     if limits.is_empty() {
@@ -953,6 +1004,44 @@ developers:
             }
         );
         assert_eq!(d.environment, Some("test"));
+    }
+
+    #[test]
+    fn app_quotas_name_exactly_the_buckets_that_calls_charge() {
+        let w = world();
+        let app = w
+            .catalog
+            .apps()
+            .iter()
+            .find(|a| a.name == "weatherapp")
+            .expect("weatherapp");
+        let quotas = app_quotas(&w.catalog, app);
+        let listed: Vec<(&str, Option<&str>, &str, u64)> = quotas
+            .iter()
+            .map(|q| (q.product, q.operation, q.bucket.as_str(), q.limits[0].limit))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("free", None, "weatherapp\u{1f}free", 2),
+                ("free", Some("bulk"), "weatherapp\u{1f}free\u{1f}bulk", 100),
+            ]
+        );
+        let h = headers(Some("abc"));
+        let e = ext("weather");
+        for (method, path) in [("GET", "/forecast"), ("POST", "/bulk/x")] {
+            let Plan::Charge(pending) = decide_now(&w, method, path, &h, &e) else {
+                panic!("expected a charge for {method} {path}");
+            };
+            let charge = pending.charge(NOW);
+            assert!(
+                quotas
+                    .iter()
+                    .any(|q| q.bucket == charge.bucket && q.limits == charge.limits),
+                "{method} {path} charges {:?}, which app_quotas does not list",
+                charge.bucket
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let admin_router = admin::router(AdminState {
         metrics: metrics.clone(),
         quota: quota.clone(),
+        catalog: handle.clone(),
         metering: metering.clone(),
         billing: billing.clone(),
         admin_token: config.admin_token.as_deref().map(Arc::from),

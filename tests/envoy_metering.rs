@@ -31,6 +31,7 @@ fn catalog() -> String {
         r#"
 products:
   - name: weather
+    quota: {{limit: 100, unit: day}}
     operations: [{{api: weatherapi, paths: [/forecast], methods: [GET]}}]
     meter: {{event_name: weather_api_calls, value: calls, success: [2xx]}}
   - name: genai
@@ -449,5 +450,56 @@ async fn with_an_access_log_token_only_the_envoy_presenting_it_is_metered() {
     assert!(
         !tollgate.logs().contains("s3cret-token") && !tollgate.logs().contains("guessed"),
         "a token reached the log"
+    );
+}
+
+#[tokio::test]
+async fn usage_for_an_app_reports_its_quota_counters() {
+    let stack = Stack::start(&config("60s", "1s"), &catalog()).await;
+    for _ in 0..7 {
+        let r = stack
+            .client
+            .get(stack.url("/forecast"))
+            .header("x-api-key", KEY_A)
+            .send()
+            .await
+            .expect("call");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let get = |query: &'static str| {
+        let url = stack.tollgate.admin_url(&format!("/v1/usage?{query}"));
+        async move {
+            let body: Json = support::http_client()
+                .get(url)
+                .send()
+                .await
+                .expect("usage")
+                .json()
+                .await
+                .expect("usage JSON");
+            body
+        }
+    };
+    let report = get("app=app_a").await;
+    let quota = report["quota"].as_array().expect("a quota list for an app");
+    assert_eq!(quota.len(), 1, "{quota:?}");
+    let counter = &quota[0];
+    assert_eq!(counter["product"], "weather");
+    assert_eq!(counter["operation"], Json::Null);
+    assert_eq!(
+        (counter["limit"].as_u64(), counter["unit"].as_str()),
+        (Some(100), Some("day"))
+    );
+    assert_eq!(counter["used"].as_u64(), Some(7));
+    assert_eq!(counter["remaining"].as_u64(), Some(93));
+    assert!(
+        counter["window_start"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("T00:00:00+00:00"))
+    );
+    assert_eq!(get("app=nobody").await["quota"], Json::Array(Vec::new()));
+    assert!(
+        get("customer=cus_A").await.get("quota").is_none(),
+        "quota counters are per app"
     );
 }

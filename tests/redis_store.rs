@@ -309,6 +309,62 @@ async fn leases_span_every_limit_and_stay_exact() {
     assert_eq!(hget(&server, &hour, "reserved"), 0);
 }
 
+#[tokio::test]
+async fn usage_reads_what_redis_counted_and_what_is_leased() {
+    let server = RedisServer::start();
+    let exact = store(server.url(), 0).await;
+    let leasing = store(server.url(), 100).await;
+    let limits = [limit(1_000, Unit::Hour), limit(500, Unit::Day)];
+    let now = T0;
+    for _ in 0..7 {
+        assert!(allowed(&charge(&exact, "read", &limits, 1, now).await));
+    }
+    let usage = exact.usage("read", &limits, now).await.expect("usage");
+    assert_eq!(
+        usage
+            .iter()
+            .map(|u| (u.used, u.reserved))
+            .collect::<Vec<_>>(),
+        [(7, 0), (7, 0)]
+    );
+    assert_eq!(usage[1].window, limits[1].window(now));
+    assert_eq!(
+        exact
+            .usage("read", &limits, now)
+            .await
+            .expect("usage again"),
+        usage,
+        "reading charges nothing"
+    );
+    // Units served from a lease are reported to Redis later: meanwhile they are reserved, so the true count
+    // lies between used and used + reserved, and the other replica sees it.
+    for _ in 0..5 {
+        assert!(allowed(&charge(&leasing, "read", &limits, 1, now).await));
+    }
+    for u in exact
+        .usage("read", &limits, now)
+        .await
+        .expect("usage with a lease")
+    {
+        assert!(u.used >= 7 && u.used <= 12, "{u:?}");
+        assert!(u.used + u.reserved >= 12, "{u:?}");
+    }
+    leasing.flush().await.expect("flush");
+    let settled = exact
+        .usage("read", &limits, now)
+        .await
+        .expect("usage settled");
+    assert!(
+        settled.iter().all(|u| (u.used, u.reserved) == (12, 0)),
+        "{settled:?}"
+    );
+    let nothing = exact
+        .usage("never-charged", &limits, now)
+        .await
+        .expect("usage");
+    assert!(nothing.iter().all(|u| u.used == 0 && u.reserved == 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_redis_fails_fast_and_a_restarted_one_is_used_again() {
     let mut server = RedisServer::start();

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{Charge, Limit, LimitState, Outcome, QuotaStore, StoreError, Unit};
+use super::{Charge, Limit, LimitState, LimitUsage, Outcome, QuotaStore, StoreError, Unit};
 
 /// Counters of one window length of one bucket.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +124,37 @@ impl QuotaStore for MemoryStore {
         Ok(Self::charge_counters(&mut counters, charge))
     }
 
+    async fn usage(
+        &self,
+        bucket: &str,
+        limits: &[Limit],
+        now: i64,
+    ) -> Result<Vec<LimitUsage>, StoreError> {
+        let counters = self.buckets.get(bucket);
+        Ok(limits
+            .iter()
+            .map(|limit| {
+                let window = limit.window(now);
+                let used = counters
+                    .as_deref()
+                    .and_then(|counters| {
+                        counters.iter().find(|c| {
+                            c.unit == limit.unit
+                                && c.interval == limit.interval
+                                && c.window_start == window.start
+                        })
+                    })
+                    .map_or(0, |c| c.used);
+                LimitUsage {
+                    limit: *limit,
+                    window,
+                    used,
+                    reserved: 0,
+                }
+            })
+            .collect())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -166,6 +197,34 @@ mod tests {
             })
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn usage_reads_the_current_windows_without_charging() {
+        let store = MemoryStore::new();
+        let limits = [limit(10, Unit::Minute), limit(100, Unit::Day)];
+        let now = T0 - T0 % 60 + 10;
+        for _ in 0..3 {
+            charge(&store, "a", &limits, 2, now).await;
+        }
+        let read = |bucket: &'static str, at: i64| {
+            let store = &store;
+            let limits = &limits;
+            async move { store.usage(bucket, limits, at).await.unwrap() }
+        };
+        let usage = read("a", now).await;
+        assert_eq!(
+            usage
+                .iter()
+                .map(|u| (u.used, u.reserved))
+                .collect::<Vec<_>>(),
+            [(6, 0), (6, 0)]
+        );
+        assert_eq!(usage[0].window, limits[0].window(now));
+        assert_eq!(read("a", now).await, usage, "reading charges nothing");
+        assert!(read("other", now).await.iter().all(|u| u.used == 0));
+        let next_minute = read("a", now + 60).await;
+        assert_eq!((next_minute[0].used, next_minute[1].used), (0, 6));
     }
 
     #[tokio::test]

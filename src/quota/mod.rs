@@ -53,6 +53,21 @@ pub struct LimitState {
     pub reset_secs: u64,
 }
 
+/// How much of one limit's current window is spent: what `/v1/usage?app=` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitUsage {
+    /// The limit.
+    pub limit: Limit,
+    /// Its window that contains the time asked about.
+    pub window: Window,
+    /// Units counted in the window.
+    pub used: u64,
+    /// Units leased to replicas and not reported as served yet (Redis store; always 0 in memory): the true
+    /// count lies between `used` and `used + reserved`, and no more than `limit - used - reserved` can still
+    /// be granted.
+    pub reserved: u64,
+}
+
 /// The answer of a store to a charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -78,6 +93,13 @@ pub enum StoreError {
 pub trait QuotaStore: Send + Sync + 'static {
     /// Spends `charge.cost` from every limit if all of them have room; otherwise spends nothing.
     async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError>;
+    /// Where each of `limits` of `bucket` stands at `now` (Unix seconds), charging nothing.
+    async fn usage(
+        &self,
+        bucket: &str,
+        limits: &[Limit],
+        now: i64,
+    ) -> Result<Vec<LimitUsage>, StoreError>;
     /// Answers when the store is usable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Forgets windows that ended before `now`.

@@ -69,7 +69,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, Script};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
-use super::{Charge, Limit, LimitState, Outcome, QuotaStore, StoreError, Unit};
+use super::{Charge, Limit, LimitState, LimitUsage, Outcome, QuotaStore, StoreError, Unit};
 
 /// Default bound of a lease block when the config does not set one.
 pub const DEFAULT_MAX_LEASE: u64 = 100;
@@ -439,7 +439,7 @@ impl StoreMetrics {
         for kind in ["timeout", "backend"] {
             errors.with_label_values(&[kind]);
         }
-        for op in ["charge", "lease", "settle", "ping"] {
+        for op in ["charge", "lease", "settle", "ping", "usage"] {
             calls.with_label_values(&[op]);
             duration.with_label_values(&[op]);
         }
@@ -607,6 +607,39 @@ impl QuotaStore for RedisStore {
                 Err(StoreError::Timeout)
             }
         }
+    }
+
+    async fn usage(
+        &self,
+        bucket: &str,
+        limits: &[Limit],
+        now: i64,
+    ) -> Result<Vec<LimitUsage>, StoreError> {
+        let inner = &self.inner;
+        inner.metrics.calls.with_label_values(&["usage"]).inc();
+        let started = Instant::now();
+        let read = async {
+            let mut usage = Vec::with_capacity(limits.len());
+            for limit in limits {
+                let window = limit.window(now);
+                let key = window_key(bucket, limit.unit, limit.interval, window.start);
+                let (used, reserved) = inner.conn.used_and_reserved(&key).await?;
+                usage.push(LimitUsage {
+                    limit: *limit,
+                    window,
+                    used: used.unwrap_or(0),
+                    reserved: reserved.unwrap_or(0),
+                });
+            }
+            Ok(usage)
+        };
+        let result = tokio::time::timeout(inner.timeout, read).await;
+        inner
+            .metrics
+            .duration
+            .with_label_values(&["usage"])
+            .observe(started.elapsed().as_secs_f64());
+        inner.map_result(result)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1008,6 +1041,16 @@ impl Conn {
         match self.clone() {
             Conn::Single(mut c) => call.invoke_async(&mut c).await,
             Conn::Cluster(mut c) => call.invoke_async(&mut c).await,
+        }
+    }
+
+    /// The `used` and `reserved` fields of one window's hash (absent: nothing counted yet).
+    async fn used_and_reserved(&self, key: &str) -> redis::RedisResult<(Option<u64>, Option<u64>)> {
+        let mut read = redis::cmd("HMGET");
+        read.arg(key).arg("used").arg("reserved");
+        match self.clone() {
+            Conn::Single(mut c) => read.query_async(&mut c).await,
+            Conn::Cluster(mut c) => read.query_async(&mut c).await,
         }
     }
 
