@@ -66,6 +66,18 @@ fn config(window: &str, lateness: &str) -> String {
     )
 }
 
+/// `GET /forecast` with app A's key through the Envoy listening at `url`; the status.
+async fn forecast(client: &reqwest::Client, url: String) -> u16 {
+    client
+        .get(url)
+        .header("x-api-key", KEY_A)
+        .send()
+        .await
+        .expect("call")
+        .status()
+        .as_u16()
+}
+
 /// Sum of outbox values per (customer, meter), from `/v1/outbox`.
 async fn outbox_totals(tollgate: &Tollgate) -> HashMap<(String, String), u64> {
     let rows: Json = support::http_client()
@@ -126,13 +138,7 @@ async fn requests_through_envoy_become_exact_window_totals() {
     let mut sent = 0u64;
 
     for _ in 0..20 {
-        let r = client
-            .get(stack.url("/forecast"))
-            .header("x-api-key", KEY_A)
-            .send()
-            .await
-            .expect("call");
-        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(forecast(client, stack.url("/forecast")).await, 200);
         sent += 1;
     }
     for status in [500, 500, 503, 404, 404] {
@@ -423,13 +429,8 @@ async fn with_an_access_log_token_only_the_envoy_presenting_it_is_metered() {
     let client = support::http_client();
     for envoy in [&trusted, &stranger] {
         for _ in 0..5 {
-            let r = client
-                .get(envoy.url("/forecast"))
-                .header("x-api-key", KEY_A)
-                .send()
-                .await
-                .expect("call");
-            assert_eq!(r.status().as_u16(), 200, "ext_authz needs no token");
+            let status = forecast(&client, envoy.url("/forecast")).await;
+            assert_eq!(status, 200, "ext_authz needs no token");
         }
     }
     poll_until("the trusted Envoy's 5 records", SEAL_TIMEOUT, || async {
@@ -457,14 +458,7 @@ async fn with_an_access_log_token_only_the_envoy_presenting_it_is_metered() {
 async fn usage_for_an_app_reports_its_quota_counters() {
     let stack = Stack::start(&config("60s", "1s"), &catalog()).await;
     for _ in 0..7 {
-        let r = stack
-            .client
-            .get(stack.url("/forecast"))
-            .header("x-api-key", KEY_A)
-            .send()
-            .await
-            .expect("call");
-        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(forecast(&stack.client, stack.url("/forecast")).await, 200);
     }
     let get = |query: &'static str| {
         let url = stack.tollgate.admin_url(&format!("/v1/usage?{query}"));
