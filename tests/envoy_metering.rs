@@ -7,16 +7,8 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::data::accesslog::v3::{
-    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
-};
-use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
-    HttpAccessLogEntries, Identifier, LogEntries,
-};
-use envoy_types::pb::google::protobuf::{Struct, Timestamp, UInt32Value, Value, value::Kind};
 use serde_json::Value as Json;
 use support::{Stack, Tollgate, key_hash, poll_until};
 
@@ -223,49 +215,15 @@ async fn requests_through_envoy_become_exact_window_totals() {
     assert_eq!(billable, 20, "{report}");
 }
 
-fn text(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_owned())),
-    }
-}
-
 /// One allowed, billable access-log entry of the kill test's product.
 fn entry(id: &str, start_ms: i64) -> HttpAccessLogEntry {
-    let authz = Struct {
-        fields: [
-            ("decision", "allow"),
-            ("app", "app_k"),
-            ("stripe_customer", "cus_K"),
-            ("product", "kill_test"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), text(v)))
-        .collect(),
-    };
-    HttpAccessLogEntry {
-        common_properties: Some(AccessLogCommon {
-            start_time: Some(Timestamp {
-                seconds: start_ms / 1_000,
-                nanos: i32::try_from((start_ms % 1_000) * 1_000_000).unwrap_or(0),
-            }),
-            metadata: Some(Metadata {
-                filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), authz)]
-                    .into_iter()
-                    .collect(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        request: Some(HttpRequestProperties {
-            request_id: id.to_owned(),
-            ..Default::default()
-        }),
-        response: Some(HttpResponseProperties {
-            response_code: Some(UInt32Value { value: 200 }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let authz = [
+        ("decision", "allow"),
+        ("app", "app_k"),
+        ("stripe_customer", "cus_K"),
+        ("product", "kill_test"),
+    ];
+    support::authz_entry(id, start_ms, 200, &authz)
 }
 
 /// Sends one batch as its own access-log stream; `Ok` means tollgate acknowledged it (every record durable).
@@ -273,15 +231,7 @@ async fn send_batch(port: u16, batch: &[HttpAccessLogEntry]) -> Result<(), Strin
     let mut client = AccessLogServiceClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .map_err(|e| e.to_string())?;
-    let message = StreamAccessLogsMessage {
-        identifier: Some(Identifier {
-            node: None,
-            log_name: "kill-test".into(),
-        }),
-        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-            log_entry: batch.to_vec(),
-        })),
-    };
+    let message = support::http_message(batch.to_vec(), Some("kill-test"));
     let request = tonic::Request::new(tokio_stream::iter(vec![message]));
     let call = client.stream_access_logs(request);
     match tokio::time::timeout(Duration::from_secs(10), call).await {

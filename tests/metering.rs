@@ -1,20 +1,18 @@
 //! Metering through the real access-log gRPC service over loopback: records, dedup across streams, billable
 //! rules, `response_header` sums, sealing, a full spool, and crash safety at the library level.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::data::accesslog::v3::{
-    AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
-    TcpAccessLogEntry,
-};
+use envoy_types::pb::envoy::data::accesslog::v3::{HttpAccessLogEntry, TcpAccessLogEntry};
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
-    HttpAccessLogEntries, Identifier, LogEntries, TcpAccessLogEntries,
+    LogEntries, TcpAccessLogEntries,
 };
-use envoy_types::pb::google::protobuf::{Struct, Timestamp, UInt32Value, Value, value::Kind};
+use envoy_types::pb::google::protobuf::Timestamp;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -56,12 +54,6 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn text(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.into())),
-    }
-}
-
 /// An HTTP entry as Envoy logs it after ext_authz decided.
 fn entry(
     id: &str,
@@ -70,63 +62,27 @@ fn entry(
     status: u32,
     tokens: Option<&str>,
 ) -> HttpAccessLogEntry {
-    let authz = Struct {
-        fields: [
-            ("decision", text(decision)),
-            ("app", text("adaapp")),
-            ("developer", text("ada@example.com")),
-            ("stripe_customer", text("cus_Ada")),
-            ("product", text(product)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-    };
-    let now = now_ms();
-    HttpAccessLogEntry {
-        common_properties: Some(AccessLogCommon {
-            start_time: Some(Timestamp {
-                seconds: now / 1_000,
-                nanos: ((now % 1_000) * 1_000_000) as i32,
-            }),
-            metadata: Some(Metadata {
-                filter_metadata: [("envoy.filters.http.ext_authz".to_owned(), authz)]
-                    .into_iter()
-                    .collect(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        request: Some(HttpRequestProperties {
-            request_id: id.into(),
-            ..Default::default()
-        }),
-        response: Some(HttpResponseProperties {
-            response_code: Some(UInt32Value { value: status }),
-            response_body_bytes: 100,
-            response_headers: tokens
-                .map(|t| {
-                    [("x-tokens".to_owned(), t.to_owned())]
-                        .into_iter()
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let authz = [
+        ("decision", decision),
+        ("app", "adaapp"),
+        ("developer", "ada@example.com"),
+        ("stripe_customer", "cus_Ada"),
+        ("product", product),
+    ];
+    let mut entry = support::authz_entry(id, now_ms(), status, &authz);
+    if let Some(response) = entry.response.as_mut() {
+        response.response_body_bytes = 100;
+        if let Some(t) = tokens {
+            response.response_headers = [("x-tokens".to_owned(), t.to_owned())]
+                .into_iter()
+                .collect();
+        }
     }
+    entry
 }
 
 fn http(entries: Vec<HttpAccessLogEntry>, log_name: Option<&str>) -> StreamAccessLogsMessage {
-    StreamAccessLogsMessage {
-        identifier: log_name.map(|name| Identifier {
-            node: None,
-            log_name: name.into(),
-        }),
-        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
-            log_entry: entries,
-        })),
-    }
+    support::http_message(entries, log_name)
 }
 
 fn tcp() -> StreamAccessLogsMessage {

@@ -7,12 +7,14 @@
 // Each integration-test crate compiles this module and uses its own subset of it.
 #![allow(dead_code, unused_imports)]
 
+mod access_log;
 mod echo;
 mod envoy;
 mod raw;
 mod redis;
 mod tollgate;
 
+pub use access_log::{authz_entry, http_message, text};
 pub use echo::{EchoUpstream, Recorded};
 pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas};
 pub use raw::{RawResponse, raw_request};
