@@ -183,6 +183,34 @@ async fn open(options: MeteringOptions, registry: &prometheus::Registry) -> Mete
     }
 }
 
+/// A metering instance on a folder of its own, with its metrics in a `tollgate_`-prefixed registry.
+struct Rig {
+    _dir: tempfile::TempDir,
+    registry: prometheus::Registry,
+    metering: Metering,
+}
+
+impl Rig {
+    /// Opens metering with `window` and `lateness`; `tune` adjusts the options first.
+    async fn open(
+        window: Duration,
+        lateness: Duration,
+        tune: impl FnOnce(&mut MeteringOptions),
+    ) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None)
+            .expect("a valid registry prefix");
+        let mut options = MeteringOptions::new(dir.path(), window, lateness, "test-producer");
+        tune(&mut options);
+        let metering = open(options, &registry).await;
+        Rig {
+            _dir: dir,
+            registry,
+            metering,
+        }
+    }
+}
+
 /// Sum of the outbox rows per meter.
 async fn outbox_sums(metering: &Metering) -> (u64, u64, usize) {
     let rows = metering.outbox_pending().await;
@@ -197,15 +225,11 @@ async fn outbox_sums(metering: &Metering) -> (u64, u64, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_dedup_billable_rules_header_sums_and_sealing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None).unwrap();
-    let options = MeteringOptions::new(
-        dir.path(),
-        Duration::from_secs(1),
-        Duration::from_secs(1),
-        "test-producer",
-    );
-    let metering = open(options, &registry).await;
+    let Rig {
+        _dir,
+        registry,
+        metering,
+    } = Rig::open(Duration::from_secs(1), Duration::from_secs(1), |_| {}).await;
     let (stop, stopped) = watch::channel(false);
     let runner = tokio::spawn({
         let m = metering.clone();
@@ -389,16 +413,14 @@ async fn records_dedup_billable_rules_header_sums_and_sealing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_refuses_records_loudly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None).unwrap();
-    let mut options = MeteringOptions::new(
-        dir.path(),
-        Duration::from_secs(60),
-        Duration::from_secs(10),
-        "p",
-    );
-    options.max_disk_bytes = 4_096;
-    let metering = open(options, &registry).await;
+    let Rig {
+        _dir,
+        registry,
+        metering,
+    } = Rig::open(Duration::from_secs(60), Duration::from_secs(10), |o| {
+        o.max_disk_bytes = 4_096;
+    })
+    .await;
     let server = Server::start(metering.clone(), &registry).await;
     let mut refused = None;
     for batch in 0..100 {
@@ -617,15 +639,16 @@ async fn spools_without_a_producer_never_share_row_ids_and_keep_theirs_across_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_start_times_count_at_arrival_and_seal() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None).unwrap();
-    let options = MeteringOptions::new(
-        dir.path(),
+    let Rig {
+        _dir,
+        registry,
+        metering,
+    } = Rig::open(
         Duration::from_millis(200),
         Duration::from_millis(200),
-        "p",
-    );
-    let metering = open(options, &registry).await;
+        |_| {},
+    )
+    .await;
     let server = Server::start(metering.clone(), &registry).await;
     let forged = [
         (i64::MIN, i32::MIN),
@@ -664,15 +687,11 @@ async fn forged_start_times_count_at_arrival_and_seal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_access_log_token_only_streams_bearing_it_are_metered() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let registry = prometheus::Registry::new_custom(Some("tollgate".into()), None).unwrap();
-    let options = MeteringOptions::new(
-        dir.path(),
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        "test-producer",
-    );
-    let metering = open(options, &registry).await;
+    let Rig {
+        _dir,
+        registry,
+        metering,
+    } = Rig::open(Duration::from_secs(60), Duration::from_secs(1), |_| {}).await;
     let server = Server::start_with_token(metering.clone(), &registry, Some("s3cret")).await;
     let batch = |id: &str| {
         vec![http(
