@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{Catalog, CatalogHandle};
 use crate::decision::{self, Decision, OnStoreError, Plan, QuotaAnswer, Request, Settings};
@@ -14,6 +13,7 @@ use crate::identity::{self, Caller, Presented};
 use crate::quota::memory::MemoryStore;
 use crate::quota::{QuotaStore, StoreError};
 use crate::telemetry::Metrics;
+use crate::util::clock::unix_now;
 
 /// Everything a Check needs, shared by all requests.
 pub struct Authorizer {
@@ -138,12 +138,4 @@ impl Authorizer {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-}
-
-/// Current Unix time in whole seconds (0 if the clock is before 1970, which no quota window handles anyway).
-pub fn unix_now() -> i64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
 }

@@ -20,3 +20,4 @@ pub mod quota;
 pub mod server;
 pub mod source;
 pub mod telemetry;
+pub mod util;

@@ -389,7 +389,7 @@ fn summarize(out: &mut String, catalog: &Catalog) {
         catalog.apps().len(),
         revoked_apps
     );
-    let now = tollgate::authorizer::unix_now();
+    let now = tollgate::util::clock::unix_now();
     let (mut approved, mut revoked, mut expired) = (0, 0, 0);
     for key in catalog.keys() {
         if key.status == Status::Revoked {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{self, AdminState};
-use crate::authorizer::{Authorizer, unix_now};
+use crate::authorizer::Authorizer;
 use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::config::{Config, StoreKind};
@@ -23,6 +23,7 @@ use crate::quota::memory::MemoryStore;
 use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
 use crate::telemetry::{Metrics, MetricsError};
+use crate::util::clock::unix_now;
 
 /// How often ended quota windows are freed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);

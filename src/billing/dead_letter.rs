@@ -12,8 +12,10 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BillingError, jsonl, now_ms};
+use super::{BillingError, jsonl};
 use crate::metering::OutboxRow;
+use crate::util::clock::now_ms;
+use crate::util::sync::lock;
 
 /// Why delivery gave up on a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,9 +145,7 @@ impl DeadLetters {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, View> {
-        self.view
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.view)
     }
 
     /// Current dead letters, oldest first.

@@ -13,14 +13,16 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::BillingError;
 use super::attempts::Attempts;
 use super::client::{Answer, StripeClient};
 use super::config::StripeConfig;
 use super::dead_letter::{DeadLetter, DeadLetterKind, DeadLetters};
 use super::ledger::{self, SentRow};
 use super::metrics::BillingMetrics;
-use super::{BillingError, now_ms};
 use crate::metering::{Metering, OutboxRow};
+use crate::util::clock::now_ms;
+use crate::util::sync::lock;
 
 /// Stripe takes timestamps up to 35 days back; an hour of margin keeps a row from ageing out mid-retry.
 pub(crate) const MAX_AGE_MS: i64 = 35 * 24 * 3_600_000 - 3_600_000;
@@ -331,10 +333,6 @@ pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receive
             _ => Flow::Stop,
         },
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 type Pair = (String, String);

@@ -39,7 +39,6 @@ mod v2;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -123,7 +122,7 @@ impl Billing {
             path: dir.clone(),
             source,
         })?;
-        ledger::compact(&dir, now_ms())?;
+        ledger::compact(&dir, crate::util::clock::now_ms())?;
         let shared = delivery::Shared::new(config.clone(), metering, dir, registry)?;
         Ok(Billing {
             shared: Arc::new(shared),
@@ -158,10 +157,4 @@ impl Billing {
     pub fn is_paused(&self) -> bool {
         self.shared.is_paused()
     }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

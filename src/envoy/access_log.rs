@@ -14,7 +14,7 @@
 //! before a single entry is read.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::bearer;
 use crate::metering::{Metering, MeteringError, UsageRecord};
+use crate::util::clock::now_ms;
 
 /// The dynamic-metadata namespace ext_authz writes (CONTRACT §4).
 const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
@@ -291,12 +292,6 @@ fn start_ms(start_time: Option<&Timestamp>, now_ms: i64) -> i64 {
         })
         .filter(|&ms| ms >= EARLIEST_START_MS && ms <= now_ms.saturating_add(MAX_START_AHEAD_MS))
         .unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn metadata_string(fields: Option<&Struct>, name: &str) -> String {

@@ -27,13 +27,15 @@ mod window;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fs4::fs_std::FileExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::CatalogHandle;
+use crate::util::clock::now_ms;
+use crate::util::sync::lock;
 
 pub use outbox::{AckOutcome, OutboxRow};
 pub use record::UsageRecord;
@@ -696,17 +698,6 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, MeteringError> {
         Ok(false) => Err(MeteringError::Locked(dir.to_owned())),
         Err(source) => Err(SpoolError::Io { path, source }.into()),
     }
-}
-
-/// Locks `m`, taking the data of a poisoned lock: every writer leaves the state consistent between statements.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn millis(d: Duration) -> i64 {

@@ -120,7 +120,7 @@ mod tests {
     }
 
     fn now() -> i64 {
-        super::super::unix_now()
+        crate::util::clock::unix_now()
     }
 
     #[tokio::test]

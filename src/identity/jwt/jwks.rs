@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use super::keys::{KeySet, parse_jwks};
 use super::metrics::JwtMetrics;
-use super::unix_now;
+use crate::util::clock::unix_now;
 
 /// A JWKS larger than this is refused: real ones are a few KiB.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::config::ProviderConfig;
 use super::error::{JwtConfigError, MintError};
 use super::provider::check_hmac_secret;
-use super::unix_now;
+use crate::util::clock::unix_now;
 
 /// Claims the minting command sets itself.
 const RESERVED: [&str; 5] = ["iss", "aud", "exp", "iat", "nbf"];

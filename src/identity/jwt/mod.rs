@@ -15,10 +15,10 @@ mod token;
 #[cfg(test)]
 mod tests;
 
+use crate::util::clock::unix_now;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use claims::VerifiedToken;
 pub use config::{ClaimNames, JwtConfig, ProviderConfig};
@@ -164,11 +164,4 @@ impl Drop for JwtVerifier {
             task.abort();
         }
     }
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
