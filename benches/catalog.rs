@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the Check path's pure parts at catalog scale: key lookup among 100k keys, product
-//! selection over 1k products of 10 operations, the whole `decision::plan`, and quota window arithmetic.
+//! selection over 1k products of 10 operations, the whole `check::plan`, and quota window arithmetic.
 //!
 //! The catalog has the shape `bench/gen_catalog.py` writes (so these numbers line up with `bench/run`'s scale
 //! figures): 1,000 products of 10 operations, 10,000 apps of 10 keys subscribed to 5 products each, plus one
@@ -11,7 +11,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::catalog::{Catalog, parse};
-use tollgate::decision::{self, Plan, Request, Settings};
+use tollgate::check::{self, Plan, Request, Settings};
 use tollgate::identity::Caller;
 use tollgate::identity::api_key::KeyHash;
 use tollgate::matching::{self, Match, Target, path};
@@ -231,12 +231,12 @@ fn bench_plan(c: &mut Criterion, catalog: &Catalog) {
     };
     let now = 1_790_000_000;
     assert!(matches!(
-        decision::plan(&request, &caller, catalog, &settings, now),
+        check::plan(&request, &caller, catalog, &settings, now),
         Plan::Charge(_)
     ));
     c.bench_function("decision_plan_100k_keys_1k_products", |b| {
         b.iter(|| {
-            black_box(decision::plan(
+            black_box(check::plan(
                 black_box(&request),
                 &caller,
                 catalog,

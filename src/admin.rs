@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use crate::bearer;
 use crate::billing::Billing;
 use crate::catalog::CatalogHandle;
-use crate::decision::app_quotas;
+use crate::check::app_quotas;
 use crate::metering::{Metering, MeteringError, UsageQuery};
 use crate::quota::{LimitUsage, QuotaStore};
 use crate::telemetry::Metrics;
@@ -186,7 +186,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 /// Ready once a catalog is loaded (serving implies it: the first load must succeed), the quota store answers
 /// and the metering spool has room.
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.metrics.catalog_generation.get() < 1 {
+    if state.metrics.catalog.generation.get() < 1 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "no catalog loaded\n".to_owned(),

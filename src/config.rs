@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::billing::BillingConfig;
-use crate::decision::{OnStoreError, Settings};
+use crate::check::{OnStoreError, Settings};
 use crate::identity::ApiKeyConfig;
 use crate::identity::jwt::JwtConfig;
 use crate::metering::MeteringOptions;

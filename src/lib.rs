@@ -6,12 +6,11 @@
 //! reads is an immutable snapshot from [`catalog`]; [`config`] and [`source`] read the files.
 
 pub mod admin;
-pub mod authorizer;
 pub mod bearer;
 pub mod billing;
 pub mod catalog;
+pub mod check;
 pub mod config;
-pub mod decision;
 pub mod envoy;
 pub mod identity;
 pub mod matching;

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::{self, AdminState};
-use crate::authorizer::Authorizer;
 use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
+use crate::check::Authorizer;
 use crate::config::{Config, StoreKind};
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
@@ -74,7 +74,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let loaded = catalog_watch::read(&config.catalog.path, None).await?;
     let handle = Arc::new(CatalogHandle::new(Catalog::default()));
     let digest = match loaded {
-        Some(loaded) => catalog_watch::install(&handle, loaded, &metrics),
+        Some(loaded) => catalog_watch::install(&handle, loaded, &metrics.catalog),
         None => [0; 32],
     };
 
@@ -117,7 +117,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         quota.clone(),
         jwt,
         config.settings(),
-        metrics.clone(),
+        metrics.check.clone(),
     ));
 
     let grpc_listener = bind(config.grpc_listen).await?;
@@ -157,7 +157,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         config.catalog.path.clone(),
         handle,
         digest,
-        metrics,
+        metrics.catalog.clone(),
         shutdown_rx.clone(),
     ));
     let deliverer = billing.clone().map(|billing| {

@@ -1,114 +1,39 @@
-//! Metrics (a Prometheus registry, every name prefixed `tollgate_`) and log setup.
+//! The Prometheus registry `/metrics` renders, and the metrics of the paths that serve wires together.
+//!
+//! Every metric name is prefixed `tollgate_`. Each path owns and registers its own metrics (the Check path's
+//! [`CheckMetrics`], the catalog's [`CatalogMetrics`]; metering, billing, the JWT verifier and the Redis store
+//! register theirs in [`Metrics::registry`] when they are opened).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::Registry;
 
-use crate::decision::Reason;
+use crate::catalog::metrics::CatalogMetrics;
+use crate::check::CheckMetrics;
 
-/// Every metric tollgate exports.
+/// The registry and the metrics serve hands to the Check path and the catalog watcher.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     /// The registry `/metrics` renders.
     pub registry: Registry,
-    /// Decisions by `decision` (allow|deny) and `reason`.
-    pub decisions: IntCounterVec,
-    /// `decisions` resolved per [`Reason`], indexed by its discriminant.
-    decision_counters: Vec<IntCounter>,
-    /// Time spent answering a Check, from receipt to response.
-    pub check_duration: Histogram,
-    /// Incremented by every successful catalog load.
-    pub catalog_generation: IntGauge,
-    /// Catalog reloads rejected because the new file was invalid.
-    pub catalog_reload_errors: IntCounter,
-    /// Keys in the current catalog.
-    pub catalog_keys: IntGauge,
-    /// Products in the current catalog.
-    pub catalog_products: IntGauge,
-    /// Apps in the current catalog.
-    pub catalog_apps: IntGauge,
-    /// Quota store calls that failed or timed out.
-    pub quota_store_errors: IntCounter,
-    /// Requests counted by the local fallback because the store failed under `on_store_error: allow`.
-    pub quota_fallbacks: IntCounter,
+    /// Decisions, Check latency, quota store failures.
+    pub check: CheckMetrics,
+    /// Catalog contents and reloads.
+    pub catalog: CatalogMetrics,
 }
 
 /// A metric could not be registered (a programming error: duplicate names).
 pub type MetricsError = prometheus::Error;
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates the registry and registers the Check path's and the catalog's metrics.
     pub fn new() -> Result<Metrics, MetricsError> {
         let registry = Registry::new_custom(Some("tollgate".into()), None)?;
-        let decisions = IntCounterVec::new(
-            Opts::new(
-                "decisions_total",
-                "ext_authz decisions by outcome and reason",
-            ),
-            &["decision", "reason"],
-        )?;
-        let check_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "check_duration_seconds",
-                "time to answer one ext_authz Check",
-            )
-            .buckets(vec![
-                0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
-                0.025, 0.05, 0.1,
-            ]),
-        )?;
-        let catalog_generation = IntGauge::new(
-            "catalog_generation",
-            "successful catalog loads since start (the first load is 1)",
-        )?;
-        let catalog_reload_errors = IntCounter::new(
-            "catalog_reload_errors_total",
-            "catalog edits rejected; the last good catalog is kept",
-        )?;
-        let catalog_keys = IntGauge::new("catalog_keys", "API keys in the current catalog")?;
-        let catalog_products =
-            IntGauge::new("catalog_products", "products in the current catalog")?;
-        let catalog_apps = IntGauge::new("catalog_apps", "apps in the current catalog")?;
-        let quota_store_errors = IntCounter::new(
-            "quota_store_errors_total",
-            "quota store calls that failed or timed out",
-        )?;
-        registry.register(Box::new(decisions.clone()))?;
-        registry.register(Box::new(check_duration.clone()))?;
-        registry.register(Box::new(catalog_generation.clone()))?;
-        registry.register(Box::new(catalog_reload_errors.clone()))?;
-        registry.register(Box::new(catalog_keys.clone()))?;
-        registry.register(Box::new(catalog_products.clone()))?;
-        registry.register(Box::new(catalog_apps.clone()))?;
-        let quota_fallbacks = IntCounter::new(
-            "quota_fallbacks_total",
-            "requests counted locally because the quota store failed (on_store_error: allow)",
-        )?;
-        registry.register(Box::new(quota_store_errors.clone()))?;
-        registry.register(Box::new(quota_fallbacks.clone()))?;
-        let mut decision_counters = Vec::with_capacity(Reason::ALL.len());
-        for reason in Reason::ALL {
-            let decision = if reason.allows() { "allow" } else { "deny" };
-            decision_counters.push(decisions.with_label_values(&[decision, reason.as_str()]));
-        }
+        let check = CheckMetrics::register(&registry)?;
+        let catalog = CatalogMetrics::register(&registry)?;
         Ok(Metrics {
             registry,
-            decisions,
-            decision_counters,
-            check_duration,
-            catalog_generation,
-            catalog_reload_errors,
-            catalog_keys,
-            catalog_products,
-            catalog_apps,
-            quota_store_errors,
-            quota_fallbacks,
+            check,
+            catalog,
         })
-    }
-
-    /// Counts one decision (the counter per reason was resolved at start: no label lookup per request).
-    pub fn record_decision(&self, reason: Reason) {
-        if let Some(counter) = self.decision_counters.get(reason as usize) {
-            counter.inc();
-        }
     }
 
     /// Renders the registry in the Prometheus text format.
@@ -135,30 +60,5 @@ pub fn init_logging() {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_reason_counts_under_its_own_labels() {
-        let metrics = Metrics::new().unwrap();
-        for (i, reason) in Reason::ALL.into_iter().enumerate() {
-            assert_eq!(
-                reason as usize, i,
-                "Reason::ALL follows the declaration order"
-            );
-            metrics.record_decision(reason);
-            let decision = if reason.allows() { "allow" } else { "deny" };
-            assert_eq!(
-                metrics
-                    .decisions
-                    .with_label_values(&[decision, reason.as_str()])
-                    .get(),
-                1
-            );
-        }
     }
 }

@@ -5,6 +5,7 @@
 //! one atomically ([`watch`]).
 
 mod load;
+pub mod metrics;
 pub mod watch;
 
 use std::collections::HashMap;

@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::{Catalog, CatalogHandle};
+use crate::catalog::metrics::CatalogMetrics;
 use crate::source::{Source, SourceError};
-use crate::telemetry::Metrics;
 
 /// Events closer together than this are taken as one edit.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -61,20 +61,20 @@ pub async fn read(path: &Path, known: Option<[u8; 32]>) -> Result<Option<Loaded>
 }
 
 /// Installs a loaded catalog and updates the catalog metrics.
-pub fn install(handle: &CatalogHandle, loaded: Loaded, metrics: &Metrics) -> [u8; 32] {
+pub fn install(handle: &CatalogHandle, loaded: Loaded, metrics: &CatalogMetrics) -> [u8; 32] {
     let c = &loaded.catalog;
     metrics
-        .catalog_keys
+        .keys
         .set(i64::try_from(c.key_count()).unwrap_or(i64::MAX));
     metrics
-        .catalog_products
+        .products
         .set(i64::try_from(c.products().len()).unwrap_or(i64::MAX));
     metrics
-        .catalog_apps
+        .apps
         .set(i64::try_from(c.apps().len()).unwrap_or(i64::MAX));
-    metrics.catalog_generation.inc();
+    metrics.generation.inc();
     tracing::info!(
-        generation = metrics.catalog_generation.get(),
+        generation = metrics.generation.get(),
         products = c.products().len(),
         apps = c.apps().len(),
         keys = c.key_count(),
@@ -89,7 +89,7 @@ pub async fn run(
     path: PathBuf,
     handle: Arc<CatalogHandle>,
     mut digest: [u8; 32],
-    metrics: Metrics,
+    metrics: CatalogMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), WatchError> {
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -146,7 +146,7 @@ pub async fn run(
             Ok(None) => {}
             Ok(Some(loaded)) => digest = install(&handle, loaded, &metrics),
             Err(e) => {
-                metrics.catalog_reload_errors.inc();
+                metrics.reload_errors.inc();
                 tracing::warn!(error = %e, "catalog edit rejected; keeping the last good catalog");
             }
         }

@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse,
 };
-use envoy_types::pb::google::protobuf::{Struct, Timestamp, value::Kind};
+use envoy_types::pb::google::protobuf::Timestamp;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
 use tonic::service::Interceptor;
@@ -32,11 +32,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::bearer;
+use crate::envoy::metadata::{self, Field};
 use crate::metering::{Metering, MeteringError, UsageRecord};
 use crate::util::clock::now_ms;
-
-/// The dynamic-metadata namespace ext_authz writes (CONTRACT §4).
-const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
 /// Messages of one stream being made durable at once (they share group commits).
 const IN_FLIGHT: usize = 16;
@@ -221,8 +219,8 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
     let response = entry.response.as_ref();
     let authz = common
         .and_then(|c| c.metadata.as_ref())
-        .and_then(|m| m.filter_metadata.get(EXT_AUTHZ_NAMESPACE));
-    let field = |name: &str| metadata_string(authz, name);
+        .and_then(|m| m.filter_metadata.get(metadata::NAMESPACE));
+    let field = |field: Field| metadata::read(authz, field);
     let request_id = request
         .map(|r| {
             if r.request_id.is_empty() {
@@ -249,16 +247,16 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
         request_id,
         start_ms,
         duration_us,
-        decision: field("decision"),
-        reason: field("reason"),
-        app: field("app"),
-        developer: field("developer"),
-        company: field("company"),
-        stripe_customer: field("stripe_customer"),
-        product: field("product"),
-        operation: field("operation"),
-        api: field("api"),
-        environment: field("environment"),
+        decision: field(Field::Decision),
+        reason: field(Field::Reason),
+        app: field(Field::App),
+        developer: field(Field::Developer),
+        company: field(Field::Company),
+        stripe_customer: field(Field::StripeCustomer),
+        product: field(Field::Product),
+        operation: field(Field::Operation),
+        api: field(Field::Api),
+        environment: field(Field::Environment),
         response_code: response
             .and_then(|r| r.response_code)
             .map_or(0, |c| c.value),
@@ -294,16 +292,6 @@ fn start_ms(start_time: Option<&Timestamp>, now_ms: i64) -> i64 {
         .unwrap_or(0)
 }
 
-fn metadata_string(fields: Option<&Struct>, name: &str) -> String {
-    match fields
-        .and_then(|s| s.fields.get(name))
-        .and_then(|v| v.kind.as_ref())
-    {
-        Some(Kind::StringValue(s)) => s.clone(),
-        _ => String::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,7 +299,7 @@ mod tests {
     use envoy_types::pb::envoy::data::accesslog::v3::{
         AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
     };
-    use envoy_types::pb::google::protobuf::{Duration, UInt32Value, Value};
+    use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value::Kind};
 
     fn text(s: &str) -> Value {
         Value {
@@ -344,7 +332,7 @@ mod tests {
                     nanos: 1_500_000,
                 }),
                 metadata: Some(Metadata {
-                    filter_metadata: [(EXT_AUTHZ_NAMESPACE.to_owned(), authz)]
+                    filter_metadata: [(metadata::NAMESPACE.to_owned(), authz)]
                         .into_iter()
                         .collect(),
                     ..Default::default()

@@ -4,11 +4,10 @@ pub mod api_key;
 pub mod jwt;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::Deserialize;
-
-use crate::decision::Request;
 
 /// Where API keys are looked for (`identity.api_key` in the config).
 #[derive(Debug, Clone, Deserialize)]
@@ -54,7 +53,7 @@ pub enum Presented<'a> {
 }
 
 /// The credential of a request after the asynchronous part of identification (token verification); what
-/// [`crate::decision::plan`] resolves against the catalog.
+/// [`crate::check::plan`] resolves against the catalog.
 pub enum Caller<'a> {
     /// No credential.
     Nothing,
@@ -91,17 +90,17 @@ impl fmt::Debug for Caller<'_> {
 /// Finds the credential a request carries: a bearer token when `bearer` (JWT providers are configured) and
 /// the `authorization` header holds one, else the first configured API-key header, else the first configured
 /// query parameter. Empty values count as absent.
-pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig, bearer: bool) -> Presented<'a> {
-    if bearer
-        && let Some(token) = request
-            .headers
-            .get("authorization")
-            .and_then(|v| bearer_token(v))
-    {
+pub fn presented<'a>(
+    headers: &'a HashMap<String, String>,
+    path: &'a str,
+    config: &ApiKeyConfig,
+    bearer: bool,
+) -> Presented<'a> {
+    if bearer && let Some(token) = headers.get("authorization").and_then(|v| bearer_token(v)) {
         return Presented::Bearer(token);
     }
     for name in &config.headers {
-        if let Some(value) = request.headers.get(name.as_str()) {
+        if let Some(value) = headers.get(name.as_str()) {
             let value = value.trim();
             if !value.is_empty() {
                 return Presented::ApiKey {
@@ -110,7 +109,7 @@ pub fn presented<'a>(request: &Request<'a>, config: &ApiKeyConfig, bearer: bool)
             }
         }
     }
-    if let Some((_, query)) = request.path.split_once('?') {
+    if let Some((_, query)) = path.split_once('?') {
         for name in &config.query_params {
             let found = form_urlencoded::parse(query.as_bytes())
                 .find(|(k, v)| k == name.as_str() && !v.is_empty());
@@ -131,9 +130,8 @@ fn bearer_token(value: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
+    use crate::check::Request;
 
     fn request<'a>(
         path: &'a str,
@@ -156,7 +154,7 @@ mod tests {
         let mut headers = HashMap::new();
         let r = request("/x?apikey=q%2Bkey&a=1", &headers, &ext);
         assert_eq!(
-            presented(&r, &config, false),
+            presented(r.headers, r.path, &config, false),
             Presented::ApiKey {
                 key: Cow::Owned("q+key".into())
             }
@@ -164,7 +162,7 @@ mod tests {
         headers.insert("x-api-key".to_owned(), "hkey".to_owned());
         let r = request("/x?apikey=qkey", &headers, &ext);
         assert_eq!(
-            presented(&r, &config, false),
+            presented(r.headers, r.path, &config, false),
             Presented::ApiKey {
                 key: Cow::Borrowed("hkey")
             }
@@ -183,17 +181,17 @@ mod tests {
         headers.insert("x-api-key".to_owned(), "hkey".to_owned());
         let r = request("/x", &headers, &ext);
         assert_eq!(
-            presented(&r, &config, true),
+            presented(r.headers, r.path, &config, true),
             Presented::Bearer("abc.def.ghi")
         );
         assert!(matches!(
-            presented(&r, &config, false),
+            presented(r.headers, r.path, &config, false),
             Presented::ApiKey { .. }
         ));
         headers.insert("authorization".to_owned(), "Basic Zm9vOmJhcg==".to_owned());
         let r = request("/x", &headers, &ext);
         assert!(matches!(
-            presented(&r, &config, true),
+            presented(r.headers, r.path, &config, true),
             Presented::ApiKey { .. }
         ));
     }
@@ -205,6 +203,9 @@ mod tests {
         let mut headers = HashMap::new();
         headers.insert("x-api-key".to_owned(), "  ".to_owned());
         let r = request("/x?apikey=&apikeyx=1&x=apikey", &headers, &ext);
-        assert_eq!(presented(&r, &config, false), Presented::Nothing);
+        assert_eq!(
+            presented(r.headers, r.path, &config, false),
+            Presented::Nothing
+        );
     }
 }

@@ -1,18 +1,18 @@
-//! The Check path with its one piece of I/O: take a catalog snapshot, plan, ask the quota store, finish.
-//!
-//! Protocol-free: the Envoy adapter (`envoy::authz`) turns protobuf into a [`Request`] and the resulting
-//! [`Decision`] back into protobuf.
+//! The Check path with its I/O: verify a token, take a catalog snapshot, plan, ask the quota store, finish.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Instant;
 
 use crate::catalog::{Catalog, CatalogHandle};
-use crate::decision::{self, Decision, OnStoreError, Plan, QuotaAnswer, Request, Settings};
+use crate::check::metrics::CheckMetrics;
+use crate::check::plan::{self, Plan};
+use crate::check::verdict::www_authenticate;
+use crate::check::{Decision, OnStoreError, QuotaAnswer, Request, Settings, Verdict};
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
 use crate::quota::memory::MemoryStore;
 use crate::quota::{QuotaStore, StoreError};
-use crate::telemetry::Metrics;
 use crate::util::clock::unix_now;
 
 /// Everything a Check needs, shared by all requests.
@@ -26,7 +26,9 @@ pub struct Authorizer {
     last_store_warning: AtomicI64,
     jwt: Option<JwtVerifier>,
     settings: Settings,
-    metrics: Metrics,
+    /// The `www-authenticate` value of every 401, fixed by the settings.
+    challenge: String,
+    metrics: CheckMetrics,
 }
 
 impl Authorizer {
@@ -37,10 +39,11 @@ impl Authorizer {
         quota: Arc<dyn QuotaStore>,
         jwt: Option<JwtVerifier>,
         mut settings: Settings,
-        metrics: Metrics,
+        metrics: CheckMetrics,
     ) -> Self {
         settings.bearer = jwt.is_some();
         Authorizer {
+            challenge: www_authenticate(&settings),
             catalog,
             quota,
             fallback: MemoryStore::new(),
@@ -51,20 +54,37 @@ impl Authorizer {
         }
     }
 
-    /// The catalog snapshot a request is decided against; hold it while the decision is in use.
-    pub fn snapshot(&self) -> Arc<Catalog> {
-        self.catalog.snapshot()
-    }
-
-    /// The settings decisions are made with.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+    /// Decides one request: the only call the Envoy adapter makes.
+    pub async fn check(&self, request: &Request<'_>) -> Verdict {
+        let started = Instant::now();
+        let caller = self.identify(request).await;
+        let catalog = self.catalog.snapshot();
+        let decision = self.decide(request, &caller, &catalog).await;
+        tracing::debug!(
+            reason = decision.reason.as_str(),
+            app = decision.identity.app,
+            product = decision.identity.product,
+            api = decision.api,
+            method = request.method,
+            "check"
+        );
+        let verdict = Verdict::new(decision, request, &self.settings, &self.challenge);
+        self.metrics
+            .check_duration
+            .observe(started.elapsed().as_secs_f64());
+        verdict
     }
 
     /// Finds the request's credential and verifies it when it is a token (the only step of identification
     /// that may wait: a JWKS refresh for an unknown `kid`).
-    pub async fn identify<'r>(&self, request: &Request<'r>) -> Caller<'r> {
-        match identity::presented(request, &self.settings.api_key, self.jwt.is_some()) {
+    async fn identify<'r>(&self, request: &Request<'r>) -> Caller<'r> {
+        let bearer = self.jwt.is_some();
+        match identity::presented(
+            request.headers,
+            request.path,
+            &self.settings.api_key,
+            bearer,
+        ) {
             Presented::Nothing => Caller::Nothing,
             Presented::ApiKey { key } => Caller::ApiKey { key },
             Presented::Bearer(token) => match &self.jwt {
@@ -74,16 +94,15 @@ impl Authorizer {
         }
     }
 
-    /// Decides one request from its identified `caller` against `catalog` (a snapshot from
-    /// [`Authorizer::snapshot`]).
-    pub async fn decide<'a>(
+    /// Decides one request from its identified `caller` against a `catalog` snapshot.
+    async fn decide<'a>(
         &'a self,
         request: &Request<'a>,
         caller: &'a Caller<'a>,
         catalog: &'a Catalog,
     ) -> Decision<'a> {
         let now = unix_now();
-        let decision = match decision::plan(request, caller, catalog, &self.settings, now) {
+        let decision = match plan::plan(request, caller, catalog, &self.settings, now) {
             Plan::Decided(decision) => decision,
             Plan::Charge(pending) => {
                 let charge = pending.charge(now);
@@ -132,10 +151,5 @@ impl Authorizer {
     pub async fn sweep(&self, now: i64) {
         self.quota.sweep(now).await;
         self.fallback.sweep(now).await;
-    }
-
-    /// The metrics this authorizer records into.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
     }
 }

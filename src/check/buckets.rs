@@ -1,0 +1,88 @@
+//! Whose quota counters a call spends, and the bucket names they live under in the quota store.
+
+use crate::catalog::{App, Catalog, SubscriptionStatus};
+use crate::quota::Limit;
+
+/// Whose quota a call spends.
+#[derive(Clone, Copy)]
+pub(crate) enum Owner<'a> {
+    /// A catalog app.
+    App(&'a str),
+    /// A portal token's company or developer, with no catalog app.
+    Account(&'a str),
+}
+
+impl Owner<'_> {
+    /// How messages name the owner: `app NAME` or `account NAME`.
+    pub(crate) fn label(&self) -> String {
+        match self {
+            Owner::App(name) => format!("app {name}"),
+            Owner::Account(name) => format!("account {name}"),
+        }
+    }
+
+    /// The bucket prefix. Accounts start with a record separator, which no app name written in YAML carries,
+    /// so an account can never share an app's counters.
+    fn bucket(&self) -> String {
+        match self {
+            Owner::App(name) => (*name).to_owned(),
+            Owner::Account(name) => format!("\u{1e}{name}"),
+        }
+    }
+}
+
+/// The quota store's bucket of `owner`'s counters for a product, or for one of its operations that has a
+/// quota of its own.
+pub(crate) fn bucket_key(owner: Owner<'_>, product: &str, operation: Option<&str>) -> String {
+    match operation {
+        Some(operation) => format!("{}\u{1f}{product}\u{1f}{operation}", owner.bucket()),
+        None => format!("{}\u{1f}{product}", owner.bucket()),
+    }
+}
+
+/// One quota counter an app spends: a product's quota, or an operation's own.
+#[derive(Debug, Clone)]
+pub struct AppQuota<'a> {
+    /// The product.
+    pub product: &'a str,
+    /// The operation, when the counter is its own quota.
+    pub operation: Option<&'a str>,
+    /// The quota store's bucket.
+    pub bucket: String,
+    /// The limits charged on it.
+    pub limits: &'a [Limit],
+}
+
+/// Every quota counter `app` spends, product by product in catalog order: for each approved subscription, the
+/// product's quota (when some operation falls back to it) and each operation's own quota.
+pub fn app_quotas<'a>(catalog: &'a Catalog, app: &'a App) -> Vec<AppQuota<'a>> {
+    let owner = Owner::App(&app.name);
+    let mut quotas = Vec::new();
+    for subscription in &app.products {
+        if subscription.status != SubscriptionStatus::Approved {
+            continue;
+        }
+        let Some(product) = catalog.product(subscription.product) else {
+            continue;
+        };
+        if !product.quota.is_empty() && product.operations.iter().any(|o| o.quota.is_none()) {
+            quotas.push(AppQuota {
+                product: &product.name,
+                operation: None,
+                bucket: bucket_key(owner, &product.name, None),
+                limits: &product.quota,
+            });
+        }
+        for operation in &product.operations {
+            if let Some(limits) = operation.quota.as_deref().filter(|l| !l.is_empty()) {
+                quotas.push(AppQuota {
+                    product: &product.name,
+                    operation: Some(&operation.name),
+                    bucket: bucket_key(owner, &product.name, Some(&operation.name)),
+                    limits,
+                });
+            }
+        }
+    }
+    quotas
+}

@@ -1,0 +1,153 @@
+//! Entitlement: what the identified caller is, in the catalog, and which products it may use.
+
+use std::borrow::Cow;
+
+use crate::catalog::{App, Catalog, Status, Subscription, SubscriptionStatus};
+use crate::check::buckets::Owner;
+use crate::check::decision::Identity;
+use crate::check::message::missing_credential_message;
+use crate::check::{Reason, Settings};
+use crate::identity::Caller;
+use crate::identity::api_key::KeyHash;
+use crate::identity::jwt::{JwtRejection, VerifiedToken};
+
+/// Who a request's credential resolved to in the catalog, and what it may use.
+pub(crate) struct Entitled<'a> {
+    pub(crate) identity: Identity<'a>,
+    /// Names the caller in messages and starts its quota buckets.
+    pub(crate) owner: Owner<'a>,
+    pub(crate) subscriptions: Cow<'a, [Subscription]>,
+    /// Scopes of a token caller; `None` for API keys, which products do not scope-check.
+    pub(crate) scopes: Option<&'a [String]>,
+}
+
+/// Resolves the caller to its identity and subscriptions, or says why it is refused. `known` receives the
+/// identity as far as it is known before a refusal, for metadata.
+pub(crate) fn entitle<'a>(
+    caller: &'a Caller<'a>,
+    catalog: &'a Catalog,
+    settings: &Settings,
+    now: i64,
+    known: &mut Identity<'a>,
+) -> Result<Entitled<'a>, (Reason, String)> {
+    let app_identity = |app: &'a App| {
+        let developer = catalog.developer(app.developer);
+        Identity {
+            app: Some(&app.name),
+            developer: developer.map(|d| d.email.as_str()),
+            company: developer.and_then(|d| d.company.as_deref()),
+            stripe_customer: developer.and_then(|d| d.stripe_customer.as_deref()),
+            product: None,
+            operation: None,
+        }
+    };
+    let (app, scopes) = match caller {
+        Caller::Nothing => {
+            return Err((
+                Reason::MissingCredential,
+                missing_credential_message(settings),
+            ));
+        }
+        Caller::ApiKey { key, .. } => {
+            let not_valid = || (Reason::UnknownKey, "API key is not valid".to_owned());
+            let key = catalog.key(&KeyHash::of(key)).ok_or_else(not_valid)?;
+            let app = catalog.app(key.app).ok_or_else(not_valid)?;
+            *known = app_identity(app);
+            if key.status == Status::Revoked {
+                return Err((Reason::RevokedKey, "API key is revoked".into()));
+            }
+            if key.expires_at.is_some_and(|t| t <= now) {
+                return Err((Reason::ExpiredKey, "API key has expired".into()));
+            }
+            (app, None)
+        }
+        Caller::Token(Err(rejection)) => {
+            let reason = match rejection {
+                JwtRejection::KeysUnavailable => Reason::KeysUnavailable,
+                _ => Reason::InvalidToken,
+            };
+            return Err((reason, rejection.to_string()));
+        }
+        Caller::Token(Ok(token)) => {
+            let registered = token
+                .app
+                .as_deref()
+                .and_then(|client_id| catalog.app_by_client_id(client_id))
+                .and_then(|id| catalog.app(id));
+            match (registered, token.app.is_some()) {
+                (Some(app), _) => {
+                    *known = app_identity(app);
+                    (app, Some(token.scopes.as_slice()))
+                }
+                // A token naming an app the catalog does not know is refused, unless its products claim
+                // entitles it as a portal token.
+                (None, true) if token.products.is_empty() => {
+                    return Err((
+                        Reason::UnknownApp,
+                        "token's app is not registered".to_owned(),
+                    ));
+                }
+                (None, _) => return account(token, catalog, known),
+            }
+        }
+    };
+    if app.status == Status::Revoked {
+        return Err((Reason::AppRevoked, format!("app {} is revoked", app.name)));
+    }
+    Ok(Entitled {
+        identity: known.clone(),
+        owner: Owner::App(&app.name),
+        subscriptions: Cow::Borrowed(&app.products),
+        scopes,
+    })
+}
+
+/// A portal token with no catalog app: its `products` claim entitles it, and its company (else developer) owns
+/// the quota and the usage. The Stripe customer comes from the token, else from the catalog developer whose
+/// e-mail is the token's developer.
+fn account<'a>(
+    token: &'a VerifiedToken,
+    catalog: &'a Catalog,
+    known: &mut Identity<'a>,
+) -> Result<Entitled<'a>, (Reason, String)> {
+    let developer = token.developer.as_deref();
+    let listed = developer.and_then(|d| catalog.developer_by_email(d));
+    *known = Identity {
+        app: None,
+        developer,
+        company: token
+            .company
+            .as_deref()
+            .or(listed.and_then(|d| d.company.as_deref())),
+        stripe_customer: token
+            .stripe_customer
+            .as_deref()
+            .or(listed.and_then(|d| d.stripe_customer.as_deref())),
+        product: None,
+        operation: None,
+    };
+    let Some(owner) = known.company.or(developer) else {
+        return Err((
+            Reason::InvalidToken,
+            "token names no app, developer or company".into(),
+        ));
+    };
+    if token.products.is_empty() {
+        return Err((Reason::NoProduct, "token grants no products".into()));
+    }
+    let subscriptions = token
+        .products
+        .iter()
+        .filter_map(|name| catalog.product_id(name))
+        .map(|product| Subscription {
+            product,
+            status: SubscriptionStatus::Approved,
+        })
+        .collect();
+    Ok(Entitled {
+        identity: known.clone(),
+        owner: Owner::Account(owner),
+        subscriptions: Cow::Owned(subscriptions),
+        scopes: Some(&token.scopes),
+    })
+}

@@ -1,0 +1,248 @@
+//! The decision as a pure function: [`plan`] decides or says what to charge, [`Pending::finish`] completes
+//! it with the quota store's answer. Neither does I/O, so the whole decision table is unit-tested.
+
+use crate::catalog::{Catalog, SubscriptionStatus};
+use crate::check::buckets::bucket_key;
+use crate::check::decision::{Decision, Identity, QuotaAnswer};
+use crate::check::entitle::entitle;
+use crate::check::message::{no_product_message, quota_message};
+use crate::check::{OnStoreError, Reason, Request, Settings};
+use crate::identity::Caller;
+use crate::matching::{self, Match, Target, path};
+use crate::quota::{Charge, Limit, Outcome};
+
+/// A decision that waits for the quota store.
+#[derive(Debug)]
+pub struct Pending<'a> {
+    decision: Decision<'a>,
+    bucket: String,
+    limits: &'a [Limit],
+    cost: u64,
+    product: &'a str,
+    now: i64,
+}
+
+/// The first half of a decision.
+#[derive(Debug)]
+pub enum Plan<'a> {
+    /// Decided without the quota store.
+    Decided(Decision<'a>),
+    /// Allowed if the quota store agrees.
+    Charge(Pending<'a>),
+}
+
+/// Identifies, entitles and matches a request; decides, or says what to charge.
+pub fn plan<'a>(
+    request: &Request<'a>,
+    caller: &'a Caller<'a>,
+    catalog: &'a Catalog,
+    settings: &'a Settings,
+    now: i64,
+) -> Plan<'a> {
+    let api = api_of(request, settings);
+    let mut decision = Decision {
+        reason: Reason::Allowed,
+        message: String::new(),
+        identity: Identity::default(),
+        api,
+        environment: settings.environment.as_deref(),
+        ratelimit: None,
+        retry_after: None,
+    };
+    let deny = |mut d: Decision<'a>, reason: Reason, message: String| {
+        d.reason = reason;
+        d.message = message;
+        Plan::Decided(d)
+    };
+
+    let safe_path = match path::sanitize(request.path) {
+        Ok(p) => p,
+        Err(why) => {
+            return deny(
+                decision,
+                Reason::BadPath,
+                format!("request path refused: {why}"),
+            );
+        }
+    };
+
+    let entitled = match entitle(caller, catalog, settings, now, &mut decision.identity) {
+        Ok(entitled) => entitled,
+        Err((reason, message)) => return deny(decision, reason, message),
+    };
+    decision.identity = entitled.identity;
+
+    let target = Target {
+        api,
+        method: request.method,
+        path: &safe_path,
+    };
+    let env = settings.environment.as_deref();
+    let products = catalog.products();
+    let owner = entitled.owner;
+    let found = matching::select(
+        products,
+        &entitled.subscriptions,
+        entitled.scopes,
+        env,
+        &target,
+    );
+    let (product, operation) = match found {
+        Match::Covered { product, operation } => match products
+            .get(product)
+            .and_then(|p| Some((p, p.operations.get(operation)?)))
+        {
+            Some(found) => found,
+            None => {
+                return deny(
+                    decision,
+                    Reason::NoProduct,
+                    no_product_message(owner, &target),
+                );
+            }
+        },
+        Match::NotApproved { product, status } => {
+            let name = products.get(product).map_or("", |p| p.name.as_str());
+            let (reason, state) = match status {
+                SubscriptionStatus::Revoked => (Reason::ProductRevoked, "revoked"),
+                _ => (Reason::ProductPending, "pending approval"),
+            };
+            let message = format!(
+                "{}'s subscription to product {name} is {state}",
+                owner.label()
+            );
+            return deny(decision, reason, message);
+        }
+        Match::MissingScope { product } => {
+            let (name, scopes) = products.get(product).map_or(("", String::new()), |p| {
+                (p.name.as_str(), p.scopes.join(", "))
+            });
+            let message =
+                format!("token has no scope that product {name} requires (one of: {scopes})");
+            return deny(decision, Reason::MissingScope, message);
+        }
+        Match::NotOffered { product } => {
+            let name = products.get(product).map_or("", |p| p.name.as_str());
+            let message = match env {
+                Some(env) => format!("product {name} is not offered in environment {env}"),
+                None => format!(
+                    "product {name} is limited to named environments and this gateway names none"
+                ),
+            };
+            return deny(decision, Reason::ProductNotOffered, message);
+        }
+        Match::Uncovered => {
+            return deny(
+                decision,
+                Reason::NoProduct,
+                no_product_message(owner, &target),
+            );
+        }
+    };
+    decision.identity.product = Some(&product.name);
+    decision.identity.operation = Some(&operation.name);
+
+    let (limits, bucket) = match &operation.quota {
+        Some(limits) => (
+            limits.as_slice(),
+            bucket_key(owner, &product.name, Some(&operation.name)),
+        ),
+        None => (
+            product.quota.as_slice(),
+            bucket_key(owner, &product.name, None),
+        ),
+    };
+    if limits.is_empty() {
+        return Plan::Decided(decision);
+    }
+    Plan::Charge(Pending {
+        decision,
+        bucket,
+        limits,
+        cost: operation.cost,
+        product: &product.name,
+        now,
+    })
+}
+
+impl<'a> Pending<'a> {
+    /// What to ask the quota store.
+    pub fn charge(&self, now: i64) -> Charge<'_> {
+        Charge {
+            bucket: &self.bucket,
+            limits: self.limits,
+            cost: self.cost,
+            now,
+        }
+    }
+
+    /// What a store failure means for this request: `quota.on_store_error`, or the override for its API.
+    pub fn on_store_error(&self, settings: &Settings) -> OnStoreError {
+        settings.on_store_error_for(self.decision.api)
+    }
+
+    /// Completes the decision with the quota answer.
+    pub fn finish(self, answer: QuotaAnswer) -> Decision<'a> {
+        let mut decision = self.decision;
+        let (outcome, fallback) = match answer {
+            QuotaAnswer::Store(outcome) => (outcome, false),
+            QuotaAnswer::Fallback(outcome) => (outcome, true),
+            QuotaAnswer::Unavailable => {
+                decision.reason = Reason::StoreUnavailable;
+                decision.message = "quota service is unavailable, try again shortly".into();
+                return decision;
+            }
+        };
+        match outcome {
+            Outcome::Allowed(state) => {
+                decision.ratelimit = Some(state);
+                if fallback {
+                    decision.reason = Reason::AllowedStoreError;
+                }
+            }
+            Outcome::Exceeded(state) => {
+                // Limits of a list differ in (unit, interval): the one whose window ends when the state says
+                // is the exhausted one.
+                let limit = self
+                    .limits
+                    .iter()
+                    .find(|l| {
+                        l.limit == state.limit
+                            && l.window(self.now).seconds_left(self.now) == state.reset_secs
+                    })
+                    .or_else(|| self.limits.iter().find(|l| l.limit == state.limit))
+                    .copied();
+                decision.reason = Reason::QuotaExceeded;
+                decision.message = quota_message(self.product, limit, state);
+                decision.ratelimit = Some(state);
+                decision.retry_after = Some(state.reset_secs);
+            }
+        }
+        decision
+    }
+}
+
+/// The API id: the configured context extension, else the `:authority` host without its port.
+pub(crate) fn api_of<'a>(request: &Request<'a>, settings: &Settings) -> &'a str {
+    if let Some(api) = settings
+        .api_context_extension
+        .as_deref()
+        .and_then(|name| request.context_extensions.get(name))
+    {
+        return api;
+    }
+    host_of(request.authority)
+}
+
+/// The host of an `:authority`, without its port (an IPv6 literal keeps its brackets).
+pub(crate) fn host_of(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}

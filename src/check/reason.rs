@@ -1,0 +1,129 @@
+//! Why a request was allowed or denied: one table for metadata, metrics, HTTP status and error code.
+
+/// Why a request was allowed or denied: the `reason` in metadata and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Allowed and counted.
+    Allowed,
+    /// Allowed because the quota store failed and `on_store_error` is `allow`.
+    AllowedStoreError,
+    /// No credential.
+    MissingCredential,
+    /// A key the catalog does not know.
+    UnknownKey,
+    /// A revoked key.
+    RevokedKey,
+    /// An expired key.
+    ExpiredKey,
+    /// A bearer token that failed verification.
+    InvalidToken,
+    /// A valid token naming an app the catalog does not know.
+    UnknownApp,
+    /// A token's issuer keys could not be loaded yet.
+    KeysUnavailable,
+    /// The app is revoked.
+    AppRevoked,
+    /// The product that would cover the request is pending approval for the app.
+    ProductPending,
+    /// The app's subscription to the product that would cover the request is revoked.
+    ProductRevoked,
+    /// The product that would cover the request is not offered in this environment.
+    ProductNotOffered,
+    /// The token lacks every scope of the product that would cover the request.
+    MissingScope,
+    /// No product of the app covers the request.
+    NoProduct,
+    /// The path is dangerous.
+    BadPath,
+    /// The quota is spent.
+    QuotaExceeded,
+    /// The quota store failed and `on_store_error` is `deny`.
+    StoreUnavailable,
+}
+
+impl Reason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [Reason; 18] = [
+        Reason::Allowed,
+        Reason::AllowedStoreError,
+        Reason::MissingCredential,
+        Reason::UnknownKey,
+        Reason::RevokedKey,
+        Reason::ExpiredKey,
+        Reason::InvalidToken,
+        Reason::UnknownApp,
+        Reason::KeysUnavailable,
+        Reason::AppRevoked,
+        Reason::ProductPending,
+        Reason::ProductRevoked,
+        Reason::ProductNotOffered,
+        Reason::MissingScope,
+        Reason::NoProduct,
+        Reason::BadPath,
+        Reason::QuotaExceeded,
+        Reason::StoreUnavailable,
+    ];
+
+    /// The snake_case name used in metadata and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::AllowedStoreError => "allowed_store_error",
+            Reason::MissingCredential => "missing_credential",
+            Reason::UnknownKey => "unknown_key",
+            Reason::RevokedKey => "revoked_key",
+            Reason::ExpiredKey => "expired_key",
+            Reason::InvalidToken => "invalid_token",
+            Reason::UnknownApp => "unknown_app",
+            Reason::KeysUnavailable => "keys_unavailable",
+            Reason::AppRevoked => "app_revoked",
+            Reason::ProductPending => "product_pending",
+            Reason::ProductRevoked => "product_revoked",
+            Reason::ProductNotOffered => "product_not_offered",
+            Reason::MissingScope => "missing_scope",
+            Reason::NoProduct => "no_product",
+            Reason::BadPath => "bad_path",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// Whether the request goes through.
+    pub fn allows(self) -> bool {
+        matches!(self, Reason::Allowed | Reason::AllowedStoreError)
+    }
+
+    /// The HTTP status of a denial (200 for an allow).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Reason::Allowed | Reason::AllowedStoreError => 200,
+            Reason::BadPath => 400,
+            Reason::MissingCredential
+            | Reason::UnknownKey
+            | Reason::RevokedKey
+            | Reason::ExpiredKey
+            | Reason::InvalidToken
+            | Reason::UnknownApp => 401,
+            Reason::AppRevoked
+            | Reason::ProductPending
+            | Reason::ProductRevoked
+            | Reason::ProductNotOffered
+            | Reason::MissingScope
+            | Reason::NoProduct => 403,
+            Reason::QuotaExceeded => 429,
+            Reason::StoreUnavailable | Reason::KeysUnavailable => 503,
+        }
+    }
+
+    /// The `error` field of a denial's JSON body (CONTRACT §4).
+    pub fn error_code(self) -> &'static str {
+        match self.http_status() {
+            400 => "bad_request",
+            401 => "unauthenticated",
+            403 => "forbidden",
+            429 => "quota_exceeded",
+            503 => "unavailable",
+            _ => "ok",
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The parts of the config that decisions depend on.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::identity::ApiKeyConfig;
+
+/// What happens when the quota store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Fail closed: 503.
+    #[default]
+    Deny,
+    /// Fail open: the request goes through uncounted by the store.
+    Allow,
+}
+
+/// The parts of the config that decisions depend on.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The environment this sidecar serves (`environment`).
+    pub environment: Option<String>,
+    /// The context extension carrying the API id (`api_context_extension`).
+    pub api_context_extension: Option<String>,
+    /// `upstream_identity_headers`: name the caller to the upstream in `x-tollgate-*` headers.
+    pub upstream_identity_headers: bool,
+    /// Where API keys are looked for.
+    pub api_key: ApiKeyConfig,
+    /// `quota.on_store_error`.
+    pub on_store_error: OnStoreError,
+    /// `quota.on_store_error_by_api`: overrides by API id.
+    pub on_store_error_by_api: HashMap<String, OnStoreError>,
+    /// Whether bearer tokens are accepted (JWT providers are configured).
+    pub bearer: bool,
+}
+
+impl Settings {
+    /// What a quota store failure means for a request to `api`.
+    pub fn on_store_error_for(&self, api: &str) -> OnStoreError {
+        self.on_store_error_by_api
+            .get(api)
+            .copied()
+            .unwrap_or(self.on_store_error)
+    }
+}

@@ -1,0 +1,473 @@
+//! The decision table, row by row, against a small catalog: no server, no store.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use crate::catalog::{Catalog, parse};
+use crate::check::buckets::app_quotas;
+use crate::check::decision::{Decision, Identity, QuotaAnswer};
+use crate::check::plan::{Plan, host_of, plan};
+use crate::check::{OnStoreError, Reason, Request, Settings};
+use crate::identity::jwt::{JwtRejection, VerifiedToken};
+use crate::identity::{ApiKeyConfig, Caller};
+use crate::quota::{LimitState, Outcome};
+use crate::source::Source;
+
+const NOW: i64 = 1_795_000_000;
+
+const CATALOG: &str = "\
+products:
+  - name: free
+    quota: {limit: 2, unit: minute}
+    operations:
+      - {api: weather, paths: [/forecast], methods: [GET]}
+      - {api: weather, name: bulk, paths: [/bulk/**], quota: {limit: 100, unit: day}, cost: 10}
+  - name: open
+    operations: [{api: status.example.com, paths: [/]}]
+  - name: prodonly
+    environments: [prod]
+    operations: [{api: weather, paths: [/prod]}]
+  - name: pending
+    approval: manual
+    operations: [{api: weather, paths: [/pending]}]
+  - name: revoked
+    operations: [{api: weather, paths: [/revoked]}]
+  - name: scoped
+    scopes: [admin]
+    operations: [{api: weather, paths: [/scoped]}]
+developers:
+  - email: ntesla@theremin.com
+    company: theremin
+    stripe_customer: cus_1
+    apps:
+      - name: weatherapp
+        client_id: weatherapp-client
+        products: [{name: free}, {name: open}, {name: prodonly}, {name: pending}, {name: revoked, status: revoked}, {name: scoped}]
+        keys:
+          - {hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}
+          - {hash: 'sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d', status: revoked}
+          - {hash: 'sha256:2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6', expires_at: 2020-01-01T00:00:00Z}
+      - name: banned
+        client_id: banned-client
+        status: revoked
+        products: [{name: free}]
+        keys: [{hash: 'sha256:18ac3e7343f016890c510e93f935261169d9e3f565436429830faf0934f4f8e4'}]
+";
+// Keys: "abc" (good), "b" (revoked), "c" (expired), "d" (app revoked).
+
+struct World {
+    catalog: Catalog,
+    settings: Settings,
+}
+
+fn world() -> World {
+    World {
+        catalog: parse(&Source::from_text("c.yaml", CATALOG.to_owned())).unwrap(),
+        settings: Settings {
+            environment: Some("test".into()),
+            api_context_extension: Some("tollgate_api".into()),
+            api_key: ApiKeyConfig::default(),
+            on_store_error: OnStoreError::Deny,
+            on_store_error_by_api: HashMap::new(),
+            bearer: false,
+            upstream_identity_headers: true,
+        },
+    }
+}
+
+static NO_HEADERS: std::sync::LazyLock<HashMap<String, String>> =
+    std::sync::LazyLock::new(HashMap::new);
+
+/// The caller presenting API key `key` in the x-api-key header (or nothing).
+fn headers(key: Option<&str>) -> Caller<'static> {
+    match key {
+        Some(k) => Caller::ApiKey {
+            key: Cow::Owned(k.to_owned()),
+        },
+        None => Caller::Nothing,
+    }
+}
+
+fn token(app: Option<&str>, products: &[&str], scopes: &[&str]) -> Caller<'static> {
+    Caller::Token(Ok(std::sync::Arc::new(VerifiedToken {
+        provider: "portal".into(),
+        subject: Some("dev@portal".into()),
+        developer: Some("dev@portal".into()),
+        app: app.map(str::to_owned),
+        company: Some("acme".into()),
+        products: products.iter().map(|p| (*p).to_owned()).collect(),
+        scopes: scopes.iter().map(|p| (*p).to_owned()).collect(),
+        stripe_customer: None,
+        expires_at: NOW + 60,
+    })))
+}
+
+fn ext(api: &str) -> HashMap<String, String> {
+    [("tollgate_api".to_owned(), api.to_owned())]
+        .into_iter()
+        .collect()
+}
+
+fn decide_now<'a>(
+    w: &'a World,
+    method: &'a str,
+    path: &'a str,
+    caller: &'a Caller<'a>,
+    e: &'a HashMap<String, String>,
+) -> Plan<'a> {
+    let request = Request {
+        method,
+        path,
+        authority: "status.example.com:8443",
+        headers: &NO_HEADERS,
+        context_extensions: e,
+    };
+    plan(&request, caller, &w.catalog, &w.settings, NOW)
+}
+
+fn decided(p: Plan<'_>) -> Decision<'_> {
+    match p {
+        Plan::Decided(d) => d,
+        Plan::Charge(c) => panic!(
+            "expected a decision, got a charge for {}",
+            c.charge(NOW).bucket
+        ),
+    }
+}
+
+#[test]
+fn credential_rows_of_the_decision_table() {
+    let w = world();
+    let e = ext("weather");
+    let cases = [
+        (
+            None,
+            Reason::MissingCredential,
+            "no credential: send an API key in the x-api-key header or an API key in the apikey query parameter",
+        ),
+        (Some("nope"), Reason::UnknownKey, "API key is not valid"),
+        (Some("b"), Reason::RevokedKey, "API key is revoked"),
+        (Some("c"), Reason::ExpiredKey, "API key has expired"),
+        (Some("d"), Reason::AppRevoked, "app banned is revoked"),
+    ];
+    for (key, reason, message) in cases {
+        let h = headers(key);
+        let d = decided(decide_now(&w, "GET", "/forecast", &h, &e));
+        assert_eq!(
+            (d.reason, d.message.as_str()),
+            (reason, message),
+            "key {key:?}"
+        );
+        assert!(!d.message.contains("nope"));
+    }
+    assert_eq!(Reason::MissingCredential.http_status(), 401);
+    assert_eq!(Reason::AppRevoked.http_status(), 403);
+}
+
+#[test]
+fn entitlement_rows_of_the_decision_table() {
+    let w = world();
+    let h = headers(Some("abc"));
+    let e = ext("weather");
+    let cases = [
+        (
+            "GET",
+            "/admin",
+            Reason::NoProduct,
+            "app weatherapp has no product for GET /admin on API weather",
+        ),
+        (
+            "POST",
+            "/forecast",
+            Reason::NoProduct,
+            "app weatherapp has no product for POST /forecast on API weather",
+        ),
+        (
+            "GET",
+            "/prod",
+            Reason::ProductNotOffered,
+            "product prodonly is not offered in environment test",
+        ),
+        (
+            "GET",
+            "/pending",
+            Reason::ProductPending,
+            "app weatherapp's subscription to product pending is pending approval",
+        ),
+        (
+            "GET",
+            "/revoked",
+            Reason::ProductRevoked,
+            "app weatherapp's subscription to product revoked is revoked",
+        ),
+        ("GET", "/a/../forecast", Reason::BadPath, ""),
+    ];
+    for (method, path, reason, message) in cases {
+        let d = decided(decide_now(&w, method, path, &h, &e));
+        assert_eq!(d.reason, reason, "{method} {path}");
+        assert!(
+            d.message.starts_with(message),
+            "{method} {path}: {}",
+            d.message
+        );
+        assert_eq!(d.reason.http_status() / 100, 4);
+    }
+}
+
+#[test]
+fn an_allowed_request_carries_identity_and_a_charge() {
+    let w = world();
+    let h = headers(Some("abc"));
+    let e = ext("weather");
+    let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast?apikey=zzz&x=1", &h, &e) else {
+        panic!("expected a charge");
+    };
+    let charge = pending.charge(NOW);
+    assert_eq!(charge.bucket, "weatherapp\u{1f}free");
+    assert_eq!(charge.cost, 1);
+    let d = pending.finish(QuotaAnswer::Store(Outcome::Allowed(LimitState {
+        limit: 2,
+        remaining: 1,
+        reset_secs: 20,
+    })));
+    assert!(d.allowed());
+    assert_eq!(
+        d.identity,
+        Identity {
+            app: Some("weatherapp"),
+            developer: Some("ntesla@theremin.com"),
+            company: Some("theremin"),
+            stripe_customer: Some("cus_1"),
+            product: Some("free"),
+            operation: Some("weather GET /forecast"),
+        }
+    );
+    assert_eq!(d.environment, Some("test"));
+}
+
+#[test]
+fn app_quotas_name_exactly_the_buckets_that_calls_charge() {
+    let w = world();
+    let app = w
+        .catalog
+        .apps()
+        .iter()
+        .find(|a| a.name == "weatherapp")
+        .expect("weatherapp");
+    let quotas = app_quotas(&w.catalog, app);
+    let listed: Vec<(&str, Option<&str>, &str, u64)> = quotas
+        .iter()
+        .map(|q| (q.product, q.operation, q.bucket.as_str(), q.limits[0].limit))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("free", None, "weatherapp\u{1f}free", 2),
+            ("free", Some("bulk"), "weatherapp\u{1f}free\u{1f}bulk", 100),
+        ]
+    );
+    let h = headers(Some("abc"));
+    let e = ext("weather");
+    for (method, path) in [("GET", "/forecast"), ("POST", "/bulk/x")] {
+        let Plan::Charge(pending) = decide_now(&w, method, path, &h, &e) else {
+            panic!("expected a charge for {method} {path}");
+        };
+        let charge = pending.charge(NOW);
+        assert!(
+            quotas
+                .iter()
+                .any(|q| q.bucket == charge.bucket && q.limits == charge.limits),
+            "{method} {path} charges {:?}, which app_quotas does not list",
+            charge.bucket
+        );
+    }
+}
+
+#[test]
+fn operation_quota_replaces_the_product_quota_and_has_its_own_bucket() {
+    let w = world();
+    let h = headers(Some("abc"));
+    let e = ext("weather");
+    let Plan::Charge(pending) = decide_now(&w, "POST", "/bulk/x/y", &h, &e) else {
+        panic!("expected a charge");
+    };
+    let charge = pending.charge(NOW);
+    assert_eq!(charge.bucket, "weatherapp\u{1f}free\u{1f}bulk");
+    assert_eq!(charge.cost, 10);
+    assert_eq!(charge.limits[0].limit, 100);
+}
+
+#[test]
+fn exhausted_quota_and_store_failures() {
+    let w = world();
+    let h = headers(Some("abc"));
+    let e = ext("weather");
+    let take = || match decide_now(&w, "GET", "/forecast", &h, &e) {
+        Plan::Charge(p) => p,
+        Plan::Decided(d) => panic!("expected a charge, got {d:?}"),
+    };
+    let state = LimitState {
+        limit: 2,
+        remaining: 0,
+        reset_secs: 42,
+    };
+    let d = take().finish(QuotaAnswer::Store(Outcome::Exceeded(state)));
+    assert_eq!(d.reason, Reason::QuotaExceeded);
+    assert_eq!(d.retry_after, Some(42));
+    assert_eq!(
+        d.message,
+        "quota of 2 per minute for product free is exhausted, retry in 42 s"
+    );
+    assert_eq!(d.reason.http_status(), 429);
+
+    let d = take().finish(QuotaAnswer::Unavailable);
+    assert_eq!(
+        (d.reason, d.reason.http_status()),
+        (Reason::StoreUnavailable, 503)
+    );
+    let local = LimitState {
+        limit: 2,
+        remaining: 1,
+        reset_secs: 42,
+    };
+    let d = take().finish(QuotaAnswer::Fallback(Outcome::Allowed(local)));
+    assert_eq!(d.reason, Reason::AllowedStoreError);
+    assert!(d.allowed());
+    assert_eq!(d.ratelimit, Some(local));
+    let d = take().finish(QuotaAnswer::Fallback(Outcome::Exceeded(state)));
+    assert_eq!(d.reason, Reason::QuotaExceeded);
+}
+
+#[test]
+fn store_failure_policy_can_be_overridden_per_api() {
+    let mut w = world();
+    w.settings
+        .on_store_error_by_api
+        .insert("public".into(), OnStoreError::Allow);
+    assert_eq!(w.settings.on_store_error_for("weather"), OnStoreError::Deny);
+    assert_eq!(w.settings.on_store_error_for("public"), OnStoreError::Allow);
+    let h = headers(Some("abc"));
+    let e = ext("weather");
+    let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast", &h, &e) else {
+        panic!("expected a charge");
+    };
+    assert_eq!(pending.on_store_error(&w.settings), OnStoreError::Deny);
+}
+
+#[test]
+fn api_comes_from_the_context_extension_else_the_host() {
+    let w = world();
+    let h = headers(Some("abc"));
+    let none = HashMap::new();
+    // No context extension: the :authority host without its port is the API.
+    let d = decided(decide_now(&w, "GET", "/anything", &h, &none));
+    assert_eq!((d.reason, d.api), (Reason::Allowed, "status.example.com"));
+    assert_eq!(host_of("[::1]:8080"), "[::1]");
+    assert_eq!(host_of("example.com"), "example.com");
+}
+
+#[test]
+fn dangerous_paths_are_refused_before_identity() {
+    let w = world();
+    let h = headers(None);
+    let e = ext("weather");
+    for path in ["/a/%2e%2e/b", "/a%2fb", "/a\\b", "/a%00"] {
+        let d = decided(decide_now(&w, "GET", path, &h, &e));
+        assert_eq!(d.reason, Reason::BadPath, "{path}");
+        assert_eq!(d.reason.error_code(), "bad_request");
+    }
+}
+
+#[test]
+fn token_callers_resolve_to_catalog_apps_by_client_id() {
+    let w = world();
+    let e = ext("weather");
+    let t = token(Some("weatherapp-client"), &[], &["read"]);
+    let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast", &t, &e) else {
+        panic!("expected a charge");
+    };
+    assert_eq!(pending.charge(NOW).bucket, "weatherapp\u{1f}free");
+    let d = pending.finish(QuotaAnswer::Store(Outcome::Allowed(LimitState {
+        limit: 2,
+        remaining: 1,
+        reset_secs: 1,
+    })));
+    // The catalog, not the token, names the developer of a catalog app.
+    assert_eq!(d.identity.app, Some("weatherapp"));
+    assert_eq!(d.identity.developer, Some("ntesla@theremin.com"));
+    // A product with scopes refuses a token without one of them.
+    let d = decided(decide_now(&w, "GET", "/scoped", &t, &e));
+    assert_eq!(d.reason, Reason::MissingScope);
+    assert_eq!(
+        d.message,
+        "token has no scope that product scoped requires (one of: admin)"
+    );
+    let admin = token(Some("weatherapp-client"), &[], &["admin"]);
+    assert_eq!(
+        decided(decide_now(&w, "GET", "/scoped", &admin, &e)).reason,
+        Reason::Allowed
+    );
+    // An unknown app is refused; a revoked one too.
+    let unknown = token(Some("nobody"), &[], &[]);
+    assert_eq!(
+        decided(decide_now(&w, "GET", "/forecast", &unknown, &e)).reason,
+        Reason::UnknownApp
+    );
+    let banned = token(Some("banned-client"), &[], &[]);
+    assert_eq!(
+        decided(decide_now(&w, "GET", "/forecast", &banned, &e)).reason,
+        Reason::AppRevoked
+    );
+}
+
+#[test]
+fn portal_tokens_are_entitled_by_their_products_claim() {
+    let w = world();
+    let e = ext("weather");
+    let t = token(None, &["free", "no-such-product"], &[]);
+    let Plan::Charge(pending) = decide_now(&w, "GET", "/forecast", &t, &e) else {
+        panic!("expected a charge");
+    };
+    // The company owns the bucket, apart from every app's buckets.
+    assert_eq!(pending.charge(NOW).bucket, "\u{1e}acme\u{1f}free");
+    let d = pending.finish(QuotaAnswer::Store(Outcome::Allowed(LimitState {
+        limit: 2,
+        remaining: 1,
+        reset_secs: 1,
+    })));
+    assert_eq!(
+        (d.identity.app, d.identity.developer, d.identity.company),
+        (None, Some("dev@portal"), Some("acme"))
+    );
+    let d = decided(decide_now(&w, "GET", "/prod", &t, &e));
+    assert_eq!(d.reason, Reason::NoProduct);
+    assert_eq!(
+        d.message,
+        "account acme has no product for GET /prod on API weather"
+    );
+    let nothing = token(None, &[], &[]);
+    assert_eq!(
+        decided(decide_now(&w, "GET", "/forecast", &nothing, &e)).reason,
+        Reason::NoProduct
+    );
+}
+
+#[test]
+fn refused_tokens_say_why_without_echoing_them() {
+    let w = world();
+    let e = ext("weather");
+    let expired = Caller::Token(Err(JwtRejection::Expired));
+    let d = decided(decide_now(&w, "GET", "/forecast", &expired, &e));
+    assert_eq!(
+        (d.reason, d.message.as_str()),
+        (Reason::InvalidToken, "token has expired")
+    );
+    assert_eq!(d.reason.http_status(), 401);
+    let keys = Caller::Token(Err(JwtRejection::KeysUnavailable));
+    assert_eq!(
+        decided(decide_now(&w, "GET", "/forecast", &keys, &e))
+            .reason
+            .http_status(),
+        503
+    );
+}

@@ -1,0 +1,171 @@
+//! The ext_authz dynamic metadata (CONTRACT §4): the one coupling of the Check and usage paths.
+//!
+//! The Check writes these fields on allow and on deny; Envoy hands them to the access log, whose entries
+//! become usage records. Both directions go through [`Field`], so a key is spelt exactly once.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+use crate::check::Verdict;
+
+/// The dynamic-metadata namespace ext_authz writes and the access log reads.
+pub const NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// One metadata field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// `allow` or `deny`.
+    Decision,
+    /// The decision's reason (`allowed`, `quota_exceeded`, …).
+    Reason,
+    /// The app.
+    App,
+    /// The developer's e-mail.
+    Developer,
+    /// The developer's company.
+    Company,
+    /// The Stripe customer billed for the call.
+    StripeCustomer,
+    /// The product that covered the call.
+    Product,
+    /// The operation that covered the call.
+    Operation,
+    /// The API id.
+    Api,
+    /// The environment this sidecar serves.
+    Environment,
+}
+
+impl Field {
+    /// Every field, in the order the contract lists them.
+    pub const ALL: [Field; 10] = [
+        Field::Decision,
+        Field::Reason,
+        Field::App,
+        Field::Developer,
+        Field::Company,
+        Field::StripeCustomer,
+        Field::Product,
+        Field::Operation,
+        Field::Api,
+        Field::Environment,
+    ];
+
+    /// The field's key in the metadata `Struct`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Field::Decision => "decision",
+            Field::Reason => "reason",
+            Field::App => "app",
+            Field::Developer => "developer",
+            Field::Company => "company",
+            Field::StripeCustomer => "stripe_customer",
+            Field::Product => "product",
+            Field::Operation => "operation",
+            Field::Api => "api",
+            Field::Environment => "environment",
+        }
+    }
+}
+
+/// The metadata of `verdict`, taking its names (the verdict is not needed after this).
+pub fn write(verdict: &mut Verdict) -> Struct {
+    let id = &mut verdict.identity;
+    let decision = if verdict.reason.allows() {
+        "allow"
+    } else {
+        "deny"
+    };
+    let values = [
+        (Field::Decision, Some(decision.to_owned())),
+        (Field::Reason, Some(verdict.reason.as_str().to_owned())),
+        (Field::App, id.app.take()),
+        (Field::Developer, id.developer.take()),
+        (Field::Company, id.company.take()),
+        (Field::StripeCustomer, id.stripe_customer.take()),
+        (Field::Product, id.product.take()),
+        (Field::Operation, id.operation.take()),
+        (Field::Api, verdict.api.take()),
+        (Field::Environment, verdict.environment.take()),
+    ];
+    // Sized up front: collecting a filtered iterator would grow (and rehash) the table three times per Check.
+    let mut fields = HashMap::with_capacity(values.len());
+    for (field, value) in values {
+        if let Some(value) = value {
+            let value = Value {
+                kind: Some(Kind::StringValue(value)),
+            };
+            fields.insert(field.key().to_owned(), value);
+        }
+    }
+    Struct { fields }
+}
+
+/// The string value of `field` in `metadata`, empty when it is absent or not a string.
+pub fn read(metadata: Option<&Struct>, field: Field) -> String {
+    match metadata
+        .and_then(|s| s.fields.get(field.key()))
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::{Identified, Reason, Upstream};
+
+    #[test]
+    fn every_field_written_reads_back() {
+        let mut verdict = Verdict {
+            reason: Reason::QuotaExceeded,
+            message: String::new(),
+            identity: Identified {
+                app: Some("app".into()),
+                developer: Some("developer".into()),
+                company: Some("company".into()),
+                stripe_customer: Some("stripe_customer".into()),
+                product: Some("product".into()),
+                operation: Some("operation".into()),
+            },
+            api: Some("api".into()),
+            environment: Some("environment".into()),
+            ratelimit: None,
+            retry_after: None,
+            challenge: None,
+            upstream: Upstream::default(),
+        };
+        let metadata = write(&mut verdict);
+        assert_eq!(metadata.fields.len(), Field::ALL.len());
+        for field in Field::ALL {
+            let expected = match field {
+                Field::Decision => "deny",
+                Field::Reason => "quota_exceeded",
+                other => other.key(),
+            };
+            assert_eq!(read(Some(&metadata), field), expected, "{field:?}");
+        }
+    }
+
+    #[test]
+    fn absent_names_are_left_out_and_read_as_empty() {
+        let mut verdict = Verdict {
+            reason: Reason::MissingCredential,
+            message: String::new(),
+            identity: Identified::default(),
+            api: None,
+            environment: None,
+            ratelimit: None,
+            retry_after: None,
+            challenge: None,
+            upstream: Upstream::default(),
+        };
+        let metadata = write(&mut verdict);
+        assert_eq!(metadata.fields.len(), 2);
+        assert_eq!(read(Some(&metadata), Field::App), "");
+        assert_eq!(read(None, Field::Decision), "");
+    }
+}
