@@ -1,22 +1,44 @@
 //! tollgate: an Envoy ext_authz sidecar that sells and protects APIs.
 //!
-//! Two data paths run through this crate. The Check path:
-//! [`envoy::authz`] (protobuf -> [`decision::Request`]) -> [`identity`] -> [`matching`] -> [`quota`] ->
-//! [`decision`] -> [`envoy::authz`] (decision -> CheckResponse), driven by [`authorizer`]. The catalog it
-//! reads is an immutable snapshot from [`catalog`]; [`config`] and [`source`] read the files.
+//! Two data paths run through this crate, and they meet only in the ext_authz dynamic metadata
+//! ([`envoy::metadata`]), which Envoy carries from the Check to the access log.
+//!
+//! ```text
+//! Check:  Envoy ext_authz ─> envoy::authz (CheckRequest -> check::Request)
+//!           ─> check::Authorizer::check: identity (API key | JWT) ─> entitle (catalog snapshot)
+//!              ─> matching (product, operation) ─> quota (QuotaStore: memory | Redis) ─> decide
+//!           ─> check::Verdict ─> envoy::authz (Verdict -> CheckResponse + envoy::metadata)
+//!
+//! Usage:  Envoy access log ─> envoy::access_log (entry -> metering::UsageRecord)
+//!           ─> metering: spool (durable, deduplicated) ─> windows (sealed) ─> outbox
+//!           ─> billing (through metering's UsageOutbox: Stripe meter events, once) ─> outbox ack
+//! ```
+//!
+//! | module | its one job |
+//! |---|---|
+//! | [`app`] | the binary's wiring: config, `serve`, the admin HTTP API, logging, the metrics registry |
+//! | [`envoy`] | the only place Envoy's protobuf lives: the ext_authz and access-log adapters, metadata keys |
+//! | [`check`] | the Check path, protocol-free: `Authorizer::check(&Request) -> Verdict` |
+//! | [`identity`] | who is calling: API-key lookup, JWT verification (providers, JWKS) |
+//! | [`matching`] | Apigee-style path patterns; the first product and operation that cover a request |
+//! | [`catalog`] | the catalog file: load, validate, the immutable snapshot, the watcher |
+//! | [`quota`] | quota windows, the `QuotaStore` trait, the memory and Redis stores |
+//! | [`metering`] | usage records from the access log: spool, dedup, windows, outbox, the usage report |
+//! | [`billing`] | sealed windows to Stripe meter events exactly once: delivery, dead letters, reconcile |
+//! | [`source`] | reading YAML/JSON with `${VAR}` expansion so every error names `file:line:column` |
+//! | [`util`] | the clock, poison-tolerant locks, constant-time bearer comparison |
 
-pub mod admin;
-pub mod bearer;
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod app;
 pub mod billing;
 pub mod catalog;
 pub mod check;
-pub mod config;
 pub mod envoy;
 pub mod identity;
 pub mod matching;
 pub mod metering;
 pub mod quota;
-pub mod server;
 pub mod source;
-pub mod telemetry;
 pub mod util;

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use tollgate::app::config::Config;
 use tollgate::billing::Requeue;
 use tollgate::catalog::{self, Catalog, Status};
-use tollgate::config::Config;
 use tollgate::identity::api_key::{self, KeyHash, KeyKind};
 use tollgate::identity::jwt::{JwtMetrics, JwtVerifier, mint_hs256};
 use tollgate::source::SourceError;
@@ -169,13 +169,13 @@ fn main() -> ExitCode {
 }
 
 fn serve(config_path: &Path) -> anyhow::Result<()> {
-    tollgate::telemetry::init_logging();
+    tollgate::app::logging::init_logging();
     let config = Config::load(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(tollgate::server::serve(config))?;
+    runtime.block_on(tollgate::app::serve::serve(config))?;
     Ok(())
 }
 

@@ -575,7 +575,7 @@ async fn spools_without_a_producer_never_share_row_ids_and_keep_theirs_across_re
         "/etc/tollgate/tollgate.yaml",
         "catalog: {path: catalog.yaml}\nmetering: {dir: /var/lib/tollgate}\n".to_owned(),
     );
-    let config = tollgate::config::Config::from_source(&source).expect("config");
+    let config = tollgate::app::config::Config::from_source(&source).expect("config");
     assert_eq!(config.metering_options().producer, None);
 
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -31,9 +31,9 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::bearer;
 use crate::envoy::metadata::{self, Field};
 use crate::metering::{Metering, MeteringError, UsageRecord};
+use crate::util::bearer;
 use crate::util::clock::now_ms;
 
 /// Messages of one stream being made durable at once (they share group commits).

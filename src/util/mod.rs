@@ -1,4 +1,5 @@
-//! Small helpers every path shares: the wall clock and poison-tolerant locks.
+//! Small helpers every path shares: the wall clock, poison-tolerant locks, bearer-token comparison.
 
+pub mod bearer;
 pub mod clock;
 pub mod sync;

@@ -10,13 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::bearer;
+use crate::app::metrics::Metrics;
 use crate::billing::Billing;
 use crate::catalog::CatalogHandle;
 use crate::check::app_quotas;
 use crate::metering::{Metering, MeteringError, UsageQuery};
 use crate::quota::{LimitUsage, QuotaStore};
-use crate::telemetry::Metrics;
+use crate::util::bearer;
 
 /// How long `/readyz` waits for the quota store.
 const READY_TIMEOUT: Duration = Duration::from_millis(500);

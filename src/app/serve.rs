@@ -9,11 +9,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
-use crate::admin::{self, AdminState};
+use crate::app::admin::{self, AdminState};
+use crate::app::config::{Config, StoreKind};
+use crate::app::metrics::{Metrics, MetricsError};
 use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::check::Authorizer;
-use crate::config::{Config, StoreKind};
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
@@ -22,7 +23,6 @@ use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
 use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
-use crate::telemetry::{Metrics, MetricsError};
 use crate::util::clock::unix_now;
 
 /// How often ended quota windows are freed.
