@@ -257,10 +257,36 @@ async fn allowed_call_reaches_upstream_with_identity_and_without_credentials() {
     assert_eq!(seen.header_all("x-tollgate-app"), vec!["weatherapp"]);
     assert_eq!(stack.upstream.count(), 2);
 
+    // A key parameter with a percent-encoded name authenticates and is removed as the client wrote it; the
+    // method-override headers never reach the upstream (it would run another method than the one matched).
+    let answer = call(
+        &stack,
+        "GET",
+        &format!("/forecast?city=Paris&api%6Bey={KEY_GOOD}"),
+        &[
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "body: {}", answer.body);
+    let seen = stack.upstream.last().expect("the upstream saw the call");
+    assert_eq!(seen.query(), Some("city=Paris"));
+    assert!(!seen.path_and_query.contains(KEY_GOOD));
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        assert_eq!(seen.header(name), None, "{name} reached the upstream");
+    }
+    assert_eq!(stack.upstream.count(), 3);
+
     stack
         .tollgate
         .wait_metric("tollgate_decisions_total", &[("decision", "allow")], |n| {
-            n == 2.0
+            n == 3.0
         })
         .await;
     let checks = stack
@@ -463,12 +489,48 @@ async fn only_the_first_matching_product_is_charged() {
 }
 
 #[tokio::test]
-async fn api_comes_from_the_context_extension_or_else_the_authority() {
+async fn a_route_without_the_api_extension_is_refused_unless_host_fallback_is_on() {
     let stack = prod_stack().await;
+    let port = stack.envoy.port;
+    // geo.example.test's route sets no context extension: the client's :authority must not pick the API.
+    for key in [KEY_GEO, KEY_GOOD] {
+        let answer = raw_request(
+            port,
+            "GET",
+            b"/cities?q=Paris",
+            "geo.example.test",
+            &[("x-api-key", key)],
+        );
+        assert_eq!(answer.status, 403, "{answer:?}");
+        let body = answer.json().expect("JSON body");
+        assert_eq!(body["error"], "forbidden");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("tollgate_api")),
+            "{body}"
+        );
+    }
+    assert_eq!(stack.upstream.count(), 0);
+    stack
+        .tollgate
+        .wait_metric(
+            "tollgate_decisions_total",
+            &[("decision", "deny"), ("reason", "no_api")],
+            |n| n == 2.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn api_comes_from_the_context_extension_or_else_the_authority() {
+    let config = format!("{}api_host_fallback: true\n", base_config("prod"));
+    let stack = Stack::start(&config, &catalog()).await;
     let port = stack.envoy.port;
     let geo_key = [("x-api-key", KEY_GEO)];
 
-    // No context extension on this host's route: the API is the host, with or without a port.
+    // With api_host_fallback, a route without the context extension takes its API from the host, with or
+    // without a port.
     for host in ["geo.example.test", "geo.example.test:8443"] {
         let answer = raw_request(port, "GET", b"/cities?q=Paris", host, &geo_key);
         assert_eq!(answer.status, 200, "{host}: {answer:?}");

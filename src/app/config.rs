@@ -41,6 +41,13 @@ pub struct Config {
     /// The route context extension naming the API.
     #[serde(default, deserialize_with = "empty_is_none")]
     pub api_context_extension: Option<String>,
+    /// With `api_context_extension` set, match a route without the extension by its `:authority` host instead
+    /// of denying it (the client chooses its `:authority`, so this lets it choose the API).
+    #[serde(default)]
+    pub api_host_fallback: bool,
+    /// Let non-loopback listeners run without authentication (no `admin_token`, no `access_log_token`).
+    #[serde(default)]
+    pub insecure_listeners: bool,
     /// Whether allowed requests reach the upstream with `x-tollgate-app`, `-developer` and `-product`.
     #[serde(default = "default_true")]
     pub upstream_identity_headers: bool,
@@ -203,6 +210,33 @@ fn default_max_disk_bytes() -> u64 {
     1 << 30
 }
 
+/// The first listener that binds beyond loopback with nothing to authenticate its callers: the key to blame and
+/// one sentence naming what to set. Anyone reaching an open gRPC port can stream access-log entries that are
+/// billed to any Stripe customer; anyone reaching an open admin port can read every partner's usage.
+fn open_listener(config: &Config) -> Result<(), (PathSeg<'static>, String)> {
+    if !config.grpc_listen.ip().is_loopback() && config.access_log_token.is_none() {
+        return Err((
+            PathSeg::Key("grpc_listen"),
+            format!(
+                "grpc_listen {} is not a loopback address and access_log_token is not set: anyone reaching it \
+                 could stream billed usage; set access_log_token, or insecure_listeners: true",
+                config.grpc_listen
+            ),
+        ));
+    }
+    if !config.admin_listen.ip().is_loopback() && config.admin_token.is_none() {
+        return Err((
+            PathSeg::Key("admin_listen"),
+            format!(
+                "admin_listen {} is not a loopback address and admin_token is not set: anyone reaching it \
+                 could read partner data; set admin_token, or insecure_listeners: true",
+                config.admin_listen
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn config_dir(config_path: &Path) -> &Path {
     match config_path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -306,6 +340,9 @@ impl Config {
                 ));
             }
         }
+        if !config.insecure_listeners {
+            open_listener(&config).map_err(|(key, message)| source.error_at(&[key], message))?;
+        }
         if config.metering.window.is_zero() {
             return Err(source.error_at(
                 &[PathSeg::Key("metering"), PathSeg::Key("window")],
@@ -340,6 +377,7 @@ impl Config {
         Settings {
             environment: self.environment.clone(),
             api_context_extension: self.api_context_extension.clone(),
+            api_host_fallback: self.api_host_fallback,
             upstream_identity_headers: self.upstream_identity_headers,
             api_key: self.identity.api_key.clone(),
             on_store_error: self.quota.on_store_error,
@@ -436,6 +474,38 @@ metering:
             let got = load_err(text, &[]);
             assert!(got.starts_with(want), "got {got:?}, want prefix {want:?}");
         }
+    }
+
+    #[test]
+    fn listeners_beyond_loopback_need_their_token() {
+        let open_grpc = "catalog: {path: c.yaml}\ngrpc_listen: 0.0.0.0:9001\n";
+        let err = load_err(open_grpc, &[]);
+        assert!(
+            err.starts_with(
+                "/etc/tollgate/tollgate.yaml:2:14: grpc_listen 0.0.0.0:9001 is not a loopback"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("access_log_token"), "{err}");
+        let with_token = format!("{open_grpc}access_log_token: ${{T}}\n");
+        assert!(load_text(&with_token, &[("T", "t0k3n")]).is_ok());
+        assert!(load_text(&format!("{open_grpc}insecure_listeners: true\n"), &[]).is_ok());
+        // An empty token is no token: `${VAR:-}` with VAR unset must not open the listener.
+        let empty = format!("{open_grpc}access_log_token: ${{T:-}}\n");
+        assert!(load_err(&empty, &[]).contains("grpc_listen"));
+
+        let open_admin = "catalog: {path: c.yaml}\nadmin_listen: '[::]:9002'\n";
+        let err = load_err(open_admin, &[]);
+        assert!(
+            err.contains("admin_listen [::]:9002 is not a loopback"),
+            "{err}"
+        );
+        assert!(err.contains("admin_token"), "{err}");
+        let with_token = format!("{open_admin}admin_token: s3cret\n");
+        assert!(load_text(&with_token, &[]).is_ok());
+        let loopback =
+            "catalog: {path: c.yaml}\ngrpc_listen: '[::1]:9001'\nadmin_listen: 127.0.0.2:9002\n";
+        assert!(load_text(loopback, &[]).is_ok());
     }
 
     #[test]

@@ -39,12 +39,12 @@ pub fn plan<'a>(
     settings: &'a Settings,
     now: i64,
 ) -> Plan<'a> {
-    let api = api_of(request, settings);
+    let routed_api = api_of(request, settings);
     let mut decision = Decision {
         reason: Reason::Allowed,
         message: String::new(),
         identity: Identity::default(),
-        api,
+        api: routed_api.unwrap_or(""),
         environment: settings.environment.as_deref(),
         ratelimit: None,
         retry_after: None,
@@ -72,6 +72,13 @@ pub fn plan<'a>(
     };
     decision.identity = entitled.identity;
 
+    let Some(api) = routed_api else {
+        let extension = settings.api_context_extension.as_deref().unwrap_or("");
+        let message = format!(
+            "this route names no API (its ext_authz context extension {extension} is not set)"
+        );
+        return deny(decision, Reason::NoApi, message);
+    };
     let target = Target {
         api,
         method: request.method,
@@ -223,15 +230,19 @@ impl<'a> Pending<'a> {
 }
 
 /// The API id: the configured context extension, else the `:authority` host without its port.
-pub(crate) fn api_of<'a>(request: &Request<'a>, settings: &Settings) -> &'a str {
-    if let Some(api) = settings
-        .api_context_extension
-        .as_deref()
-        .and_then(|name| request.context_extensions.get(name))
-    {
-        return api;
+///
+/// With a context extension configured, a route without it names no API (`None`) unless `api_host_fallback`:
+/// the client chooses its `:authority`, so a route Envoy's operator forgot to tag (a catch-all reached through
+/// an encoded path, say) would otherwise be matched under whatever API the client names.
+pub(crate) fn api_of<'a>(request: &Request<'a>, settings: &Settings) -> Option<&'a str> {
+    let Some(name) = settings.api_context_extension.as_deref() else {
+        return Some(host_of(request.authority));
+    };
+    match request.context_extensions.get(name) {
+        Some(api) => Some(api),
+        None if settings.api_host_fallback => Some(host_of(request.authority)),
+        None => None,
     }
-    host_of(request.authority)
 }
 
 /// The host of an `:authority`, without its port (an IPv6 literal keeps its brackets).

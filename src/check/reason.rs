@@ -33,6 +33,8 @@ pub enum Reason {
     MissingScope,
     /// No product of the app covers the request.
     NoProduct,
+    /// The route names no API: `api_context_extension` is configured and the route does not set it.
+    NoApi,
     /// The path is dangerous.
     BadPath,
     /// The quota is spent.
@@ -43,7 +45,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Allowed,
         Reason::AllowedStoreError,
         Reason::MissingCredential,
@@ -59,6 +61,7 @@ impl Reason {
         Reason::ProductNotOffered,
         Reason::MissingScope,
         Reason::NoProduct,
+        Reason::NoApi,
         Reason::BadPath,
         Reason::QuotaExceeded,
         Reason::StoreUnavailable,
@@ -82,6 +85,7 @@ impl Reason {
             Reason::ProductNotOffered => "product_not_offered",
             Reason::MissingScope => "missing_scope",
             Reason::NoProduct => "no_product",
+            Reason::NoApi => "no_api",
             Reason::BadPath => "bad_path",
             Reason::QuotaExceeded => "quota_exceeded",
             Reason::StoreUnavailable => "store_unavailable",
@@ -109,7 +113,8 @@ impl Reason {
             | Reason::ProductRevoked
             | Reason::ProductNotOffered
             | Reason::MissingScope
-            | Reason::NoProduct => 403,
+            | Reason::NoProduct
+            | Reason::NoApi => 403,
             Reason::QuotaExceeded => 429,
             Reason::StoreUnavailable | Reason::KeysUnavailable => 503,
         }

@@ -24,6 +24,8 @@ pub struct Settings {
     pub environment: Option<String>,
     /// The context extension carrying the API id (`api_context_extension`).
     pub api_context_extension: Option<String>,
+    /// `api_host_fallback`: a route without the context extension is matched by its `:authority` host.
+    pub api_host_fallback: bool,
     /// `upstream_identity_headers`: name the caller to the upstream in `x-tollgate-*` headers.
     pub upstream_identity_headers: bool,
     /// Where API keys are looked for.

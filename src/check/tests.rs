@@ -66,6 +66,7 @@ fn world() -> World {
         settings: Settings {
             environment: Some("test".into()),
             api_context_extension: Some("tollgate_api".into()),
+            api_host_fallback: false,
             api_key: ApiKeyConfig::default(),
             on_store_error: OnStoreError::Deny,
             on_store_error_by_api: HashMap::new(),
@@ -355,11 +356,28 @@ fn store_failure_policy_can_be_overridden_per_api() {
 }
 
 #[test]
-fn api_comes_from_the_context_extension_else_the_host() {
-    let w = world();
+fn api_comes_from_the_context_extension_else_the_host_only_when_allowed() {
+    let mut w = world();
     let h = headers(Some("abc"));
     let none = HashMap::new();
-    // No context extension: the :authority host without its port is the API.
+    // A route without the configured context extension names no API: the client's :authority does not
+    // choose one for it.
+    let d = decided(decide_now(&w, "GET", "/anything", &h, &none));
+    assert_eq!((d.reason, d.api), (Reason::NoApi, ""));
+    assert_eq!(d.reason.http_status(), 403);
+    assert!(d.message.contains("tollgate_api"), "{}", d.message);
+    assert_eq!(
+        d.identity.app,
+        Some("weatherapp"),
+        "the caller is still named"
+    );
+    // api_host_fallback: the :authority host without its port is the API.
+    w.settings.api_host_fallback = true;
+    let d = decided(decide_now(&w, "GET", "/anything", &h, &none));
+    assert_eq!((d.reason, d.api), (Reason::Allowed, "status.example.com"));
+    // Without a configured extension the host is always the API.
+    w.settings.api_host_fallback = false;
+    w.settings.api_context_extension = None;
     let d = decided(decide_now(&w, "GET", "/anything", &h, &none));
     assert_eq!((d.reason, d.api), (Reason::Allowed, "status.example.com"));
     assert_eq!(host_of("[::1]:8080"), "[::1]");

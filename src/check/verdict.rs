@@ -10,6 +10,14 @@ use crate::quota::LimitState;
 /// Prefix of the headers tollgate sends upstream; clients may never set them.
 pub const OWN_HEADER_PREFIX: &str = "x-tollgate-";
 
+/// Headers that make some upstream frameworks treat a request as another method than the one tollgate
+/// matched: a `GET` allowed by a read-only product must not arrive as a `DELETE`.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// The answer to one Check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -141,25 +149,18 @@ fn upstream<'a>(identity: &Identity<'a>, request: &Request<'_>, settings: &Setti
         })
         .cloned()
         .collect();
-    remove_headers.extend(
-        settings
-            .api_key
-            .headers
-            .iter()
-            .filter(|h| request.headers.contains_key(h.as_str()))
-            .cloned(),
-    );
+    let carried = settings
+        .api_key
+        .headers
+        .iter()
+        .map(String::as_str)
+        .chain(METHOD_OVERRIDE_HEADERS)
+        .filter(|h| request.headers.contains_key(*h))
+        .map(str::to_owned);
+    remove_headers.extend(carried);
     // Asking Envoy to rewrite the query costs it measurable CPU per request: only when a key parameter is there.
     let remove_query_params = match request.path.split_once('?') {
-        Some((_, query)) => settings
-            .api_key
-            .query_params
-            .iter()
-            .filter(|name| {
-                form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == name.as_str())
-            })
-            .cloned()
-            .collect(),
+        Some((_, query)) => key_params_as_sent(query, &settings.api_key.query_params),
         None => Vec::new(),
     };
     Upstream {
@@ -167,6 +168,23 @@ fn upstream<'a>(identity: &Identity<'a>, request: &Request<'_>, settings: &Setti
         remove_headers,
         remove_query_params,
     }
+}
+
+/// The names, as the client wrote them, of the query parameters whose decoded name is a key parameter.
+/// Envoy removes parameters by their name as written, so `?api%6Bey=KEY` must be removed as `api%6Bey`: the
+/// decoded `apikey` would leave the key in the query the upstream sees.
+fn key_params_as_sent(query: &str, key_params: &[String]) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for pair in query.split('&') {
+        let raw = pair.split_once('=').map_or(pair, |(name, _)| name);
+        let is_key = form_urlencoded::parse(raw.as_bytes())
+            .next()
+            .is_some_and(|(decoded, _)| key_params.iter().any(|k| *k == decoded));
+        if is_key && !found.iter().any(|f| f == raw) {
+            found.push(raw.to_owned());
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -285,6 +303,40 @@ mod tests {
             "c",
         );
         assert_eq!(verdict.challenge.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn method_overrides_and_encoded_key_names_do_not_reach_the_upstream() {
+        let headers = headers(&[
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "PUT"),
+        ]);
+        let request = request("/a?api%6Bey=K&x=1&apikey=K&api%6bey=K&apikey=K2", &headers);
+        let verdict = Verdict::new(decision(Reason::Allowed), &request, &settings(), "c");
+        let mut removed = verdict.upstream.remove_headers.clone();
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                "x-http-method",
+                "x-http-method-override",
+                "x-method-override"
+            ]
+        );
+        assert_eq!(
+            verdict.upstream.remove_query_params,
+            vec!["api%6Bey", "apikey", "api%6bey"]
+        );
+        let request = request_plain("/a?apikeys=1&xapikey=2&apikey");
+        let verdict = Verdict::new(decision(Reason::Allowed), &request, &settings(), "c");
+        assert_eq!(verdict.upstream.remove_query_params, vec!["apikey"]);
+    }
+
+    fn request_plain(path: &str) -> Request<'_> {
+        static NONE: std::sync::LazyLock<HashMap<String, String>> =
+            std::sync::LazyLock::new(HashMap::new);
+        request(path, &NONE)
     }
 
     #[test]
