@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod serve;

@@ -11,10 +11,12 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::app::admin::{self, AdminState};
 use crate::app::config::{Config, StoreKind};
+use crate::app::http::{self, HttpLimits};
 use crate::app::metrics::{Metrics, MetricsError};
 use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::check::Authorizer;
+use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
@@ -24,6 +26,14 @@ use crate::quota::memory::MemoryStore;
 use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
 use crate::util::clock::unix_now;
+
+/// HTTP/2 streams one gRPC connection may hold open at once (Envoy multiplexes every Check on few
+/// connections, so this is far above what it needs and far below what would exhaust memory).
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// How often an idle gRPC connection is pinged, and how long the answer may take before the connection is
+/// dropped: a peer that vanished without a FIN must not hold its streams forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often ended quota windows are freed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -45,9 +55,6 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
-    /// The admin server failed.
-    #[error("admin server failed: {0}")]
-    Admin(std::io::Error),
     /// The catalog watcher could not start.
     #[error(transparent)]
     Watch(#[from] catalog_watch::WatchError),
@@ -133,10 +140,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .await;
 
     let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthzService::new(
-            authorizer.clone(),
-        )))
+        .add_service(
+            AuthorizationServer::new(AuthzService::new(authorizer.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
@@ -150,8 +161,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         billing: billing.clone(),
         admin_token: config.admin_token.as_deref().map(Arc::from),
     });
-    let admin = axum::serve(admin_listener, admin_router)
-        .with_graceful_shutdown(signalled(shutdown_rx.clone()));
+    let admin = http::serve(
+        admin_listener,
+        admin_router,
+        HttpLimits::default(),
+        signalled(shutdown_rx.clone()),
+    );
 
     let watcher = tokio::spawn(catalog_watch::run(
         config.catalog.path.clone(),
@@ -178,7 +193,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let _ = shutdown_tx.send(true);
     });
 
-    let (grpc, admin) = tokio::join!(grpc, admin);
+    let (grpc, ()) = tokio::join!(grpc, admin);
     sweeper.abort();
     // Hands leased quota units back to a shared store so other replicas can use them at once.
     authorizer.sweep(i64::MAX).await;
@@ -192,7 +207,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!(error = %e, "billing task ended abnormally");
     }
     grpc?;
-    admin.map_err(ServeError::Admin)?;
     match watcher.await {
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "catalog watcher ended abnormally"),

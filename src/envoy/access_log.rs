@@ -31,6 +31,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::metadata::{self, Field};
 use crate::metering::{Metering, MeteringError, UsageRecord};
 use crate::util::bearer;
@@ -123,7 +124,8 @@ impl AccessLogService {
             token,
             refused: self.unauthenticated.clone(),
         };
-        AccessLogServiceServer::with_interceptor(self, check)
+        let server = AccessLogServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, check)
     }
 
     fn settle(

@@ -3,3 +3,7 @@
 pub mod access_log;
 pub mod authz;
 pub mod metadata;
+
+/// Largest gRPC message accepted from Envoy: a CheckRequest (with a buffered request body when Envoy is set to
+/// send one) or an access-log batch; Envoy's batches are 16 KiB by default, so this bound only stops abuse.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
