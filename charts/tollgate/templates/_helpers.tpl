@@ -59,6 +59,15 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- if or .Values.redis.url .Values.redis.existingSecret }}true{{- end }}
 {{- end }}
 
+{{/* The Secret of generated tokens, and whether each token comes from it (a name for yes, empty for no). */}}
+{{- define "tollgate.tokensSecretName" -}}{{ include "tollgate.fullname" . }}-tokens{{- end }}
+{{- define "tollgate.generatedAdminToken" -}}
+{{- if and .Values.secrets.generate (not .Values.secrets.adminToken.name) }}true{{ end }}
+{{- end }}
+{{- define "tollgate.generatedAccessLogToken" -}}
+{{- if and .Values.secrets.generate (eq .Values.mode "service") (not .Values.secrets.accessLogToken.name) }}true{{ end }}
+{{- end }}
+
 {{- define "tollgate.redisSecretName" -}}
 {{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecret }}{{- else }}{{ include "tollgate.fullname" . }}-redis{{- end }}
 {{- end }}
@@ -116,6 +125,14 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- $producer := toString (default "" $v.config.metering.producer) }}
 {{- if and $producer (not (contains "${" $producer)) (or (eq $v.mode "sidecar") $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
 {{- fail "config.metering.producer is one fixed name for several tollgates, whose billing identifiers would then collide at Stripe: leave it unset (each spool then keeps its own random id) or use a ${VAR} that differs per pod" }}
+{{- end }}
+{{- if not $v.config.insecure_listeners }}
+{{- if not (or $v.secrets.adminToken.name $v.secrets.generate) }}
+{{- fail "the admin port listens on the pod IP and tollgate refuses it without a token: set secrets.adminToken.name, or secrets.generate: true, or config.insecure_listeners: true" }}
+{{- end }}
+{{- if and (eq $v.mode "service") (not (or $v.secrets.accessLogToken.name $v.secrets.generate)) }}
+{{- fail "in service mode the gRPC port listens on the pod IP and tollgate refuses it without an access-log token: set secrets.accessLogToken.name, or secrets.generate: true, or config.insecure_listeners: true" }}
+{{- end }}
 {{- end }}
 {{- if and (include "tollgate.billingOn" .) (not $v.secrets.stripeApiKey.name) }}
 {{- fail "config.billing is set: name the Secret holding the Stripe API key in secrets.stripeApiKey.name" }}
@@ -178,6 +195,12 @@ them, so `helm template` and `helm install` fail with one clear sentence.
     secretKeyRef:
       name: {{ $v.secrets.adminToken.name }}
       key: {{ $v.secrets.adminToken.key }}
+{{- else if include "tollgate.generatedAdminToken" . }}
+- name: TOLLGATE_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tollgate.tokensSecretName" . }}
+      key: TOLLGATE_ADMIN_TOKEN
 {{- end }}
 {{- if $v.secrets.accessLogToken.name }}
 - name: TOLLGATE_ACCESS_LOG_TOKEN
@@ -185,6 +208,12 @@ them, so `helm template` and `helm install` fail with one clear sentence.
     secretKeyRef:
       name: {{ $v.secrets.accessLogToken.name }}
       key: {{ $v.secrets.accessLogToken.key }}
+{{- else if include "tollgate.generatedAccessLogToken" . }}
+- name: TOLLGATE_ACCESS_LOG_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tollgate.tokensSecretName" . }}
+      key: TOLLGATE_ACCESS_LOG_TOKEN
 {{- end }}
 {{- if include "tollgate.redisOn" . }}
 - name: TOLLGATE_REDIS_URL
