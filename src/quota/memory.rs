@@ -23,12 +23,12 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store; a bucket appears on its first charge and goes when `sweep` finds its windows ended.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Number of buckets currently held.
+    /// Number of buckets with a live window, i.e. what `sweep` has not reclaimed yet.
     pub fn buckets(&self) -> usize {
         self.buckets.len()
     }

@@ -18,7 +18,7 @@ pub struct Limit {
     pub limit: u64,
     /// Window length in `unit`s (at least 1).
     pub interval: u32,
-    /// The calendar unit.
+    /// The calendar unit `interval` counts in.
     pub unit: Unit,
 }
 
@@ -56,7 +56,7 @@ pub struct LimitState {
 /// How much of one limit's current window is spent: what `/v1/usage?app=` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitUsage {
-    /// The limit.
+    /// The limit asked about, as given.
     pub limit: Limit,
     /// Its window that contains the time asked about.
     pub window: Window,

@@ -11,11 +11,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {
-    /// One second.
+    /// One second; n-second windows start at multiples of n since the epoch.
     Second,
-    /// Sixty seconds.
+    /// Sixty seconds (Unix time has no leap seconds), from :00.
     Minute,
-    /// Sixty minutes.
+    /// Sixty minutes, from :00:00.
     Hour,
     /// A UTC day, from 00:00Z.
     Day,
