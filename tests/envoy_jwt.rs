@@ -284,8 +284,20 @@ async fn portal_tokens_without_an_app_are_entitled_by_their_products_claim() {
     // No catalog app carries the token's client_id: its `api_products` claim (weather_free, weather_pro)
     // entitles it, and its company owns the quota bucket.
     let catalog = CATALOG.replace("client_id: weatherapp", "client_id: another-client");
-    let stack = Stack::start(&config(jwks.port), &catalog).await;
     let token = fixture_token("hs256_valid");
+    // Only from a provider that says it issues portal tokens.
+    {
+        let stack = Stack::start(&config(jwks.port), &catalog).await;
+        let (status, body) = call(&stack, "/pro/report", &token).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["message"], "token's app is not registered");
+        assert_eq!(stack.upstream.count(), 0);
+    }
+    let portal = config(jwks.port).replace(
+        "        hs256_secret: ",
+        "        portal_tokens: true\n        hs256_secret: ",
+    );
+    let stack = Stack::start(&portal, &catalog).await;
 
     for _ in 0..5 {
         let (status, body) = call(&stack, "/pro/report", &token).await;

@@ -79,6 +79,15 @@ pub(crate) fn entitle<'a>(
                     *known = app_identity(app);
                     (app, Some(token.scopes.as_slice()))
                 }
+                // Only a provider that issues portal tokens may entitle a caller the catalog does not know.
+                (None, named_app) if !token.portal => {
+                    let message = if named_app {
+                        "token's app is not registered"
+                    } else {
+                        "token names no registered app and its issuer does not issue portal tokens"
+                    };
+                    return Err((Reason::UnknownApp, message.to_owned()));
+                }
                 // A token naming an app the catalog does not know is refused, unless its products claim
                 // entitles it as a portal token.
                 (None, true) if token.products.is_empty() => {
@@ -103,8 +112,8 @@ pub(crate) fn entitle<'a>(
 }
 
 /// A portal token with no catalog app: its `products` claim entitles it, and its company (else developer) owns
-/// the quota and the usage. The Stripe customer comes from the token, else from the catalog developer whose
-/// e-mail is the token's developer.
+/// the quota and the usage. The Stripe customer comes from the token when its provider is trusted with it
+/// (`stripe_customer_from_token`), else from the catalog developer whose e-mail is the token's developer.
 fn account<'a>(
     token: &'a VerifiedToken,
     catalog: &'a Catalog,

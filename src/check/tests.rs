@@ -99,6 +99,7 @@ fn token(app: Option<&str>, products: &[&str], scopes: &[&str]) -> Caller<'stati
         products: products.iter().map(|p| (*p).to_owned()).collect(),
         scopes: scopes.iter().map(|p| (*p).to_owned()).collect(),
         stripe_customer: None,
+        portal: true,
         expires_at: NOW + 60,
     })))
 }
@@ -468,6 +469,23 @@ fn portal_tokens_are_entitled_by_their_products_claim() {
         decided(decide_now(&w, "GET", "/forecast", &nothing, &e)).reason,
         Reason::NoProduct
     );
+}
+
+#[test]
+fn tokens_without_a_catalog_app_need_a_portal_provider() {
+    let w = world();
+    let e = ext("weather");
+    for app in [None, Some("unknown-client")] {
+        let Caller::Token(Ok(verified)) = token(app, &["free"], &[]) else {
+            unreachable!("token() makes a verified token");
+        };
+        let mut not_portal = (*verified).clone();
+        not_portal.portal = false;
+        let caller = Caller::Token(Ok(std::sync::Arc::new(not_portal)));
+        let d = decided(decide_now(&w, "GET", "/forecast", &caller, &e));
+        assert_eq!(d.reason, Reason::UnknownApp, "{app:?}");
+        assert_eq!(d.identity.stripe_customer, None);
+    }
 }
 
 #[test]

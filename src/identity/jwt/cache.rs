@@ -115,6 +115,7 @@ mod tests {
             products: Vec::new(),
             scopes: Vec::new(),
             stripe_customer: None,
+            portal: false,
             expires_at,
         })
     }

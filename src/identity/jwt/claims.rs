@@ -6,6 +6,15 @@ use serde_json::{Map, Value};
 
 use super::config::ClaimNames;
 
+/// What a provider lets its tokens decide beyond who the caller is.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Trust {
+    /// `portal_tokens`.
+    pub(crate) portal: bool,
+    /// `stripe_customer_from_token`.
+    pub(crate) stripe_customer: bool,
+}
+
 /// What a valid token says about its caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedToken {
@@ -23,8 +32,12 @@ pub struct VerifiedToken {
     pub products: Vec<String>,
     /// Scopes (`claims.scope`: space-separated string or array).
     pub scopes: Vec<String>,
-    /// Stripe customer id (`claims.stripe_customer`).
+    /// Stripe customer id (`claims.stripe_customer`), kept only from providers with
+    /// `stripe_customer_from_token: true`.
     pub stripe_customer: Option<String>,
+    /// Whether the provider issues portal tokens (`portal_tokens: true`): only then may a token that names no
+    /// catalog app be entitled by its products claim.
+    pub portal: bool,
     /// The `exp` claim, Unix seconds.
     pub expires_at: i64,
 }
@@ -33,6 +46,7 @@ impl VerifiedToken {
     /// Reads a verified claims set; `exp` has been checked by then.
     pub(crate) fn from_claims(
         provider: Arc<str>,
+        trust: Trust,
         names: &ClaimNames,
         claims: &Map<String, Value>,
     ) -> Self {
@@ -51,7 +65,8 @@ impl VerifiedToken {
                 .get(&names.scope)
                 .map(|v| as_list(v, &[' ']))
                 .unwrap_or_default(),
-            stripe_customer: text(&names.stripe_customer),
+            stripe_customer: text(&names.stripe_customer).filter(|_| trust.stripe_customer),
+            portal: trust.portal,
             expires_at: claims.get("exp").and_then(as_seconds).unwrap_or(0),
         }
     }
@@ -85,7 +100,8 @@ fn as_list(value: &Value, separators: &[char]) -> Vec<String> {
     }
 }
 
-fn as_seconds(value: &Value) -> Option<i64> {
+/// A NumericDate claim in whole seconds (fractions floored).
+pub(crate) fn as_seconds(value: &Value) -> Option<i64> {
     value
         .as_i64()
         .or_else(|| value.as_u64().map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
@@ -104,7 +120,29 @@ mod tests {
     use serde_json::json;
 
     fn read(claims: Value, names: &ClaimNames) -> VerifiedToken {
-        VerifiedToken::from_claims(Arc::from("p"), names, claims.as_object().unwrap())
+        let trust = Trust {
+            portal: false,
+            stripe_customer: true,
+        };
+        VerifiedToken::from_claims(Arc::from("p"), trust, names, claims.as_object().unwrap())
+    }
+
+    #[test]
+    fn the_stripe_customer_claim_counts_only_when_the_provider_says_so() {
+        let claims = json!({"sub": "dev", "stripe_customer": "cus_1", "exp": 1999999999});
+        let claims = claims.as_object().unwrap();
+        let names = ClaimNames::default();
+        let distrusted =
+            VerifiedToken::from_claims(Arc::from("p"), Trust::default(), &names, claims);
+        assert_eq!(distrusted.stripe_customer, None);
+        assert!(!distrusted.portal);
+        let trust = Trust {
+            portal: true,
+            stripe_customer: true,
+        };
+        let trusted = VerifiedToken::from_claims(Arc::from("p"), trust, &names, claims);
+        assert_eq!(trusted.stripe_customer.as_deref(), Some("cus_1"));
+        assert!(trusted.portal);
     }
 
     #[test]

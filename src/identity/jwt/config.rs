@@ -83,6 +83,22 @@ pub struct ProviderConfig {
     /// Which claims carry app, developer, company, products, scopes and Stripe customer.
     #[serde(default)]
     pub claims: ClaimNames,
+    /// Required `typ` header (e.g. `at+jwt` for RFC 9068 access tokens); absent: any or none. Compared
+    /// case-insensitively, with or without the `application/` prefix (RFC 7515 section 4.1.9).
+    #[serde(default)]
+    pub typ: Option<String>,
+    /// Longest accepted lifetime (`exp` minus `iat`, or minus now without `iat`): a leaked long-lived token
+    /// is refused even though it verifies.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub max_token_lifetime: Option<Duration>,
+    /// Whether this provider issues portal tokens: tokens that name no catalog app and are entitled by their
+    /// products claim. Off, such a token is refused as naming an unregistered app.
+    #[serde(default)]
+    pub portal_tokens: bool,
+    /// Whether a portal token's Stripe customer claim is believed. Off, the customer comes from the catalog
+    /// developer whose e-mail is the token's developer: a token must not choose whom usage is billed to.
+    #[serde(default)]
+    pub stripe_customer_from_token: bool,
 }
 
 impl fmt::Debug for ProviderConfig {
@@ -100,6 +116,13 @@ impl fmt::Debug for ProviderConfig {
             .field("jwks_url", &self.jwks_url)
             .field("algorithms", &self.algorithms)
             .field("claims", &self.claims)
+            .field("typ", &self.typ)
+            .field("max_token_lifetime", &self.max_token_lifetime)
+            .field("portal_tokens", &self.portal_tokens)
+            .field(
+                "stripe_customer_from_token",
+                &self.stripe_customer_from_token,
+            )
             .finish()
     }
 }
@@ -164,6 +187,12 @@ fn default_cache_max_ttl() -> Duration {
 }
 
 /// Durations are written like `30s`, `10m`, `1h 30m`; a bare integer means seconds.
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

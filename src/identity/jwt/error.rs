@@ -53,6 +53,15 @@ pub enum JwtRejection {
     /// No `aud` value equals one of the provider's audiences.
     #[error("token audience is not accepted")]
     WrongAudience,
+    /// The `typ` header is not the one the provider requires.
+    #[error("token type is not accepted")]
+    WrongType,
+    /// `iat` lies in the future (beyond the leeway): no issuer mints tokens ahead of time.
+    #[error("token is issued in the future")]
+    IssuedInFuture,
+    /// The token lives longer than the provider's `max_token_lifetime`.
+    #[error("token lifetime is longer than this issuer allows")]
+    LifetimeTooLong,
 }
 
 impl JwtRejection {
@@ -75,6 +84,9 @@ impl JwtRejection {
             Self::MissingClaim(_) => "missing_claim",
             Self::InvalidClaim(_) => "invalid_claim",
             Self::WrongAudience => "wrong_audience",
+            Self::WrongType => "wrong_type",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::LifetimeTooLong => "lifetime_too_long",
         }
     }
 }

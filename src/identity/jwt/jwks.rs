@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use jsonwebtoken::Algorithm;
 use reqwest::Url;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use super::keys::{KeySet, parse_jwks};
 use super::metrics::JwtMetrics;
@@ -17,6 +17,21 @@ use crate::util::clock::unix_now;
 
 /// A JWKS larger than this is refused: real ones are a few KiB.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// How long a Check waits for an unknown-`kid` fetch before answering 503: well inside the ext_authz
+/// timeouts Envoy is usually given, so the caller gets tollgate's answer rather than Envoy's timeout.
+const UNKNOWN_KID_WAIT: Duration = Duration::from_millis(250);
+
+/// What an unknown-`kid` refresh came to, as far as the waiting Check is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refresh {
+    /// The key set may have changed: look the key up again.
+    Done,
+    /// A fetch is still running: the key may be on its way (503, try again).
+    Running,
+    /// No fetch may start yet (one ran within the minimum interval): the key is unknown.
+    Throttled,
+}
 
 /// Checks a `jwks_url`: https, or http only when the host is loopback; no credentials in the URL.
 pub(crate) fn parse_jwks_url(raw: &str) -> Result<Url, String> {
@@ -74,8 +89,17 @@ pub(crate) struct RemoteJwks {
     /// Bumped whenever the key set changes, so cached verifications made with older keys are re-checked.
     generation: AtomicU64,
     loaded: AtomicBool,
-    /// Serialises fetches and remembers when the last one started.
-    last_attempt: Mutex<Option<Instant>>,
+    /// One fetch at a time: the periodic refresh and an unknown-`kid` fetch never race to store.
+    fetching: Mutex<()>,
+    /// When the last fetch of any kind started, and the end signal of a running unknown-`kid` fetch.
+    unknown_kid: std::sync::Mutex<UnknownKid>,
+}
+
+#[derive(Default)]
+struct UnknownKid {
+    last_fetch: Option<Instant>,
+    /// Turns true when the running fetch has ended; `None` when none runs.
+    running: Option<watch::Receiver<bool>>,
 }
 
 impl RemoteJwks {
@@ -95,7 +119,8 @@ impl RemoteJwks {
             keys: ArcSwap::from_pointee(KeySet::default()),
             generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
-            last_attempt: Mutex::new(None),
+            fetching: Mutex::new(()),
+            unknown_kid: std::sync::Mutex::new(UnknownKid::default()),
         }
     }
 
@@ -112,25 +137,48 @@ impl RemoteJwks {
         self.loaded.load(Ordering::Acquire)
     }
 
-    /// Refreshes because a token named a key we do not have: skipped when another task refreshed meanwhile
-    /// (`seen_generation` is stale) or when the last attempt is younger than the minimum interval.
-    pub(crate) async fn refresh_for_unknown_key(&self, seen_generation: u64) {
-        let mut last = self.last_attempt.lock().await;
+    /// Refreshes because a token named a key we do not have. The fetch runs as its own task, shared by every
+    /// Check that meets an unknown `kid` meanwhile: a Check that Envoy gives up on (its ext_authz timeout drops
+    /// the call) must not cancel the fetch the next token needs. At most one starts per minimum interval.
+    pub(crate) async fn refresh_for_unknown_key(self: &Arc<Self>, seen_generation: u64) -> Refresh {
         if self.generation() != seen_generation {
-            return;
+            return Refresh::Done;
         }
-        if last.is_some_and(|at| at.elapsed() < self.settings.min_refresh_interval) {
-            tracing::debug!(provider = %self.provider, "unknown JWT key id; JWKS refreshed recently, not fetching");
-            return;
+        let mut running = {
+            let mut state = crate::util::sync::lock(&self.unknown_kid);
+            match &state.running {
+                Some(running) => running.clone(),
+                None if state
+                    .last_fetch
+                    .is_some_and(|at| at.elapsed() < self.settings.min_refresh_interval) =>
+                {
+                    tracing::debug!(provider = %self.provider, "unknown JWT key id; JWKS refreshed recently, not fetching");
+                    return Refresh::Throttled;
+                }
+                None => {
+                    let (done, running) = watch::channel(false);
+                    state.last_fetch = Some(Instant::now());
+                    state.running = Some(running.clone());
+                    let jwks = Arc::clone(self);
+                    tokio::spawn(async move {
+                        jwks.refresh_now("unknown_kid").await;
+                        crate::util::sync::lock(&jwks.unknown_kid).running = None;
+                        let _ = done.send(true);
+                    });
+                    running
+                }
+            }
+        };
+        match tokio::time::timeout(UNKNOWN_KID_WAIT, running.wait_for(|done| *done)).await {
+            Ok(_) => Refresh::Done,
+            Err(_) => Refresh::Running,
         }
-        *last = Some(Instant::now());
-        self.fetch_and_store("unknown_kid").await;
     }
 
     /// Fetches now (start-up and the periodic refresh); returns whether the fetch succeeded.
     pub(crate) async fn refresh_now(&self, trigger: &'static str) -> bool {
-        let mut last = self.last_attempt.lock().await;
-        *last = Some(Instant::now());
+        let _one_at_a_time = self.fetching.lock().await;
+        crate::util::sync::lock(&self.unknown_kid).last_fetch = Some(Instant::now());
         self.fetch_and_store(trigger).await
     }
 

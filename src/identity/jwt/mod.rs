@@ -140,6 +140,7 @@ impl JwtVerifier {
             .map_err(|r| self.rejected(Some(provider), r))?;
         let verified = Arc::new(VerifiedToken::from_claims(
             Arc::clone(&provider.name),
+            provider.trust(),
             provider.claim_names(),
             &claims,
         ));

@@ -7,16 +7,18 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use super::claims::{Trust, as_seconds};
 use super::config::{ClaimNames, JwtConfig, ProviderConfig};
 use super::error::JwtConfigError;
 use super::error::JwtRejection;
-use super::jwks::{JwksSettings, RemoteJwks, parse_jwks_url};
+use super::jwks::{JwksSettings, Refresh, RemoteJwks, parse_jwks_url};
 use super::keys::{
     KeyKind, KeyMiss, KeySet, VerifyKey, algorithms_for, key_from_pem, min_hmac_secret_bytes,
     parse_algorithm, parse_jwks,
 };
 use super::metrics::{JwtMetrics, ProviderCounters};
 use super::token::Peeked;
+use crate::util::clock::unix_now;
 
 /// Every asymmetric algorithm: what a JWKS provider without an allow-list may see (each key still limits it).
 const ASYMMETRIC: [Algorithm; 9] = [
@@ -41,6 +43,12 @@ pub(crate) struct Provider {
     pub(crate) name: Arc<str>,
     pub(crate) issuer: String,
     claims: ClaimNames,
+    trust: Trust,
+    /// The required `typ`, normalised (see [`normalised_typ`]).
+    typ: Option<String>,
+    /// `max_token_lifetime` in seconds.
+    max_lifetime: Option<i64>,
+    leeway: i64,
     validations: Vec<(Algorithm, Validation)>,
     keys: Keys,
     pub(crate) counters: ProviderCounters,
@@ -145,10 +153,25 @@ impl Provider {
             .iter()
             .map(|alg| (*alg, validation(*alg, cfg, leeway)))
             .collect();
+        if cfg.typ.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(err("typ is empty; remove it or name the type".into()));
+        }
+        if cfg.max_token_lifetime.is_some_and(|d| d.is_zero()) {
+            return Err(err("max_token_lifetime must be longer than 0s".into()));
+        }
         Ok(Self {
             name: Arc::from(name),
             issuer: cfg.issuer.clone(),
             claims: cfg.claims.clone(),
+            trust: Trust {
+                portal: cfg.portal_tokens,
+                stripe_customer: cfg.stripe_customer_from_token,
+            },
+            typ: cfg.typ.as_deref().map(normalised_typ),
+            max_lifetime: cfg
+                .max_token_lifetime
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            leeway: i64::try_from(leeway).unwrap_or(i64::MAX),
             validations,
             keys,
             counters: metrics.for_provider(name),
@@ -168,8 +191,46 @@ impl Provider {
         self.remote().map_or(0, |remote| remote.generation())
     }
 
+    /// The claim names this provider's tokens use.
     pub(crate) fn claim_names(&self) -> &ClaimNames {
         &self.claims
+    }
+
+    /// What this provider's tokens may decide beyond who the caller is.
+    pub(crate) fn trust(&self) -> Trust {
+        self.trust
+    }
+
+    /// The checks the JWT library does not make: `typ`, `iat` not in the future, the lifetime bound.
+    fn check_claims(
+        &self,
+        peeked: &Peeked,
+        claims: &Map<String, Value>,
+    ) -> Result<(), JwtRejection> {
+        if let Some(want) = &self.typ
+            && peeked.typ.as_deref().map(normalised_typ).as_ref() != Some(want)
+        {
+            return Err(JwtRejection::WrongType);
+        }
+        let now = unix_now();
+        let seconds = |name: &'static str| match claims.get(name) {
+            None => Ok(None),
+            Some(v) => as_seconds(v)
+                .map(Some)
+                .ok_or(JwtRejection::InvalidClaim(name)),
+        };
+        let iat = seconds("iat")?;
+        if iat.is_some_and(|iat| iat > now.saturating_add(self.leeway)) {
+            return Err(JwtRejection::IssuedInFuture);
+        }
+        if let Some(max) = self.max_lifetime {
+            let exp = seconds("exp")?.ok_or(JwtRejection::MissingClaim("exp"))?;
+            let lifetime = exp.saturating_sub(iat.unwrap_or(now));
+            if lifetime > max.saturating_add(self.leeway) {
+                return Err(JwtRejection::LifetimeTooLong);
+            }
+        }
+        Ok(())
     }
 
     /// Verifies signature and registered claims; returns the claims and the key generation used.
@@ -192,17 +253,25 @@ impl Provider {
             Keys::Remote(remote) => (remote.keys(), remote.generation()),
         };
         match keys.find(kid, peeked.alg) {
-            Ok(key) => decode(token, &key.key, validation).map(|claims| (claims, generation)),
+            Ok(key) => {
+                let claims = decode(token, &key.key, validation)?;
+                self.check_claims(peeked, &claims)?;
+                Ok((claims, generation))
+            }
             Err(KeyMiss::WrongAlgorithm) => Err(JwtRejection::AlgorithmNotAllowed),
             Err(KeyMiss::Unknown) => {
                 let Keys::Remote(remote) = &self.keys else {
                     return Err(JwtRejection::UnknownKey);
                 };
-                remote.refresh_for_unknown_key(generation).await;
+                if remote.refresh_for_unknown_key(generation).await == Refresh::Running {
+                    return Err(JwtRejection::KeysUnavailable);
+                }
                 let (keys, generation) = (remote.keys(), remote.generation());
                 match keys.find(kid, peeked.alg) {
                     Ok(key) => {
-                        decode(token, &key.key, validation).map(|claims| (claims, generation))
+                        let claims = decode(token, &key.key, validation)?;
+                        self.check_claims(peeked, &claims)?;
+                        Ok((claims, generation))
                     }
                     Err(KeyMiss::WrongAlgorithm) => Err(JwtRejection::AlgorithmNotAllowed),
                     Err(KeyMiss::Unknown) if !remote.is_loaded() => {
@@ -240,6 +309,15 @@ fn decode(
             _ => JwtRejection::Malformed,
         }
     })
+}
+
+/// `typ` compared as RFC 7515 says media types are: case-insensitively, `application/` optional.
+fn normalised_typ(typ: &str) -> String {
+    let typ = typ.trim().to_ascii_lowercase();
+    match typ.strip_prefix("application/") {
+        Some(rest) => rest.to_owned(),
+        None => typ,
+    }
 }
 
 /// Maps a claim name from the library to a static name, so a rejection never carries token text.

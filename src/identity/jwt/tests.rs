@@ -64,7 +64,10 @@ fn provider(name: &str, extra: Value) -> ProviderConfig {
 /// Every fixture provider except the remote one; `jwks_url` adds `idp`.
 fn config(fx: &Fixtures, jwks_url: Option<&str>) -> JwtConfig {
     let mut providers = vec![
-        provider("portal", json!({"hs256_secret": fx.secret})),
+        provider(
+            "portal",
+            json!({"hs256_secret": fx.secret, "portal_tokens": true, "stripe_customer_from_token": true}),
+        ),
         provider(
             "pss",
             json!({"public_key_path": "rsa_a.pub.pem", "algorithms": ["PS256"]}),
@@ -119,11 +122,17 @@ struct JwksServer {
 struct JwksState {
     body: Option<String>,
     hits: usize,
+    /// How long each answer takes.
+    delay: Duration,
 }
 
 impl JwksServer {
     async fn start(body: Option<String>) -> Self {
-        let state = Arc::new(Mutex::new(JwksState { body, hits: 0 }));
+        let state = Arc::new(Mutex::new(JwksState {
+            body,
+            hits: 0,
+            delay: Duration::ZERO,
+        }));
         let app = Router::new()
             .route("/jwks", get(serve_jwks))
             .with_state(Arc::clone(&state));
@@ -142,6 +151,10 @@ impl JwksServer {
     fn hits(&self) -> usize {
         self.state.lock().unwrap().hits
     }
+
+    fn answer_after(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
 }
 
 impl Drop for JwksServer {
@@ -151,9 +164,13 @@ impl Drop for JwksServer {
 }
 
 async fn serve_jwks(State(state): State<Arc<Mutex<JwksState>>>) -> Result<String, StatusCode> {
-    let mut state = state.lock().unwrap();
-    state.hits += 1;
-    state.body.clone().ok_or(StatusCode::SERVICE_UNAVAILABLE)
+    let (body, delay) = {
+        let mut state = state.lock().unwrap();
+        state.hits += 1;
+        (state.body.clone(), state.delay)
+    };
+    tokio::time::sleep(delay).await;
+    body.ok_or(StatusCode::SERVICE_UNAVAILABLE)
 }
 
 /// The same token with a different header: the key lookup happens before the (now broken) signature check.
@@ -564,6 +581,38 @@ async fn a_failed_first_fetch_is_not_fatal() {
 }
 
 #[tokio::test]
+async fn an_unknown_kid_fetch_outlives_a_cancelled_check_and_answers_unavailable_meanwhile() {
+    let fx = fixtures();
+    let server = JwksServer::start(Some(fixture_text("jwks_a.json"))).await;
+    let cfg = JwtConfig {
+        jwks_min_refresh_interval: Duration::ZERO,
+        ..config(&fx, Some(&server.url))
+    };
+    let (verifier, _registry) = verifier(&cfg).await;
+    let rotated = fx.token("rs256_jwks_rotated");
+    server.serve(Some(fixture_text("jwks_ab.json")));
+    server.answer_after(Duration::from_millis(1_500));
+    // Envoy's ext_authz timeout drops the Check while the fetch runs.
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), verifier.verify(rotated)).await;
+    assert!(cancelled.is_err(), "the check should still be waiting");
+    // The fetch goes on: meanwhile the same token is "try again", not "unknown key".
+    assert_eq!(
+        verifier.verify(rotated).await.unwrap_err(),
+        JwtRejection::KeysUnavailable
+    );
+    assert_eq!(server.hits(), 2, "one shared fetch, not one per check");
+    let mut outcome = verifier.verify(rotated).await;
+    for _ in 0..40 {
+        if outcome.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        outcome = verifier.verify(rotated).await;
+    }
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+#[tokio::test]
 async fn keys_rotate_through_the_periodic_refresh() {
     let fx = fixtures();
     let server = JwksServer::start(Some(fixture_text("jwks_a.json"))).await;
@@ -853,4 +902,150 @@ async fn rfc_examples_through_the_verifier() {
         verifier.verify(unsecured).await.unwrap_err(),
         JwtRejection::AlgNone
     );
+}
+
+/// A compact HS256 token with exactly this header and payload, signed with `secret`.
+fn signed_hs256(header: Value, payload: Value, secret: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let message = format!("{}.{}", b64(&header), b64(&payload));
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    let signature =
+        jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)
+            .unwrap();
+    format!("{message}.{signature}")
+}
+
+const STRICT_SECRET: &str = "a-strict-provider-secret-of-32-bytes!!";
+
+async fn strict_verifier(extra: Value) -> JwtVerifier {
+    let mut settings = json!({"hs256_secret": STRICT_SECRET});
+    for (k, v) in extra.as_object().unwrap() {
+        settings[k] = v.clone();
+    }
+    let config = JwtConfig {
+        providers: vec![provider("strict", settings)],
+        ..JwtConfig::default()
+    };
+    verifier(&config).await.0
+}
+
+fn strict_claims(iat: Option<i64>, exp: i64) -> Value {
+    let mut claims =
+        json!({"iss": "https://strict.example.test", "aud": AUD, "sub": "s", "exp": exp});
+    if let Some(iat) = iat {
+        claims["iat"] = json!(iat);
+    }
+    claims
+}
+
+#[tokio::test]
+async fn typ_is_checked_only_when_the_provider_names_one() {
+    let now = unix_now();
+    let claims = strict_claims(Some(now), now + 600);
+    let sign = |typ: Option<&str>| {
+        let mut header = json!({"alg": "HS256"});
+        if let Some(typ) = typ {
+            header["typ"] = json!(typ);
+        }
+        signed_hs256(header, claims.clone(), STRICT_SECRET)
+    };
+    let any = strict_verifier(json!({})).await;
+    for typ in [None, Some("JWT"), Some("at+jwt")] {
+        assert!(any.verify(&sign(typ)).await.is_ok(), "{typ:?}");
+    }
+    let at = strict_verifier(json!({"typ": "at+jwt"})).await;
+    assert!(at.verify(&sign(Some("at+jwt"))).await.is_ok());
+    assert!(at.verify(&sign(Some("application/AT+JWT"))).await.is_ok());
+    for typ in [None, Some("JWT"), Some("id+jwt")] {
+        assert_eq!(
+            at.verify(&sign(typ)).await.unwrap_err(),
+            JwtRejection::WrongType,
+            "{typ:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tokens_issued_in_the_future_or_living_too_long_are_refused() {
+    let now = unix_now();
+    let header = json!({"alg": "HS256"});
+    let plain = strict_verifier(json!({})).await;
+    let future = signed_hs256(
+        header.clone(),
+        strict_claims(Some(now + 3_600), now + 7_200),
+        STRICT_SECRET,
+    );
+    assert_eq!(
+        plain.verify(&future).await.unwrap_err(),
+        JwtRejection::IssuedInFuture
+    );
+    let within_leeway = signed_hs256(
+        header.clone(),
+        strict_claims(Some(now + 10), now + 600),
+        STRICT_SECRET,
+    );
+    assert!(plain.verify(&within_leeway).await.is_ok());
+    let bad_iat = signed_hs256(
+        header.clone(),
+        json!({"iss": "https://strict.example.test", "aud": AUD, "exp": now + 60, "iat": "yesterday"}),
+        STRICT_SECRET,
+    );
+    assert_eq!(
+        plain.verify(&bad_iat).await.unwrap_err(),
+        JwtRejection::InvalidClaim("iat")
+    );
+
+    let bounded = strict_verifier(json!({"max_token_lifetime": "1h"})).await;
+    let day = signed_hs256(
+        header.clone(),
+        strict_claims(Some(now), now + 86_400),
+        STRICT_SECRET,
+    );
+    assert_eq!(
+        bounded.verify(&day).await.unwrap_err(),
+        JwtRejection::LifetimeTooLong
+    );
+    // Without iat the lifetime left is what counts.
+    let day_no_iat = signed_hs256(
+        header.clone(),
+        strict_claims(None, now + 86_400),
+        STRICT_SECRET,
+    );
+    assert_eq!(
+        bounded.verify(&day_no_iat).await.unwrap_err(),
+        JwtRejection::LifetimeTooLong
+    );
+    let hour = signed_hs256(header, strict_claims(Some(now), now + 3_000), STRICT_SECRET);
+    assert!(bounded.verify(&hour).await.is_ok());
+    assert!(
+        plain.verify(&day).await.is_ok(),
+        "no bound without max_token_lifetime"
+    );
+}
+
+#[tokio::test]
+async fn key_carrying_headers_are_ignored() {
+    let now = unix_now();
+    let claims = strict_claims(Some(now), now + 600);
+    let verifier = strict_verifier(json!({})).await;
+    // An attacker's own key, offered in the header: the signature is checked with the configured key only.
+    let attacker_secret = "the-attackers-own-secret-of-32-bytes!!";
+    let forged_headers = [
+        json!({"alg": "HS256", "jwk": {"kty": "oct", "k": "dGhlLWF0dGFja2Vycy1vd24tc2VjcmV0LW9mLTMyLWJ5dGVzISE"}}),
+        json!({"alg": "HS256", "jku": "http://127.0.0.1:9/jwks.json"}),
+        json!({"alg": "HS256", "x5u": "http://127.0.0.1:9/cert.pem"}),
+        json!({"alg": "HS256", "x5c": ["MIIB"]}),
+    ];
+    for header in &forged_headers {
+        let forged = signed_hs256(header.clone(), claims.clone(), attacker_secret);
+        assert_eq!(
+            verifier.verify(&forged).await.unwrap_err(),
+            JwtRejection::InvalidSignature,
+            "{header}"
+        );
+        // Signed with the provider's key, the same headers change nothing: nothing is fetched or used.
+        let genuine = signed_hs256(header.clone(), claims.clone(), STRICT_SECRET);
+        assert!(verifier.verify(&genuine).await.is_ok(), "{header}");
+    }
 }

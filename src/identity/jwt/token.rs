@@ -13,6 +13,7 @@ use super::error::JwtRejection;
 pub(crate) struct Peeked {
     pub(crate) alg: Algorithm,
     pub(crate) kid: Option<String>,
+    pub(crate) typ: Option<String>,
     pub(crate) iss: String,
 }
 
@@ -20,6 +21,7 @@ pub(crate) struct Peeked {
 struct RawHeader {
     alg: Option<String>,
     kid: Option<String>,
+    typ: Option<String>,
     crit: Option<IgnoredAny>,
 }
 
@@ -28,7 +30,8 @@ struct RawIssuer {
     iss: Option<String>,
 }
 
-/// Splits a compact JWS, reads `alg`/`kid`/`crit` from its header and `iss` from its payload; the caller has
+/// Splits a compact JWS, reads `alg`/`kid`/`typ`/`crit` from its header (key-carrying headers such as `jku`,
+/// `x5u`, `jwk` and `x5c` are never read: keys come from the provider's configuration alone) and `iss` from its payload; the caller has
 /// already capped the size.
 pub(crate) fn peek(token: &str) -> Result<Peeked, JwtRejection> {
     let mut parts = token.split('.');
@@ -55,6 +58,7 @@ pub(crate) fn peek(token: &str) -> Result<Peeked, JwtRejection> {
     Ok(Peeked {
         alg,
         kid: header.kid,
+        typ: header.typ,
         iss,
     })
 }
