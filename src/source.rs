@@ -7,8 +7,13 @@
 //!   U+2028 and U+2029, so serde's positions and ours always agree.
 //! - `${VAR}` expansion is textual and line by line: a reference must close on its own line, and a
 //!   variable whose value holds a line break is refused (it would shift every later line), so the
-//!   expanded text has exactly the lines of the original. A value is pasted as is: quote the
-//!   reference (`"${VAR}"`) when the value may hold YAML syntax such as `: ` or ` #`.
+//!   expanded text has exactly the lines of the original.
+//! - A value is inserted as a value, never as YAML text: inside `"…"` it is escaped, inside `'…'` its
+//!   quotes are doubled, and as a whole unquoted scalar it is pasted as is only when YAML reads it back
+//!   as the same text (numbers and booleans keep their type); otherwise (`null`, `~`, ` #`, `: `, a
+//!   leading indicator such as `*` or `[`, …) it is inserted double-quoted, so `TOKEN=null` is the
+//!   string "null" and never turns a setting off. Inside a longer unquoted scalar such a value is
+//!   refused: quote that scalar in the file. An empty value stays empty (an unset optional setting).
 //! - Lines that are comments as a whole (first non-blank character `#`) are not expanded, so a
 //!   commented-out `# secret: ${UNSET}` is no error. A trailing comment after a value is expanded,
 //!   and so is nothing else special: a `#` line inside a block scalar (`|`) stays unexpanded.
@@ -111,6 +116,8 @@ enum SegmentKind {
     Variable {
         name: String,
         secret: Option<String>,
+        /// Whether the value was escaped or quoted on insertion, so the text differs from the value.
+        escaped: bool,
     },
 }
 
@@ -319,6 +326,7 @@ impl Source {
             let SegmentKind::Variable {
                 name,
                 secret: Some(value),
+                escaped,
             } = &segment.kind
             else {
                 continue;
@@ -329,8 +337,12 @@ impl Source {
             let is_long = value.chars().count() >= MIN_HIDDEN_LEN_ELSEWHERE;
             // serde quotes strings with Debug, which escapes `"`, `\` and control characters.
             let debug = format!("{value:?}");
-            let escaped = debug[1..debug.len() - 1].to_string(); // invariant: Debug of a str is quoted
-            for needle in [value.clone(), escaped] {
+            let debug_text = debug[1..debug.len() - 1].to_string(); // invariant: Debug of a str is quoted
+            let mut needles = vec![value.clone(), debug_text];
+            if *escaped {
+                needles.push(yaml_double_quoted_body(value));
+            }
+            for needle in needles {
                 if is_long || Some(segment.line) == line {
                     near.push((needle.clone(), name.as_str()));
                 }
@@ -395,6 +407,7 @@ fn expand_line(
     let chars: Vec<char> = content.chars().collect();
     let mut i = 0;
     let mut column = 0;
+    let mut context = LineContext::default();
     while i < chars.len() {
         let at = |k: usize| chars.get(i + k).copied();
         if at(0) == Some('$') && at(1) == Some('$') && at(2) == Some('{') {
@@ -445,8 +458,14 @@ fn expand_line(
                     ),
                 ));
             }
-            let expanded_len = value.chars().count();
-            out.push_str(&value);
+            let whole = context.scalar_starts_before(&chars, i)
+                && scalar_ends_after(&chars, i + close + 3, context.flow_depth);
+            let inserted = context
+                .insert(&value, whole)
+                .map_err(|why| (i, format!("environment variable {name} {why}")))?;
+            let escaped = inserted != value;
+            let expanded_len = inserted.chars().count();
+            out.push_str(&inserted);
             segments.push(Segment {
                 line,
                 expanded_start: column,
@@ -456,17 +475,171 @@ fn expand_line(
                 kind: SegmentKind::Variable {
                     name: name.to_string(),
                     secret: secret.then_some(value),
+                    escaped,
                 },
             });
             column += expanded_len;
             i += close + 3;
         } else {
+            context.step(&chars, i);
             out.push(chars[i]);
             column += 1;
             i += 1;
         }
     }
     Ok(())
+}
+
+/// Where a line's scan stands: inside a quoted scalar or not, how deep in flow collections, and whether a
+/// comment has begun. Tracks only what decides how a value may be inserted; the YAML parser judges the rest.
+#[derive(Debug, Default, Clone, Copy)]
+struct LineContext {
+    quote: Quote,
+    flow_depth: usize,
+    comment: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Quote {
+    #[default]
+    None,
+    Double,
+    Single,
+}
+
+impl LineContext {
+    /// Advances past `chars[i]` (a character copied as is).
+    fn step(&mut self, chars: &[char], i: usize) {
+        let c = chars[i];
+        match self.quote {
+            _ if self.comment => {}
+            Quote::Double => {
+                if c == '"' && !escaped_at(chars, i) {
+                    self.quote = Quote::None;
+                }
+            }
+            // `''` inside single quotes is one quote: the second `'` reopens what the first closed.
+            Quote::Single => {
+                if c == '\'' {
+                    self.quote = Quote::None;
+                }
+            }
+            Quote::None => match c {
+                '"' if self.scalar_starts_before(chars, i) => self.quote = Quote::Double,
+                '\'' if self.scalar_starts_before(chars, i) => self.quote = Quote::Single,
+                '\'' if i > 0 && chars[i - 1] == '\'' => self.quote = Quote::Single,
+                '[' | '{' => self.flow_depth += 1,
+                ']' | '}' => self.flow_depth = self.flow_depth.saturating_sub(1),
+                '#' if i == 0 || chars[i - 1].is_whitespace() => self.comment = true,
+                _ => {}
+            },
+        }
+    }
+
+    /// Whether a scalar would start at `chars[i]`: only blanks since the line start or an indicator that
+    /// precedes a value (`: `, `- `, `? `, `[`, `{`, `,`).
+    fn scalar_starts_before(&self, chars: &[char], i: usize) -> bool {
+        if self.quote != Quote::None {
+            return false;
+        }
+        let before = chars[..i]
+            .iter()
+            .rev()
+            .skip_while(|c| **c == ' ' || **c == '\t');
+        let mut before = before.copied();
+        match before.next() {
+            None => true,
+            Some('[' | '{' | ',') => true,
+            Some(':' | '-' | '?') => i > 0 && (chars[i - 1] == ' ' || chars[i - 1] == '\t'),
+            Some(_) => false,
+        }
+    }
+
+    /// The text that stands for `value` here; `whole` when the reference is an entire unquoted scalar.
+    fn insert(&self, value: &str, whole: bool) -> Result<String, &'static str> {
+        if self.comment {
+            return Ok(value.to_owned());
+        }
+        match self.quote {
+            Quote::Double => Ok(yaml_double_quoted_body(value)),
+            Quote::Single => Ok(value.replace('\'', "''")),
+            Quote::None if value.is_empty() || plain_safe(value, self.flow_depth > 0) => {
+                Ok(value.to_owned())
+            }
+            Quote::None if whole => Ok(format!("\"{}\"", yaml_double_quoted_body(value))),
+            Quote::None => Err(
+                "holds YAML syntax that would change the file where it is inserted: quote the value in the config (\"…${VAR}…\")",
+            ),
+        }
+    }
+}
+
+/// Whether the `"` at `chars[i]` is escaped by an odd run of backslashes before it.
+fn escaped_at(chars: &[char], i: usize) -> bool {
+    chars[..i].iter().rev().take_while(|c| **c == '\\').count() % 2 == 1
+}
+
+/// Whether nothing but blanks, a comment, or (in a flow collection) a separator follows `chars[end..]`.
+fn scalar_ends_after(chars: &[char], end: usize, flow_depth: usize) -> bool {
+    let rest: String = chars[end..].iter().collect();
+    let rest = rest.trim_start_matches([' ', '\t']);
+    rest.is_empty()
+        || (rest.starts_with('#') && end < chars.len() && chars[end].is_whitespace())
+        || (flow_depth > 0 && rest.starts_with([',', ']', '}']))
+}
+
+/// Whether YAML reads `value`, pasted as an unquoted scalar, back as the same text (or as the number or
+/// boolean it spells): no null spelling, no indicator up front, no `: ` or ` #`, no surrounding blanks, no
+/// control characters, and in a flow collection none of `,[]{}`.
+fn plain_safe(value: &str, in_flow: bool) -> bool {
+    if matches!(value, "~" | "null" | "Null" | "NULL") {
+        return false;
+    }
+    let Some(first) = value.chars().next() else {
+        return false;
+    };
+    let second = value.chars().nth(1);
+    let indicator = matches!(
+        first,
+        ',' | '['
+            | ']'
+            | '{'
+            | '}'
+            | '#'
+            | '&'
+            | '*'
+            | '!'
+            | '|'
+            | '>'
+            | '\''
+            | '"'
+            | '%'
+            | '@'
+            | '`'
+    ) || (matches!(first, '-' | '?' | ':')
+        && second.is_none_or(|c| c == ' ' || c == '\t'));
+    !indicator
+        && value.trim() == value
+        && !value.contains(": ")
+        && !value.contains(" #")
+        && !value.contains('\t')
+        && !value.ends_with(':')
+        && !value.chars().any(char::is_control)
+        && !(in_flow && value.contains([',', '[', ']', '{', '}']))
+}
+
+/// `value` escaped for the inside of a YAML double-quoted scalar.
+fn yaml_double_quoted_body(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Splits what stands between `${` and `}` into a name and an optional default.
@@ -875,6 +1048,84 @@ mod tests {
             format!("c.yaml:2:5: {}", e.message),
             "display is file:line:column: message"
         );
+    }
+
+    /// The value YAML reads at `key` after expanding `text` with `vars`.
+    fn value_of(text: &str, vars: &[(&str, &str)], key: &str) -> serde_yaml_ng::Value {
+        let source = expand(text, vars).unwrap();
+        let map: std::collections::BTreeMap<String, serde_yaml_ng::Value> = source.parse().unwrap();
+        map.get(key).cloned().unwrap_or(serde_yaml_ng::Value::Null)
+    }
+
+    #[test]
+    fn values_are_inserted_as_values_never_as_yaml() {
+        use serde_yaml_ng::Value;
+        let s = |v: &str| Value::String(v.to_owned());
+        // Unquoted: what YAML would read as null, a comment, a mapping or an alias stays the text it is.
+        for value in [
+            "null", "~", "NULL", "abc #def", "a: b", "*alias", "[1]", "- x", "end:", " pad", "#x",
+        ] {
+            assert_eq!(
+                value_of("t: ${T}\n", &[("T", value)], "t"),
+                s(value),
+                "{value:?}"
+            );
+        }
+        assert_eq!(
+            value_of("t: ${T} # note\n", &[("T", "x #y")], "t"),
+            s("x #y")
+        );
+        // Numbers and booleans keep their type; plain text stays plain.
+        assert_eq!(
+            value_of("t: ${T}\n", &[("T", "8080")], "t"),
+            Value::from(8080)
+        );
+        assert_eq!(
+            value_of("t: ${T}\n", &[("T", "true")], "t"),
+            Value::Bool(true)
+        );
+        assert_eq!(
+            value_of("t: ${T}\n", &[("T", "redis://h:1/0")], "t"),
+            s("redis://h:1/0")
+        );
+        // An empty value is still an unset optional setting.
+        assert_eq!(value_of("t: ${T}\n", &[("T", "")], "t"), Value::Null);
+        // Quoted scalars: escaped for their style.
+        let tricky = "it's a \"quote\" and a \\ back\tslash";
+        assert_eq!(
+            value_of("t: \"<${T}>\"\n", &[("T", tricky)], "t"),
+            s(&format!("<{tricky}>"))
+        );
+        assert_eq!(
+            value_of("t: '<${T}>'\n", &[("T", tricky)], "t"),
+            s(&format!("<{tricky}>"))
+        );
+        assert_eq!(
+            value_of("t: 'a''b ${T}'\n", &[("T", "it's")], "t"),
+            s("a'b it's")
+        );
+        // Flow collections: a value with a comma is one item.
+        let list = value_of("t: [${A}, b]\n", &[("A", "c,d")], "t");
+        assert_eq!(list, Value::Sequence(vec![s("c,d"), s("b")]));
+        let list = value_of("t:\n  - ${A}\n", &[("A", "null")], "t");
+        assert_eq!(list, Value::Sequence(vec![s("null")]));
+        // Part of a longer unquoted scalar: a plain-safe value joins it, an unsafe one is refused unechoed.
+        assert_eq!(value_of("t: pre-${T}\n", &[("T", "x")], "t"), s("pre-x"));
+        let e = expand("t: pre-${T}\n", &[("T", "s3cret #x")]).unwrap_err();
+        assert_eq!(e.position, pos(1, 8));
+        assert!(e.message.contains("T holds YAML syntax"), "{}", e.message);
+        assert!(!e.message.contains("s3cret"), "{}", e.message);
+        // Defaults are values too.
+        assert_eq!(value_of("t: ${T:-~}\n", &[], "t"), s("~"));
+    }
+
+    #[test]
+    fn a_quoted_secret_is_hidden_in_errors_in_its_escaped_form_too() {
+        let source = expand("n: ${N}\n", &[("N", "se\"cret#1 #x")]).unwrap();
+        let err = source
+            .parse::<std::collections::BTreeMap<String, u16>>()
+            .unwrap_err();
+        assert!(!err.message.contains("cret"), "{}", err.message);
     }
 
     #[test]

@@ -477,6 +477,15 @@ metering:
     }
 
     #[test]
+    fn a_token_that_spells_yaml_is_still_the_token() {
+        let text = "catalog: {path: c.yaml}\nadmin_token: ${T}\n";
+        for value in ["null", "~", "abc #def", "a: b"] {
+            let c = load_text(text, &[("T", value)]).unwrap();
+            assert_eq!(c.admin_token.as_deref(), Some(value), "{value:?}");
+        }
+    }
+
+    #[test]
     fn listeners_beyond_loopback_need_their_token() {
         let open_grpc = "catalog: {path: c.yaml}\ngrpc_listen: 0.0.0.0:9001\n";
         let err = load_err(open_grpc, &[]);
