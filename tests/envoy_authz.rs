@@ -6,7 +6,7 @@ mod support;
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;
-use support::{Stack, base_config, key_hash, raw_request};
+use support::{CHANGE_TIMEOUT, Stack, base_config, key_hash, poll_until, raw_request};
 
 const KEY_GOOD: &str = "tg_test_GoodKey4uZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
 const KEY_SECOND: &str = "tg_test_SecondKeyZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
@@ -645,4 +645,40 @@ async fn envoy_fails_closed_when_tollgate_is_down() {
         .expect("request through Envoy");
     assert_eq!(response.status().as_u16(), 503);
     assert_eq!(upstream.count(), 1, "a call reached the upstream unchecked");
+}
+
+#[tokio::test]
+async fn memory_quota_counters_survive_a_kill_9() {
+    let mut stack = prod_stack().await;
+    for remaining in [2, 1] {
+        let answer = get_with_key(&stack, "/tiny/x", KEY_GOOD).await;
+        assert_eq!(answer.status, 200, "body: {}", answer.body);
+        assert_eq!(answer.header_number("ratelimit-remaining"), remaining);
+    }
+    // The counters reach metering.dir within quota.persist_interval (1 s by default).
+    let saved = stack
+        .tollgate
+        .dir()
+        .join("data")
+        .join("quota-counters.json");
+    poll_until("the quota counters to be saved", CHANGE_TIMEOUT, || {
+        let saved = saved.clone();
+        async move {
+            std::fs::read_to_string(&saved)
+                .ok()
+                .filter(|text| text.contains("tiny") && text.contains("\"used\":2"))
+        }
+    })
+    .await;
+    stack.tollgate.kill();
+    stack.tollgate.restart().await;
+    let answer = get_with_key(&stack, "/tiny/x", KEY_GOOD).await;
+    assert_eq!(answer.status, 200, "body: {}", answer.body);
+    assert_eq!(answer.header_number("ratelimit-remaining"), 0);
+    let answer = get_with_key(&stack, "/tiny/x", KEY_GOOD).await;
+    assert_eq!(
+        answer.status, 429,
+        "a restart gave the quota back: {}",
+        answer.body
+    );
 }

@@ -121,6 +121,10 @@ pub struct QuotaConfig {
     /// Per-API overrides of `on_store_error`, by API id (a payments API fails closed, a catalog API open).
     #[serde(default)]
     pub on_store_error_by_api: HashMap<String, OnStoreError>,
+    /// With `store: memory`, how often the counters are saved to `metering.dir`: the most of its charges a
+    /// crash can give back.
+    #[serde(default = "default_persist_interval", deserialize_with = "duration")]
+    pub persist_interval: Duration,
 }
 
 impl Default for QuotaConfig {
@@ -133,6 +137,7 @@ impl Default for QuotaConfig {
             max_lease: default_max_lease(),
             on_store_error: OnStoreError::default(),
             on_store_error_by_api: HashMap::new(),
+            persist_interval: default_persist_interval(),
         }
     }
 }
@@ -202,6 +207,9 @@ fn default_lateness() -> Duration {
 }
 fn default_store_timeout() -> Duration {
     Duration::from_millis(50)
+}
+fn default_persist_interval() -> Duration {
+    crate::quota::persist::DEFAULT_INTERVAL
 }
 fn default_max_lease() -> u64 {
     100
@@ -306,6 +314,12 @@ impl Config {
                     "redis_url is not a redis:// or rediss:// URL (for a cluster: a comma-separated list)",
                 ));
             }
+        }
+        if config.quota.persist_interval.is_zero() {
+            return Err(source.error_at(
+                &[PathSeg::Key("quota"), PathSeg::Key("persist_interval")],
+                "persist_interval must be longer than 0s",
+            ));
         }
         if config.quota.timeout.is_zero() {
             return Err(source.error_at(

@@ -23,6 +23,7 @@ use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::metering::{Metering, MeteringError};
 use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
+use crate::quota::persist;
 use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
 use crate::util::clock::unix_now;
@@ -100,8 +101,27 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     };
 
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut persister = None;
     let quota: Arc<dyn QuotaStore> = match config.quota.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Memory => {
+            let store = Arc::new(MemoryStore::new());
+            let dir = config.metering.dir.clone();
+            match persist::load(&dir, &store) {
+                Ok(restored) => tracing::info!(windows = restored, "quota counters restored"),
+                Err(error) => {
+                    tracing::warn!(%error, "quota counters not restored; counting from zero")
+                }
+            }
+            let task = tokio::spawn(persist::run(
+                dir.clone(),
+                Arc::clone(&store),
+                config.quota.persist_interval,
+                shutdown_rx.clone(),
+            ));
+            persister = Some((task, Arc::clone(&store), dir));
+            store
+        }
         StoreKind::Redis => {
             let options = RedisOptions {
                 url: config.quota.redis_url.clone().unwrap_or_default(),
@@ -129,7 +149,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let grpc_listener = bind(config.grpc_listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -195,6 +214,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let (grpc, ()) = tokio::join!(grpc, admin);
     sweeper.abort();
+    if let Some((task, store, dir)) = persister {
+        let _ = task.await;
+        // The listeners are closed: this save holds every charge, and comes before the sweep below empties
+        // the store.
+        match tokio::task::spawn_blocking(move || persist::save(&dir, &store)).await {
+            Ok(Ok(())) => tracing::info!("quota counters saved"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "quota counters could not be saved at shutdown")
+            }
+            Err(error) => tracing::warn!(%error, "quota counter save task failed"),
+        }
+    }
     // Hands leased quota units back to a shared store so other replicas can use them at once.
     authorizer.sweep(i64::MAX).await;
     if let Err(e) = sealer.await {

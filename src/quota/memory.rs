@@ -1,9 +1,29 @@
 //! The in-memory quota store: exact counters for a single replica.
 
 use async_trait::async_trait;
-use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Charge, Limit, LimitState, LimitUsage, Outcome, QuotaStore, StoreError, Unit};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use super::{Charge, Limit, LimitState, LimitUsage, Outcome, QuotaStore, StoreError, Unit, Window};
+
+/// One live counter as [`MemoryStore::snapshot`] exports it and [`MemoryStore::restore`] takes it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterRecord {
+    /// The bucket the counter belongs to.
+    pub bucket: String,
+    /// The limit's unit.
+    pub unit: Unit,
+    /// The limit's interval in units.
+    pub interval: u32,
+    /// The window's start, Unix seconds.
+    pub window_start: i64,
+    /// The window's end (exclusive), Unix seconds.
+    pub window_end: i64,
+    /// Units spent in the window.
+    pub used: u64,
+}
 
 /// Counters of one window length of one bucket.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +40,8 @@ struct Counter {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     buckets: DashMap<Box<str>, Vec<Counter>>,
+    /// Bumped by every charge, so the persister writes only when something changed.
+    changes: AtomicU64,
 }
 
 impl MemoryStore {
@@ -31,6 +53,74 @@ impl MemoryStore {
     /// Number of buckets with a live window, i.e. what `sweep` has not reclaimed yet.
     pub fn buckets(&self) -> usize {
         self.buckets.len()
+    }
+
+    /// A number that differs whenever a charge may have changed a counter since it was last read.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Every counter whose window is still open at `now`.
+    pub fn snapshot(&self, now: i64) -> Vec<CounterRecord> {
+        let mut out = Vec::new();
+        for entry in &self.buckets {
+            for c in entry.value().iter().filter(|c| c.window_end > now) {
+                out.push(CounterRecord {
+                    bucket: entry.key().to_string(),
+                    unit: c.unit,
+                    interval: c.interval,
+                    window_start: c.window_start,
+                    window_end: c.window_end,
+                    used: c.used,
+                });
+            }
+        }
+        out
+    }
+
+    /// Takes back counters from a snapshot, skipping windows closed at `now` and any that do not match
+    /// their unit's calendar (a hand-edited or foreign file); a counter already present keeps the larger count.
+    pub fn restore(&self, records: impl IntoIterator<Item = CounterRecord>, now: i64) -> usize {
+        let mut restored = 0;
+        for r in records {
+            let limit = Limit {
+                limit: 0,
+                interval: r.interval.max(1),
+                unit: r.unit,
+            };
+            let window = limit.window(r.window_start);
+            if r.window_end <= now || window.start != r.window_start || window.end != r.window_end {
+                continue;
+            }
+            self.raise(&r.bucket, &limit, window, r.used);
+            restored += 1;
+        }
+        restored
+    }
+
+    /// Makes `bucket`'s counter of `limit` in `window` at least `used`: what a shared store last reported,
+    /// so a local count that takes over from it starts there rather than at zero.
+    pub fn raise(&self, bucket: &str, limit: &Limit, window: Window, used: u64) {
+        let mut counters = self.buckets.entry(bucket.into()).or_default();
+        match counters
+            .iter_mut()
+            .find(|c| c.unit == limit.unit && c.interval == limit.interval)
+        {
+            Some(c) if c.window_start == window.start => c.used = c.used.max(used),
+            Some(c) if c.window_start < window.start => {
+                c.window_start = window.start;
+                c.window_end = window.end;
+                c.used = used;
+            }
+            Some(_) => {}
+            None => counters.push(Counter {
+                unit: limit.unit,
+                interval: limit.interval,
+                window_start: window.start,
+                window_end: window.end,
+                used,
+            }),
+        }
     }
 
     fn charge_counters(counters: &mut Vec<Counter>, charge: &Charge<'_>) -> Outcome {
@@ -117,6 +207,7 @@ fn window_secs_left(c: &Counter, now: i64) -> u64 {
 #[async_trait]
 impl QuotaStore for MemoryStore {
     async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
+        self.changes.fetch_add(1, Ordering::Relaxed);
         if let Some(mut counters) = self.buckets.get_mut(charge.bucket) {
             return Ok(Self::charge_counters(&mut counters, charge));
         }

@@ -4,6 +4,7 @@
 //! shares counters across replicas through the same trait.
 
 pub mod memory;
+pub mod persist;
 pub mod redis;
 pub mod window;
 

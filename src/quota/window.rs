@@ -5,10 +5,10 @@
 //! arithmetic is done on plain integers (days from the epoch, Howard Hinnant's civil-date algorithms) so it is
 //! total over every `i64` second the caller can produce and never panics.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A calendar unit that quota windows are measured in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {
     /// One second; n-second windows start at multiples of n since the epoch.
