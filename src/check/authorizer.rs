@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use crate::catalog::{Catalog, CatalogHandle};
+use crate::check::fallback::Fallback;
 use crate::check::metrics::CheckMetrics;
 use crate::check::plan::{self, Plan};
 use crate::check::verdict::www_authenticate;
 use crate::check::{Decision, OnStoreError, QuotaAnswer, Request, Settings, Verdict};
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
-use crate::quota::memory::MemoryStore;
 use crate::quota::{QuotaStore, StoreError};
 use crate::util::clock::unix_now;
 
@@ -20,8 +20,8 @@ pub struct Authorizer {
     catalog: Arc<CatalogHandle>,
     quota: Arc<dyn QuotaStore>,
     /// Counts requests let through while the quota store fails under `on_store_error: allow`, so each
-    /// replica still applies the limits on its own until the store is back.
-    fallback: MemoryStore,
+    /// replica still applies the limits on its own, from the store's last word, until the store is back.
+    fallback: Fallback,
     /// Second of the last store-failure log line.
     last_store_warning: AtomicI64,
     jwt: Option<JwtVerifier>,
@@ -46,7 +46,7 @@ impl Authorizer {
             challenge: www_authenticate(&settings),
             catalog,
             quota,
-            fallback: MemoryStore::new(),
+            fallback: Fallback::new(),
             last_store_warning: AtomicI64::new(i64::MIN),
             jwt,
             settings,
@@ -106,20 +106,22 @@ impl Authorizer {
             Plan::Decided(decision) => decision,
             Plan::Charge(pending) => {
                 let charge = pending.charge(now);
+                let policy = pending.on_store_error(&self.settings);
                 let answer = match self.quota.charge(&charge).await {
-                    Ok(outcome) => QuotaAnswer::Store(outcome),
+                    Ok(outcome) => {
+                        if policy == OnStoreError::Allow {
+                            self.fallback.observe(&charge, &outcome);
+                        }
+                        QuotaAnswer::Store(outcome)
+                    }
                     Err(e) => {
                         self.metrics.quota_store_errors.inc();
-                        let policy = pending.on_store_error(&self.settings);
                         self.warn_store_failure(&e, policy, now);
                         match policy {
                             OnStoreError::Deny => QuotaAnswer::Unavailable,
                             OnStoreError::Allow => {
                                 self.metrics.quota_fallbacks.inc();
-                                match self.fallback.charge(&charge).await {
-                                    Ok(outcome) => QuotaAnswer::Fallback(outcome),
-                                    Err(_) => QuotaAnswer::Unavailable,
-                                }
+                                QuotaAnswer::Fallback(self.fallback.charge(&charge).await)
                             }
                         }
                     }

@@ -17,6 +17,7 @@ mod authorizer;
 pub mod buckets;
 pub mod decision;
 mod entitle;
+pub mod fallback;
 mod message;
 pub mod metrics;
 pub mod plan;
