@@ -65,6 +65,7 @@ async fn redis_store(server: &RedisServer, max_lease: u64) -> Arc<dyn QuotaStore
             cluster: false,
             timeout: Duration::from_millis(50),
             max_lease,
+            replica: None,
         },
         &Registry::new(),
     )

@@ -33,6 +33,7 @@ fn options(url: String, max_lease: u64) -> RedisOptions {
         cluster: false,
         timeout: TEST_TIMEOUT,
         max_lease,
+        replica: None,
     }
 }
 
@@ -374,6 +375,7 @@ async fn a_dead_redis_fails_fast_and_a_restarted_one_is_used_again() {
             cluster: false,
             timeout: Duration::from_millis(200),
             max_lease: 0,
+            replica: None,
         },
         &Registry::new(),
     )
@@ -439,6 +441,7 @@ async fn a_call_lost_to_a_timeout_is_undone_by_the_next_one() {
             cluster: false,
             timeout: Duration::from_millis(100),
             max_lease: 50,
+            replica: None,
         },
         &Registry::new(),
     )
@@ -571,6 +574,7 @@ async fn a_cluster_keeps_a_buckets_keys_on_one_slot() {
                 cluster: true,
                 timeout: TEST_TIMEOUT,
                 max_lease: 20,
+                replica: None,
             },
             &Registry::new(),
         )
@@ -758,5 +762,53 @@ async fn leases_are_renewed_before_they_run_out() {
     assert_eq!(
         counter(&registry, "quota_lease_units_total") + 1 - 1_000,
         counter(&registry, "quota_lease_units_returned_total")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_reclaims_the_leases_it_died_holding() {
+    let server = RedisServer::start();
+    let limits = [limit(100, Unit::Hour)];
+    let key = RedisStore::key_for("bkt", &limits[0], T0);
+    let replica = |boot| tollgate::quota::redis::ReplicaId {
+        id: "feedc0de".into(),
+        boot,
+    };
+    let connect = |replica| {
+        let options = RedisOptions {
+            replica: Some(replica),
+            ..options(server.url(), 50)
+        };
+        async move {
+            RedisStore::connect(options, &Registry::new())
+                .await
+                .expect("connect")
+        }
+    };
+    let first = connect(replica(1)).await;
+    for _ in 0..3 {
+        assert!(allowed(&charge(&first, "bkt", &limits, 1, T0).await));
+    }
+    assert_eq!(hget(&server, &key, "reserved"), 12);
+    // Dies holding its lease: nothing is flushed.
+    drop(first);
+
+    let second = connect(replica(2)).await;
+    assert!(allowed(&charge(&second, "bkt", &limits, 1, T0).await));
+    // The old lease was released by the first call under the same id; only the new one is reserved. Under
+    // a fresh id the old 12 units would stay reserved until the window ends. The two units the first
+    // process served from its lease were never reported: they are the documented cost of a kill -9.
+    assert_eq!(hget(&server, &key, "used"), 2);
+    assert_eq!(
+        hget(&server, &key, "r:feedc0de"),
+        hget(&server, &key, "reserved")
+    );
+    assert_eq!(hget(&server, &key, "reserved"), (100 - 2) / 8);
+    second.flush().await.expect("flush");
+    assert_eq!(hget(&server, &key, "reserved"), 0);
+    assert_eq!(
+        hget(&server, &key, "used"),
+        2,
+        "reported units stay counted"
     );
 }

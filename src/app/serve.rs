@@ -24,6 +24,7 @@ use crate::metering::{Metering, MeteringError};
 use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
 use crate::quota::persist;
+use crate::quota::redis::replica::{self, ReplicaError};
 use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
 use crate::util::clock::unix_now;
@@ -53,6 +54,9 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The Redis replica id in `metering.dir` could not be read or kept.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
@@ -128,6 +132,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 cluster: config.quota.redis_cluster,
                 timeout: config.quota.timeout,
                 max_lease: config.quota.max_lease,
+                replica: Some(replica::load_or_create(&config.metering.dir)?),
             };
             Arc::new(RedisStore::connect(options, &metrics.registry).await?)
         }

@@ -18,6 +18,7 @@ use super::super::{Charge, LimitState, Outcome, StoreError, Unit};
 use super::conn::Client;
 use super::keys::{ttl, window_key};
 use super::metrics::StoreMetrics;
+use super::replica::ReplicaId;
 use super::script::{self, Answer, Call, Header};
 use super::{IDLE_RETURN, LUA_MAX, PREFETCH_DIVISOR};
 use crate::util::sync::lock;
@@ -210,14 +211,19 @@ struct Sent {
 }
 
 impl Engine {
-    /// An engine with no buckets yet, under a fresh random replica id; `max_lease` 0 disables leasing.
-    pub(super) fn new(client: Client, metrics: StoreMetrics, max_lease: u64) -> Engine {
+    /// An engine with no buckets yet, under `replica`; `max_lease` 0 disables leasing.
+    pub(super) fn new(
+        client: Client,
+        metrics: StoreMetrics,
+        max_lease: u64,
+        replica: ReplicaId,
+    ) -> Engine {
         Engine {
             client,
             script: script::load(),
             max_lease: max_lease.min(LUA_MAX),
-            replica: format!("{:016x}", rand::random::<u64>()),
-            seq: AtomicU64::new(1),
+            seq: AtomicU64::new(replica.first_seq()),
+            replica: replica.id,
             buckets: DashMap::new(),
             metrics,
         }

@@ -35,7 +35,9 @@
 //! `max_lease`, and at most 1/`LEASE_DIVISOR` of what was free when granted); its holder serves them, or
 //! returns them within [`IDLE_RETURN`] (+ one tick) of its last call for the bucket. So the count is exact
 //! (allowed == limit) once traffic has reached every holder or its idle lease came back. A replica that
-//! dies strands at most its lease, which expires with the window.
+//! dies holds its lease until it restarts under the same id (kept in `metering.dir`, see [`replica`]): its
+//! first call on each bucket then releases what it held. Without a kept id the lease is stranded until the
+//! window's keys expire.
 //!
 //! # Redis operations per request
 //! Steady state, far from the limit: one round trip (`EVALSHA`) per renewal, which adds about
@@ -57,8 +59,11 @@
 //! # What is exact and what is bounded
 //! - Exact: `used` never exceeds any limit of a window, across all replicas, leases and lost calls.
 //! - Bounded: refusals while another replica still holds leased units (at most `max_lease` per holder,
-//!   returned within [`IDLE_RETURN`] + one tick of its last call for the bucket); units stranded by a
-//!   replica that dies (at most its lease, until the window's keys expire).
+//!   returned within [`IDLE_RETURN`] + one tick of its last call for the bucket); units held by a replica
+//!   that dies (at most its lease, until it restarts, or without a kept id until the window's keys expire).
+//! - Bounded, the other way: after a kill -9 and restart, the units the dead process had served from its
+//!   lease but not yet reported (less than its lease) are released with the lease, so the window can
+//!   overrun its limit by that much.
 //! - Approximate: the `ratelimit-remaining` a replica reports from its lease uses the counts of its last
 //!   Redis answer, so it lags the other replicas' spending by up to one renewal.
 //!
@@ -72,6 +77,7 @@ mod conn;
 mod keys;
 mod lease;
 mod metrics;
+pub mod replica;
 mod script;
 
 use std::fmt;
@@ -87,6 +93,7 @@ pub use keys::KEY_GRACE_SECS;
 use keys::window_key;
 use lease::{Engine, UNLIMITED};
 use metrics::StoreMetrics;
+pub use replica::ReplicaId;
 
 /// Default bound of a lease block when the config does not set one.
 pub const DEFAULT_MAX_LEASE: u64 = 100;
@@ -112,6 +119,9 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// Upper bound of a lease block; 0 disables leasing (one Redis round trip per request).
     pub max_lease: u64,
+    /// This replica's name in Redis; `None`: a random one for this process only (its leases are stranded
+    /// until their windows end if it dies holding them). `serve` keeps one in `metering.dir`.
+    pub replica: Option<ReplicaId>,
 }
 
 impl Default for RedisOptions {
@@ -121,6 +131,7 @@ impl Default for RedisOptions {
             cluster: false,
             timeout: DEFAULT_TIMEOUT,
             max_lease: DEFAULT_MAX_LEASE,
+            replica: None,
         }
     }
 }
@@ -197,7 +208,8 @@ impl RedisStore {
     ) -> Result<RedisStore, RedisStoreError> {
         let client = Client::open(&options).await?;
         let metrics = StoreMetrics::new(registry)?;
-        let engine = Arc::new(Engine::new(client, metrics, options.max_lease));
+        let replica = options.replica.clone().unwrap_or_else(ReplicaId::ephemeral);
+        let engine = Arc::new(Engine::new(client, metrics, options.max_lease, replica));
         if engine.client.first_ping().await? {
             tracing::info!(url = %engine.client.shown_url(), replica = %engine.replica(), max_lease = engine.max_lease(), "connected to the Redis quota store");
         }
