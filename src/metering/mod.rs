@@ -56,7 +56,9 @@ pub use options::{DEFAULT_COMMIT_INTERVAL, MeteringOptions};
 pub use outbox::{AckOutcome, OutboxItem, OutboxRow};
 pub use record::UsageRecord;
 pub use spool::SpoolError;
-pub use usage_api::{BadQuery, MeterUsage, UsageQuery, UsageReport, WindowState, WindowUsage};
+pub use usage_api::{
+    AppQuota, BadQuery, MeterUsage, QuotaCounter, UsageQuery, UsageReport, WindowState, WindowUsage,
+};
 
 use metrics::{MeteringMetrics, gauge};
 use options::millis;
@@ -171,8 +173,8 @@ impl Metering {
         self.inner.shared.disk.is_full()
     }
 
-    /// `/v1/usage`: per meter, the totals of the retained windows for one app or one Stripe customer. Quota
-    /// counters are not part of it (the quota store has no read API yet).
+    /// `/v1/usage`: per meter, the totals of the retained windows for one app or one Stripe customer; the
+    /// caller adds an app's quota counters ([`UsageReport::quota`]), which metering does not know.
     pub async fn usage(&self, query: UsageQuery) -> Result<UsageReport, MeteringError> {
         query.subject()?;
         let inner = self.inner.clone();
