@@ -11,7 +11,7 @@
 //! them, so a crash at any moment loses no acknowledged record and seals nothing twice. Outbox row ids are
 //! deterministic, so a row re-sealed after a crash carries the id it had before.
 //!
-//! Bounds: request ids are remembered for `window + lateness + retention` after arrival ([`dedup`]); windows
+//! Bounds: request ids are remembered for `window + lateness + retention` after arrival (`dedup`); windows
 //! stay open for late records until `lateness + retention` after their end; the spool and outbox together never
 //! exceed `max_disk_bytes` (records are refused, loudly, instead).
 //!
@@ -20,12 +20,12 @@
 //! window is live or the spool may still replay it; the billing ledger is the lasting record of what was sent.
 //!
 //! This file is the public face; the engine lives in one module per job:
-//! - [`options`]: [`MeteringOptions`] and defaults; [`error`]: [`MeteringError`].
-//! - [`writer`]: replay at open, the writer thread that owns the spool, group commit.
-//! - [`seal`]: the periodic pass that seals due windows into the outbox and collects what nothing needs.
-//! - [`dir`]: the folder's lock file and the disk budget.
-//! - [`record`] (what is metered and charged), [`dedup`], [`window`] (pure window rules), [`spool`] and
-//!   [`outbox`] (the two files, on [`frame`]s), [`producer`], [`usage_api`] (`/v1/usage`), [`metrics`].
+//! - `options`: [`MeteringOptions`] and defaults; `error`: [`MeteringError`].
+//! - `writer`: replay at open, the writer thread that owns the spool, group commit.
+//! - `seal`: the periodic pass that seals due windows into the outbox and collects what nothing needs.
+//! - `dir`: the folder's lock file and the disk budget.
+//! - `record` (what is metered and charged), `dedup`, `window` (pure window rules), `spool` and
+//!   `outbox` (the two files, on `frame`s), `producer`, `usage_api` (`/v1/usage`), `metrics`.
 
 mod dedup;
 mod dir;
