@@ -140,17 +140,27 @@ impl Rig {
     }
 
     /// Waits until every ingested record is sealed into the outbox (delivered or not).
+    ///
+    /// The outbox alone is not the record of what was sealed: once delivery acknowledged a row and its window
+    /// closed, a seal pass compacts the row away (under load, before a poll here ever saw it). The sent ledger
+    /// is written before the acknowledgement, so the outbox read first and the ledger read second hold every
+    /// row sealed so far.
     async fn sealed(&self) {
         let deadline = Instant::now() + SETTLE;
+        let billing_dir = tollgate::billing::state_dir(&self.metering_dir());
         loop {
-            let mut sealed = Totals::new();
+            let mut rows = BTreeMap::new();
             for item in self.metering.outbox_rows().await {
-                *sealed
-                    .entry((
-                        item.row.stripe_customer.clone(),
-                        item.row.event_name.clone(),
-                    ))
-                    .or_default() += item.row.value;
+                let row = item.row;
+                rows.insert(row.id, (row.stripe_customer, row.event_name, row.value));
+            }
+            for row in tollgate::billing::ledger::read(&billing_dir).expect("sent ledger") {
+                rows.entry(row.id)
+                    .or_insert((row.stripe_customer, row.event_name, row.value));
+            }
+            let mut sealed = Totals::new();
+            for (customer, meter, value) in rows.into_values() {
+                *sealed.entry((customer, meter)).or_default() += value;
             }
             if sealed == self.expected {
                 return;

@@ -14,7 +14,7 @@ use crate::app::metrics::Metrics;
 use crate::billing::Billing;
 use crate::catalog::CatalogHandle;
 use crate::check::app_quotas;
-use crate::metering::{Metering, MeteringError, UsageQuery};
+use crate::metering::{AppQuota, Metering, MeteringError, QuotaCounter, UsageQuery};
 use crate::quota::{LimitUsage, QuotaStore};
 use crate::util::bearer;
 
@@ -81,20 +81,17 @@ async fn require_token(
 async fn usage(State(state): State<AdminState>, Query(query): Query<UsageQuery>) -> Response {
     let app = query.app.clone();
     match state.metering.usage(query).await {
-        Ok(report) => {
-            let Some(app) = app else {
-                return Json(report).into_response();
-            };
-            let mut body = serde_json::to_value(&report).unwrap_or_default();
-            match quota_counters(&state, &app).await {
-                Ok(counters) => body["quota"] = serde_json::Value::Array(counters),
-                Err(e) => {
-                    tracing::warn!(error = %e, "quota counters unavailable for the usage report");
-                    body["quota"] = serde_json::Value::Null;
-                    body["quota_error"] = "the quota store did not answer".into();
-                }
+        Ok(mut report) => {
+            if let Some(app) = app {
+                report.quota = Some(match quota_counters(&state, &app).await {
+                    Ok(counters) => AppQuota::Counters(counters),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "quota counters unavailable for the usage report");
+                        AppQuota::Unavailable
+                    }
+                });
             }
-            Json(body).into_response()
+            Json(report).into_response()
         }
         Err(MeteringError::BadQuery(bad)) => (
             StatusCode::BAD_REQUEST,
@@ -116,7 +113,7 @@ async fn usage(State(state): State<AdminState>, Query(query): Query<UsageQuery>)
 async fn quota_counters(
     state: &AdminState,
     app: &str,
-) -> Result<Vec<serde_json::Value>, crate::quota::StoreError> {
+) -> Result<Vec<QuotaCounter>, crate::quota::StoreError> {
     let catalog = state.catalog.snapshot();
     let Some(app) = catalog.apps().iter().find(|a| a.name == app) else {
         return Ok(Vec::new());
@@ -125,27 +122,27 @@ async fn quota_counters(
     let mut counters = Vec::new();
     for quota in app_quotas(&catalog, app) {
         for usage in state.quota.usage(&quota.bucket, quota.limits, now).await? {
-            counters.push(counter_json(quota.product, quota.operation, &usage));
+            counters.push(counter(quota.product, quota.operation, &usage));
         }
     }
     Ok(counters)
 }
 
-fn counter_json(product: &str, operation: Option<&str>, usage: &LimitUsage) -> serde_json::Value {
-    let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339());
+fn counter(product: &str, operation: Option<&str>, usage: &LimitUsage) -> QuotaCounter {
+    let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0);
     let limit = usage.limit.limit;
-    serde_json::json!({
-        "product": product,
-        "operation": operation,
-        "limit": limit,
-        "interval": usage.limit.interval,
-        "unit": usage.limit.unit.as_str(),
-        "window_start": at(usage.window.start),
-        "window_end": at(usage.window.end),
-        "used": usage.used,
-        "reserved": usage.reserved,
-        "remaining": limit.saturating_sub(usage.used.saturating_add(usage.reserved)),
-    })
+    QuotaCounter {
+        product: product.to_owned(),
+        operation: operation.map(str::to_owned),
+        limit,
+        interval: usage.limit.interval,
+        unit: usage.limit.unit.as_str().to_owned(),
+        window_start: at(usage.window.start),
+        window_end: at(usage.window.end),
+        used: usage.used,
+        reserved: usage.reserved,
+        remaining: limit.saturating_sub(usage.used.saturating_add(usage.reserved)),
+    }
 }
 
 async fn dead_letters(State(state): State<AdminState>) -> Response {

@@ -14,6 +14,12 @@
 //! State of its own lives in `<metering dir>/billing/` ([`state_dir`]): `sent.jsonl` (the [`ledger`] that
 //! reconciliation reads), `dead_letters.jsonl` ([`dead_letter`]) and `attempts.jsonl` (first attempt times).
 //!
+//! Billing holds no `Metering`: it reads and acknowledges rows through [`UsageOutbox`], which metering
+//! implements. Layout: `shared` (delivery state and the rules v1 and v2 share: delivered, dead letter, pause,
+//! rate limit, backoff), `v1` (meter events, one in flight per pair), `v2` (the stream), [`client`]
+//! (Stripe HTTP), [`ledger`], [`dead_letter`], `attempts` and `jsonl` (state files), [`reconcile`](mod@reconcile),
+//! [`config`], `metrics`.
+//!
 //! Wiring API:
 //! - config: `billing:` deserializes into [`BillingConfig`] (`billing.stripe` = [`StripeConfig`]); call
 //!   [`StripeConfig::validate`] after `${VAR}` expansion.
@@ -22,7 +28,7 @@
 //! - admin `GET /v1/billing/dead-letters`: [`Billing::dead_letters`] (or [`dead_letters`] with the metering dir).
 //! - `tollgate billing requeue [ID…|--all]`: [`requeue`]`(metering_dir, &Requeue::Ids(..) | &Requeue::All)`;
 //!   safe while the server runs (it notices within one poll interval).
-//! - `tollgate billing reconcile --since … --until …`: [`reconcile`]`(&stripe_config, metering_dir, since,
+//! - `tollgate billing reconcile --since … --until …`: [`reconcile()`]`(&stripe_config, metering_dir, since,
 //!   until).await` -> [`ReconcileReport`]: `Display` is the table; exit non-zero when
 //!   `!report.mismatches().is_empty()`.
 
@@ -30,11 +36,12 @@ mod attempts;
 pub mod client;
 pub mod config;
 pub mod dead_letter;
-mod delivery;
 mod jsonl;
 pub mod ledger;
 mod metrics;
 pub mod reconcile;
+mod shared;
+mod v1;
 mod v2;
 
 use std::path::{Path, PathBuf};
@@ -42,7 +49,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::metering::Metering;
+use crate::metering::UsageOutbox;
 
 pub use client::{Answer, StripeClient};
 pub use config::{BillingConfig, StripeConfig, StripeMode};
@@ -105,25 +112,25 @@ pub fn requeue(metering_dir: &Path, which: &Requeue) -> Result<RequeueOutcome, B
 /// Delivery of the metering outbox to Stripe; cheap to clone.
 #[derive(Clone)]
 pub struct Billing {
-    shared: Arc<delivery::Shared>,
+    shared: Arc<shared::Shared>,
 }
 
 impl Billing {
     /// Validates `config`, opens the state in `<metering dir>/billing/` and registers the metrics; sends
-    /// nothing until [`Billing::run`].
+    /// nothing until [`Billing::run`]. `outbox` is usually the [`Metering`](crate::metering::Metering).
     pub fn open(
         config: &StripeConfig,
-        metering: Metering,
+        outbox: impl UsageOutbox + 'static,
         registry: &prometheus::Registry,
     ) -> Result<Billing, BillingError> {
         config.validate().map_err(BillingError::Config)?;
-        let dir = state_dir(&metering.options().dir);
+        let dir = state_dir(outbox.dir());
         std::fs::create_dir_all(&dir).map_err(|source| BillingError::Io {
             path: dir.clone(),
             source,
         })?;
         ledger::compact(&dir, crate::util::clock::now_ms())?;
-        let shared = delivery::Shared::new(config.clone(), metering, dir, registry)?;
+        let shared = shared::Shared::new(config.clone(), Arc::new(outbox), dir, registry)?;
         Ok(Billing {
             shared: Arc::new(shared),
         })
@@ -138,7 +145,7 @@ impl Billing {
             "billing delivery to Stripe started"
         );
         match self.shared.config.mode {
-            StripeMode::V1 => delivery::run_v1(self.shared.clone(), shutdown).await,
+            StripeMode::V1 => v1::run(self.shared.clone(), shutdown).await,
             StripeMode::V2Stream => v2::run(self.shared.clone(), shutdown).await,
         }
     }

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::client::{Answer, Session};
 use super::dead_letter::DeadLetterKind;
-use super::delivery::{Flow, Shared, sleep_or_shutdown};
+use super::shared::{Flow, Shared, sleep_or_shutdown};
 use crate::metering::OutboxRow;
 
 /// Stripe's limit of events per stream request.

@@ -101,3 +101,8 @@ impl MeteringMetrics {
         Ok(())
     }
 }
+
+/// `v` as a gauge value, saturating.
+pub(super) fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -118,9 +118,19 @@ pub enum AckOutcome {
     Unknown,
 }
 
+/// A sealed outbox row and whether delivery acknowledged it (for `/v1/outbox`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxItem {
+    /// The row.
+    #[serde(flatten)]
+    pub row: OutboxRow,
+    /// Acknowledged by [`UsageOutbox::ack`](super::UsageOutbox::ack).
+    pub delivered: bool,
+}
+
 /// The outbox file and its rows in memory.
 #[derive(Debug)]
-pub(crate) struct Outbox {
+pub(crate) struct OutboxLog {
     path: PathBuf,
     file: File,
     /// (row, acknowledged), in seal order.
@@ -131,9 +141,9 @@ pub(crate) struct Outbox {
     poisoned: bool,
 }
 
-impl Outbox {
+impl OutboxLog {
     /// Opens (creating) the outbox at `path`, cutting off a torn tail.
-    pub(crate) fn open(path: &Path) -> Result<Outbox, SpoolError> {
+    pub(crate) fn open(path: &Path) -> Result<OutboxLog, SpoolError> {
         let io = |source| SpoolError::Io {
             path: path.to_owned(),
             source,
@@ -144,7 +154,7 @@ impl Outbox {
             Err(e) => return Err(io(e)),
         };
         let (frames, _) = frame::decode_all(&bytes);
-        let mut outbox = Outbox {
+        let mut outbox = OutboxLog {
             path: path.to_owned(),
             file: OpenOptions::new()
                 .append(true)
@@ -392,7 +402,7 @@ mod tests {
     fn rows_and_acks_survive_reopen_and_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.log");
-        let mut outbox = Outbox::open(&path).unwrap();
+        let mut outbox = OutboxLog::open(&path).unwrap();
         let rows: Vec<OutboxRow> = (0..3)
             .map(|i| OutboxRow::new("p", &key("cus", i * 60_000), 0, 1, 1))
             .collect();
@@ -404,7 +414,7 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(&[0x31, 0x46, 0x47]).unwrap();
         drop(file);
-        let outbox = Outbox::open(&path).unwrap();
+        let outbox = OutboxLog::open(&path).unwrap();
         let pending: Vec<_> = outbox.pending().into_iter().map(|r| r.id).collect();
         assert_eq!(pending, [rows[0].id.clone(), rows[2].id.clone()]);
     }
@@ -413,7 +423,7 @@ mod tests {
     fn a_row_written_twice_is_one_row_acknowledged_by_one_ack() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.log");
-        let mut outbox = Outbox::open(&path).unwrap();
+        let mut outbox = OutboxLog::open(&path).unwrap();
         let row = OutboxRow::new("p", &key("cus", 0), 0, 5, 1);
         let other = OutboxRow::new("p", &key("cus", 60_000), 0, 1, 1);
         outbox.append(std::slice::from_ref(&row)).unwrap();
@@ -421,10 +431,10 @@ mod tests {
         outbox.append(&[row.clone(), other.clone()]).unwrap();
         assert_eq!(outbox.rows().count(), 2);
         assert_eq!(outbox.ack(&row.id).unwrap(), AckOutcome::Acked);
-        let pending = |o: &Outbox| o.pending().into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let pending = |o: &OutboxLog| o.pending().into_iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(pending(&outbox), std::slice::from_ref(&other.id));
         drop(outbox);
-        let outbox = Outbox::open(&path).unwrap();
+        let outbox = OutboxLog::open(&path).unwrap();
         assert_eq!(
             pending(&outbox),
             std::slice::from_ref(&other.id),
@@ -444,7 +454,7 @@ mod tests {
         let Ok(file) = OpenOptions::new().append(true).open(&path) else {
             panic!("/dev/full is needed for this test");
         };
-        let mut outbox = Outbox {
+        let mut outbox = OutboxLog {
             path,
             file,
             rows: Vec::new(),
@@ -469,7 +479,7 @@ mod tests {
     fn compaction_keeps_pending_and_wanted_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.log");
-        let mut outbox = Outbox::open(&path).unwrap();
+        let mut outbox = OutboxLog::open(&path).unwrap();
         let rows: Vec<OutboxRow> = (0..4)
             .map(|i| OutboxRow::new("p", &key("cus", i * 60_000), 0, 1, 1))
             .collect();
@@ -481,7 +491,7 @@ mod tests {
         assert!(outbox.compact(|r| r.window_start_ms >= keep_from).unwrap());
         let before = outbox.bytes();
         drop(outbox);
-        let mut outbox = Outbox::open(&path).unwrap();
+        let mut outbox = OutboxLog::open(&path).unwrap();
         assert_eq!(outbox.bytes(), before);
         let held: Vec<_> = outbox.rows().map(|(r, a)| (r.id.clone(), a)).collect();
         assert_eq!(

@@ -1,7 +1,9 @@
-//! `GET /v1/usage?app=…` and `?customer=…`: per meter, the current and recent window totals.
+//! `GET /v1/usage?app=…` and `?customer=…`: per meter, the current and recent window totals, and for an app
+//! its quota counters (filled in by the caller, which reads the quota store).
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::window::{Counts, GroupKey, Windows};
 
@@ -32,6 +34,76 @@ pub struct UsageReport {
     /// One entry per meter (`meter: null` gathers records of products without a meter and denied callers
     /// whose product is unknown).
     pub meters: Vec<MeterUsage>,
+    /// App reports: the app's quota counters (`quota`, or `quota: null` and `quota_error`); customer reports
+    /// have none.
+    #[serde(flatten)]
+    pub quota: Option<AppQuota>,
+}
+
+/// What an app report says about the app's quota counters.
+#[derive(Debug, Clone)]
+pub enum AppQuota {
+    /// `"quota": [...]`: every counter of the app (none for an app the catalog does not know).
+    Counters(Vec<QuotaCounter>),
+    /// `"quota": null, "quota_error": "..."`: the quota store did not answer.
+    Unavailable,
+}
+
+/// What `quota_error` says when the quota store did not answer.
+const QUOTA_UNAVAILABLE: &str = "the quota store did not answer";
+
+impl Serialize for AppQuota {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AppQuota::Counters(counters) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("quota", counters)?;
+                map.end()
+            }
+            AppQuota::Unavailable => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry("quota", &())?;
+                map.serialize_entry("quota_error", QUOTA_UNAVAILABLE)?;
+                map.end()
+            }
+        }
+    }
+}
+
+/// Where one quota limit of an app stands now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaCounter {
+    /// The product the quota belongs to.
+    pub product: String,
+    /// The operation of an operation-level quota (`null`: the product's).
+    pub operation: Option<String>,
+    /// Units allowed per window.
+    pub limit: u64,
+    /// Window length in `unit`s.
+    pub interval: u32,
+    /// The calendar unit, as the catalog writes it (`second` to `month`).
+    pub unit: String,
+    /// First second of the current window (RFC 3339 with a `+00:00` offset).
+    #[serde(serialize_with = "rfc3339")]
+    pub window_start: Option<DateTime<Utc>>,
+    /// First second after the current window.
+    #[serde(serialize_with = "rfc3339")]
+    pub window_end: Option<DateTime<Utc>>,
+    /// Units counted in the window.
+    pub used: u64,
+    /// Units leased to replicas and not reported as served yet.
+    pub reserved: u64,
+    /// What can still be granted in the window: `limit - used - reserved`, at least 0.
+    pub remaining: u64,
+}
+
+/// Quota times as chrono's `to_rfc3339` writes them (`+00:00`, unlike the `Z` of window times): the format
+/// `/v1/usage` has always used for them.
+fn rfc3339<S: Serializer>(t: &Option<DateTime<Utc>>, serializer: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serializer.serialize_str(&t.to_rfc3339()),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// The windows of one meter.
@@ -191,6 +263,7 @@ pub(crate) fn report(
         window_seconds: window_ms as f64 / 1_000.0,
         lateness_seconds: lateness_ms as f64 / 1_000.0,
         meters,
+        quota: None,
     }
 }
 
@@ -258,6 +331,39 @@ mod tests {
                 .get("sealed_value")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn app_reports_carry_quota_counters_or_say_why_not() {
+        let w = Windows::new(500, 10_000);
+        let mut r = report(&w, &Subject::App("a"), 2_600, 1_000, 500);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("quota").is_none() && json.get("quota_error").is_none());
+
+        r.quota = Some(AppQuota::Counters(vec![QuotaCounter {
+            product: "weather".into(),
+            operation: None,
+            limit: 100,
+            interval: 1,
+            unit: "day".into(),
+            window_start: DateTime::from_timestamp(86_400, 0),
+            window_end: DateTime::from_timestamp(2 * 86_400, 0),
+            used: 7,
+            reserved: 0,
+            remaining: 93,
+        }]));
+        let json = serde_json::to_value(&r).unwrap();
+        let counter = &json["quota"][0];
+        assert_eq!(counter["operation"], serde_json::Value::Null);
+        assert_eq!(counter["window_start"], "1970-01-02T00:00:00+00:00");
+        assert_eq!(counter["remaining"], 93);
+        assert!(json.get("quota_error").is_none());
+
+        r.quota = Some(AppQuota::Unavailable);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["quota"], serde_json::Value::Null);
+        assert!(json.as_object().unwrap().contains_key("quota"));
+        assert_eq!(json["quota_error"], "the quota store did not answer");
     }
 
     #[test]

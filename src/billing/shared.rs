@@ -1,8 +1,11 @@
-//! v1 delivery: outbox rows in seal order, at most one request in flight per (customer, meter) (Stripe's
-//! rule), a global rate limit, exponential backoff with jitter, and the rules shared with the v2 stream:
-//! what counts as delivered, what is dead-lettered, and the pause on 401/403.
+//! What v1 and the v2 stream share: delivery's state ([`Shared`]), what counts as delivered (ledger first,
+//! then the outbox acknowledgement), what is dead-lettered (too old for Stripe, unconfirmed too long,
+//! refused), the pause on 401/403, the global rate limit, backoff with jitter, and stopping on shutdown.
+//!
+//! Delivery reads and acknowledges rows through [`UsageOutbox`] only, so these rules are tested here with a
+//! double of it instead of a spool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -11,7 +14,6 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use super::BillingError;
 use super::attempts::Attempts;
@@ -20,7 +22,7 @@ use super::config::StripeConfig;
 use super::dead_letter::{DeadLetter, DeadLetterKind, DeadLetters};
 use super::ledger::{self, SentRow};
 use super::metrics::BillingMetrics;
-use crate::metering::{Metering, OutboxRow};
+use crate::metering::{OutboxRow, UsageOutbox};
 use crate::util::clock::now_ms;
 use crate::util::sync::lock;
 
@@ -38,7 +40,8 @@ pub(crate) enum Flow {
 pub(crate) struct Shared {
     pub config: StripeConfig,
     pub client: StripeClient,
-    pub metering: Metering,
+    /// Where the rows come from and are acknowledged.
+    pub outbox: Arc<dyn UsageOutbox>,
     pub dir: PathBuf,
     pub dead: DeadLetters,
     attempts: Mutex<Attempts>,
@@ -51,7 +54,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(
         config: StripeConfig,
-        metering: Metering,
+        outbox: Arc<dyn UsageOutbox>,
         dir: PathBuf,
         registry: &prometheus::Registry,
     ) -> Result<Shared, BillingError> {
@@ -64,7 +67,7 @@ impl Shared {
         let quota = Quota::per_second(config.rate_limit).allow_burst(NonZeroU32::MIN);
         Ok(Shared {
             client,
-            metering,
+            outbox,
             dir,
             dead,
             attempts: Mutex::new(attempts),
@@ -86,7 +89,7 @@ impl Shared {
             tracing::error!(error = %e, "cannot read billing dead letters; retrying next pass");
         }
         self.metrics.dead_letters.set(self.dead.count() as i64);
-        let rows = self.metering.outbox_pending().await;
+        let rows = self.outbox.pending().await;
         self.metrics.pending.set(rows.len() as i64);
         rows.into_iter()
             .filter(|r| !self.dead.contains(&r.id))
@@ -95,7 +98,7 @@ impl Shared {
 
     /// Forgets first-attempt times of rows no longer pending.
     pub(crate) async fn tidy_attempts(self: &Arc<Self>) {
-        let rows = self.metering.outbox_pending().await;
+        let rows = self.outbox.pending().await;
         let me = self.clone();
         let done = tokio::task::spawn_blocking(move || {
             let ids: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
@@ -178,7 +181,7 @@ impl Shared {
         }
         let outcome = if duplicate { "duplicate" } else { "delivered" };
         for row in rows {
-            match self.metering.outbox_ack(&row.id).await {
+            match self.outbox.ack(&row.id).await {
                 Ok(_) => {
                     self.metrics.events.with_label_values(&[outcome]).inc();
                     tracing::debug!(id = %row.id, customer = %row.stripe_customer, meter = %row.event_name,
@@ -312,16 +315,7 @@ pub(crate) fn backoff(
     wait.max(retry_after.unwrap_or_default())
 }
 
-/// The Idempotency-Key of an attempt: deterministic per generation, so after a crash the same key replays a
-/// cached success, while a cached 5xx moves on to the next generation. A re-queued row starts a new series:
-/// the answer cached for the old one is what dead-lettered it.
-pub(crate) fn idempotency_key(id: &str, requeued_at_ms: Option<i64>, generation: u32) -> String {
-    match requeued_at_ms {
-        Some(at) => format!("{id}-q{at}-k{generation}"),
-        None => format!("{id}-k{generation}"),
-    }
-}
-
+/// Sleeps `d` unless delivery is told to stop first.
 pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> Flow {
     if *shutdown.borrow() {
         return Flow::Stop;
@@ -332,138 +326,6 @@ pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receive
             Ok(()) if !*shutdown.borrow() => Flow::Go,
             _ => Flow::Stop,
         },
-    }
-}
-
-type Pair = (String, String);
-
-/// The v1 loop: every poll, one worker per (customer, meter) with pending rows and none running.
-pub(crate) async fn run_v1(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    shared.tidy_attempts().await;
-    let mut workers: JoinSet<()> = JoinSet::new();
-    let mut busy: HashMap<tokio::task::Id, Pair> = HashMap::new();
-    loop {
-        while let Some(done) = workers.try_join_next_with_id() {
-            let id = match done {
-                Ok((id, ())) => id,
-                Err(e) => {
-                    tracing::error!(error = %e, "a billing delivery worker failed");
-                    e.id()
-                }
-            };
-            busy.remove(&id);
-        }
-        if *shutdown.borrow() {
-            break;
-        }
-        let mut groups: Vec<(Pair, Vec<OutboxRow>)> = Vec::new();
-        let mut index: HashMap<Pair, usize> = HashMap::new();
-        for row in shared.pending().await {
-            let pair = (row.stripe_customer.clone(), row.event_name.clone());
-            let i = *index.entry(pair.clone()).or_insert_with(|| {
-                groups.push((pair, Vec::new()));
-                groups.len() - 1
-            });
-            groups[i].1.push(row); // invariant: i indexes groups
-        }
-        let running: HashSet<&Pair> = busy.values().collect();
-        let start: Vec<(Pair, Vec<OutboxRow>)> = groups
-            .into_iter()
-            .filter(|(pair, _)| !running.contains(pair))
-            .collect();
-        for (pair, rows) in start {
-            let handle = workers.spawn(deliver_pair(shared.clone(), rows, shutdown.clone()));
-            busy.insert(handle.id(), pair);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(shared.config.poll_interval) => {}
-            changed = shutdown.changed() => if changed.is_err() { break },
-            Some(done) = workers.join_next_with_id(), if !workers.is_empty() => {
-                let id = match done { Ok((id, ())) => id, Err(e) => e.id() };
-                busy.remove(&id);
-            }
-        }
-    }
-    // Stopping mid-request is safe: the row stays pending and its identifier makes the resend harmless.
-    workers.shutdown().await;
-}
-
-/// Sends one (customer, meter)'s rows in order, one at a time.
-async fn deliver_pair(
-    shared: Arc<Shared>,
-    rows: Vec<OutboxRow>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    for row in rows {
-        if deliver_row(&shared, &row, &mut shutdown).await == Flow::Stop {
-            return;
-        }
-    }
-}
-
-/// Sends `row` until Stripe confirms or refuses it, or delivery stops.
-async fn deliver_row(
-    shared: &Arc<Shared>,
-    row: &OutboxRow,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Flow {
-    let mut attempt = 0u32;
-    let mut key_generation = 0u32;
-    loop {
-        if *shutdown.borrow() {
-            return Flow::Stop;
-        }
-        if shared.refuse(std::slice::from_ref(row)).await[0] {
-            return Flow::Go;
-        }
-        if shared.wait_unpaused(shutdown).await == Flow::Stop {
-            return Flow::Stop;
-        }
-        shared.rate_limit().await;
-        shared.mark_started(std::slice::from_ref(row)).await;
-        let key = idempotency_key(&row.id, shared.dead.requeued_at(&row.id), key_generation);
-        let started = Instant::now();
-        let answer = shared.client.send_meter_event(row, &key).await;
-        shared.count(&answer, started.elapsed());
-        match answer {
-            Answer::Accepted | Answer::Duplicate => {
-                shared.unpause();
-                shared
-                    .delivered(std::slice::from_ref(row), answer == Answer::Duplicate)
-                    .await;
-                return Flow::Go;
-            }
-            Answer::Rejected { status, message } => {
-                shared.unpause();
-                shared
-                    .dead_letter(row, DeadLetterKind::Rejected, Some(status), message)
-                    .await;
-                return Flow::Go;
-            }
-            Answer::Unauthorized { status } => shared.pause(status),
-            Answer::Retry {
-                reason,
-                retry_after,
-                new_key,
-            } => {
-                if new_key {
-                    key_generation += 1;
-                }
-                attempt += 1;
-                shared.metrics.retries.inc();
-                let wait = shared.backoff(attempt, retry_after);
-                tracing::debug!(id = %row.id, %reason, attempt, ?wait, "retrying a meter event");
-                if sleep_or_shutdown(wait, shutdown).await == Flow::Stop {
-                    return Flow::Stop;
-                }
-            }
-            Answer::SessionExpired => {
-                attempt += 1;
-                if sleep_or_shutdown(shared.backoff(attempt, None), shutdown).await == Flow::Stop {
-                    return Flow::Stop;
-                }
-            }
-        }
     }
 }
 
@@ -486,10 +348,15 @@ fn refusal(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::metering::{AckOutcome, MeteringError};
+
+    const DAY: i64 = 86_400_000;
 
     #[test]
     fn rows_past_stripes_horizon_or_unconfirmed_too_long_are_refused() {
-        const DAY: i64 = 86_400_000;
         let now = 100 * DAY;
         let give_up = 20 * 3_600_000;
         // Stripe accepts timestamps up to 35 days back; the hour of margin refuses just before that.
@@ -512,8 +379,6 @@ mod tests {
         );
         assert_eq!(refusal(now - DAY, None, now, give_up), None);
     }
-    use super::*;
-
     #[test]
     fn backoff_grows_caps_jitters_and_honours_retry_after() {
         let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
@@ -530,5 +395,108 @@ mod tests {
             let asked = backoff(i, m, 1, Some(Duration::from_secs(7)));
             assert_eq!(asked, Duration::from_secs(7));
         }
+    }
+
+    /// Metering's outbox as delivery sees it, in memory: the delivery rules without a spool.
+    struct MemoryOutbox {
+        dir: PathBuf,
+        rows: Vec<OutboxRow>,
+        acked: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl UsageOutbox for MemoryOutbox {
+        async fn pending(&self) -> Vec<OutboxRow> {
+            let acked = lock(&self.acked);
+            self.rows
+                .iter()
+                .filter(|r| !acked.contains(&r.id))
+                .cloned()
+                .collect()
+        }
+
+        async fn ack(&self, id: &str) -> Result<AckOutcome, MeteringError> {
+            let mut acked = lock(&self.acked);
+            Ok(if acked.iter().any(|a| a == id) {
+                AckOutcome::AlreadyAcked
+            } else {
+                acked.push(id.to_owned());
+                AckOutcome::Acked
+            })
+        }
+
+        fn dir(&self) -> &Path {
+            &self.dir
+        }
+    }
+
+    fn row(id: &str, window_start_ms: i64) -> OutboxRow {
+        OutboxRow {
+            id: id.into(),
+            producer: "test".into(),
+            window_start_ms,
+            window_end_ms: window_start_ms + 60_000,
+            revision: 0,
+            stripe_customer: "cus_A".into(),
+            event_name: "api_calls".into(),
+            value: 3,
+            sealed_at_ms: window_start_ms + 61_000,
+        }
+    }
+
+    fn shared(rows: Vec<OutboxRow>) -> (tempfile::TempDir, Arc<MemoryOutbox>, Arc<Shared>) {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(MemoryOutbox {
+            dir: dir.path().to_owned(),
+            rows,
+            acked: Mutex::new(Vec::new()),
+        });
+        let config = StripeConfig::new("http://127.0.0.1:9", "sk_test_x");
+        let registry = prometheus::Registry::new();
+        let shared = Shared::new(
+            config,
+            outbox.clone(),
+            dir.path().join("billing"),
+            &registry,
+        );
+        (dir, outbox, Arc::new(shared.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn confirmed_rows_are_in_the_ledger_before_they_are_acknowledged() {
+        let now = now_ms();
+        let (_dir, outbox, shared) = shared(vec![row("r1", now - DAY), row("r2", now - DAY)]);
+        let rows = shared.pending().await;
+        assert_eq!(rows.len(), 2);
+        shared.delivered(&rows, true).await;
+        assert_eq!(*lock(&outbox.acked), ["r1", "r2"]);
+        let ledger = ledger::read(&shared.dir).unwrap();
+        assert_eq!(
+            ledger.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["r1", "r2"]
+        );
+        assert!(ledger.iter().all(|r| r.duplicate && r.value == 3));
+        assert!(shared.pending().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn rows_too_old_for_stripe_are_dead_lettered_and_no_longer_pending() {
+        let now = now_ms();
+        let (_dir, outbox, shared) =
+            shared(vec![row("fresh", now - DAY), row("old", now - 36 * DAY)]);
+        let rows = shared.pending().await;
+        assert_eq!(shared.refuse(&rows).await, [false, true]);
+        let letters = shared.dead.list().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(
+            (letters[0].id.as_str(), letters[0].kind),
+            ("old", DeadLetterKind::TooOld)
+        );
+        let pending: Vec<String> = shared.pending().await.into_iter().map(|r| r.id).collect();
+        assert_eq!(pending, ["fresh"]);
+        assert!(
+            lock(&outbox.acked).is_empty(),
+            "a dead letter is not acknowledged"
+        );
     }
 }
