@@ -41,6 +41,8 @@ catalog:
 identity:
   api_key: {{headers: [x-api-key]}}
 api_context_extension: tollgate_api
+# The geo.example.test route sets no extension: its API is its host.
+api_host_fallback: true
 quota:
   store: redis
   redis_url: {redis_url}

@@ -69,7 +69,7 @@ fn entry(
         ("stripe_customer", "cus_Ada"),
         ("product", product),
     ];
-    let mut entry = support::authz_entry(id, now_ms(), status, &authz);
+    let mut entry = support::authz_entry(id, start_of(id), status, &authz);
     if let Some(response) = entry.response.as_mut() {
         response.response_body_bytes = 100;
         if let Some(t) = tokens {
@@ -79,6 +79,14 @@ fn entry(
         }
     }
     entry
+}
+
+/// When request `id` started: now at its first entry, the same for every later copy (as Envoy re-sends it).
+fn start_of(id: &str) -> i64 {
+    static STARTS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, i64>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut starts = STARTS.lock().unwrap();
+    *starts.entry(id.to_owned()).or_insert_with(now_ms)
 }
 
 fn http(entries: Vec<HttpAccessLogEntry>, log_name: Option<&str>) -> StreamAccessLogsMessage {
@@ -377,7 +385,7 @@ async fn records_dedup_billable_rules_header_sums_and_sealing() {
     // A late copy of an already sealed request is still a duplicate; acks are durable and idempotent.
     server
         .stream(vec![http(
-            vec![entry("r2", "allow", "calls", 200, None)],
+            vec![entry("r2", "allow", "calls", 204, None)],
             None,
         )])
         .await
@@ -745,5 +753,47 @@ async fn with_an_access_log_token_only_streams_bearing_it_are_metered() {
     assert_eq!(
         metric(&registry, "tollgate_metering_records_spooled_total", None),
         1.0
+    );
+}
+
+#[tokio::test]
+async fn calls_sharing_a_request_id_are_each_counted_and_resends_once() {
+    let Rig {
+        _dir,
+        registry,
+        metering,
+    } = Rig::open(Duration::from_secs(60), Duration::from_secs(1), |_| {}).await;
+    let server = Server::start(metering.clone(), &registry).await;
+    let authz = [
+        ("decision", "allow"),
+        ("app", "meshapp"),
+        ("stripe_customer", "cus_Mesh"),
+        ("product", "calls"),
+    ];
+    let now = now_ms();
+    // A mesh caller propagates one x-request-id across three distinct calls.
+    let calls: Vec<HttpAccessLogEntry> = (0..3)
+        .map(|i| support::authz_entry("shared-id", now + i, 200, &authz))
+        .collect();
+    server
+        .stream(vec![http(calls.clone(), Some("gateway_als"))])
+        .await
+        .expect("accepted");
+    // Envoy re-sends the same three entries (a retried stream): nothing more is counted.
+    server
+        .stream(vec![http(calls, Some("gateway_als"))])
+        .await
+        .expect("accepted");
+    assert_eq!(
+        metric(&registry, "tollgate_metering_records_spooled_total", None),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "tollgate_metering_records_deduplicated_by_app_total",
+            Some("meshapp")
+        ),
+        3.0
     );
 }

@@ -1,12 +1,14 @@
 //! Metering's Prometheus metrics (the registry adds the `tollgate_` prefix).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The spool, window and outbox metrics.
 #[derive(Debug, Clone)]
 pub(crate) struct MeteringMetrics {
-    /// Records dropped because their request id was already counted.
+    /// Records dropped because the same entry was already counted.
     pub deduplicated: IntCounter,
+    /// The same, by app: a client that reuses request ids shows up here, not as lost usage.
+    pub deduplicated_by_app: IntCounterVec,
     /// Records appended and fsynced.
     pub spooled: IntCounter,
     /// Bytes of the spool and outbox on disk.
@@ -28,12 +30,34 @@ pub(crate) struct MeteringMetrics {
 }
 
 impl MeteringMetrics {
+    /// Counts dropped duplicates, one app name per duplicate.
+    pub(crate) fn count_duplicates(&self, apps: &[String]) {
+        if apps.is_empty() {
+            return;
+        }
+        self.deduplicated.inc_by(apps.len() as u64);
+        let mut by_app: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for app in apps {
+            *by_app.entry(app.as_str()).or_default() += 1;
+        }
+        for (app, n) in by_app {
+            self.deduplicated_by_app.with_label_values(&[app]).inc_by(n);
+        }
+    }
+
     /// Creates the metrics (not registered yet).
     pub(crate) fn new() -> Result<Self, prometheus::Error> {
         Ok(MeteringMetrics {
             deduplicated: IntCounter::new(
                 "metering_records_deduplicated_total",
-                "usage records dropped because their x-request-id was already counted",
+                "usage records dropped because the same entry (x-request-id, start, duration, status, app) was already counted",
+            )?,
+            deduplicated_by_app: IntCounterVec::new(
+                Opts::new(
+                    "metering_records_deduplicated_by_app_total",
+                    "usage records dropped as duplicates, by app (empty: no app)",
+                ),
+                &["app"],
             )?,
             spooled: IntCounter::new(
                 "metering_records_spooled_total",
@@ -89,6 +113,7 @@ impl MeteringMetrics {
     pub(crate) fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
         let m = self;
         registry.register(Box::new(m.deduplicated.clone()))?;
+        registry.register(Box::new(m.deduplicated_by_app.clone()))?;
         registry.register(Box::new(m.spooled.clone()))?;
         registry.register(Box::new(m.spool_bytes.clone()))?;
         registry.register(Box::new(m.spool_full.clone()))?;

@@ -114,7 +114,7 @@ pub(super) fn open(
     let mut dedup = Dedup::new(dedup_horizon_ms);
     let (spool, replayed) = Spool::open(&dir.join("spool"), options.segment_bytes, |record| {
         if let Some(r) = record.record.as_ref() {
-            dedup.insert(&r.request_id, record.received_ms);
+            dedup.insert(r, record.received_ms);
         }
         windows.add(&record);
     })?;
@@ -214,13 +214,13 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
     let mut out = Vec::new();
     let mut meta = BatchMeta::EMPTY;
     let mut accepted: Vec<(Vec<SpooledRecord>, Reply)> = Vec::with_capacity(appends.len());
-    let mut duplicates = 0;
+    let mut duplicates: Vec<String> = Vec::new();
     for (records, reply) in appends {
         let mut batch = Vec::with_capacity(records.len());
-        let mut batch_duplicates = 0;
+        let mut batch_duplicates = Vec::new();
         for (record, charge) in records {
-            if !state.dedup.insert(&record.request_id, now) {
-                batch_duplicates += 1;
+            if !state.dedup.insert(&record, now) {
+                batch_duplicates.push(record.app);
                 continue;
             }
             let window = state.windows.assign(record.start_ms, now, shared.window_ms);
@@ -235,7 +235,7 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
             });
         }
         if batch.is_empty() {
-            duplicates += batch_duplicates;
+            duplicates.extend(batch_duplicates);
             accepted.push((batch, reply));
             continue;
         }
@@ -249,7 +249,7 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
             let _ = reply.send(Err(MeteringError::Full { used, limit }));
             continue;
         }
-        duplicates += batch_duplicates;
+        duplicates.extend(batch_duplicates);
         batch.iter().for_each(|r| meta.include(r));
         accepted.push((batch, reply));
     }
@@ -272,7 +272,7 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
     }
     drop(state);
     shared.metrics.spooled.inc_by(spooled);
-    shared.metrics.deduplicated.inc_by(duplicates);
+    shared.metrics.count_duplicates(&duplicates);
     shared
         .metrics
         .commit_seconds
@@ -286,6 +286,6 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
 /// Un-remembers the request ids of a refused batch, so a retry of it is not taken for a duplicate.
 fn forget(dedup: &mut Dedup, batch: &[SpooledRecord]) {
     for r in batch.iter().filter_map(|r| r.record.as_ref()) {
-        dedup.remove(&r.request_id);
+        dedup.remove(r);
     }
 }
