@@ -195,6 +195,9 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             "metering spool is full: usage records are refused\n".to_owned(),
         );
     }
+    if let Err(unhealthy) = state.metering.health() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{unhealthy}\n"));
+    }
     match tokio::time::timeout(READY_TIMEOUT, state.quota.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),

@@ -31,6 +31,7 @@ mod dedup;
 mod dir;
 mod error;
 mod frame;
+mod health;
 mod metrics;
 mod options;
 mod outbox;
@@ -52,6 +53,7 @@ use crate::util::clock::now_ms;
 use crate::util::sync::lock;
 
 pub use error::MeteringError;
+pub use health::Unhealthy;
 pub use options::{DEFAULT_COMMIT_INTERVAL, MeteringOptions};
 pub use outbox::{AckOutcome, OutboxItem, OutboxRow};
 pub use record::UsageRecord;
@@ -171,6 +173,15 @@ impl Metering {
     /// Whether the spool refuses records because `max_disk_bytes` is reached (for `/readyz`).
     pub fn is_full(&self) -> bool {
         self.inner.shared.disk.is_full()
+    }
+
+    /// Whether the spool and the outbox take writes: not poisoned, and spool commits not failing.
+    pub fn health(&self) -> Result<(), Unhealthy> {
+        self.inner.shared.health.spool(now_ms())?;
+        if lock(&self.inner.outbox).is_poisoned() {
+            return Err(Unhealthy::OutboxPoisoned);
+        }
+        Ok(())
     }
 
     /// `/v1/usage`: per meter, the totals of the retained windows for one app or one Stripe customer; the

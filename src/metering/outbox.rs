@@ -137,8 +137,12 @@ pub(crate) struct OutboxLog {
     rows: Vec<(OutboxRow, bool)>,
     index: HashMap<String, usize>,
     bytes: u64,
-    /// A failed write could not be rolled back: the file's tail is unknown until a restart replays it.
+    /// A failed write could not be rolled back, or a compaction could not reopen the file: nothing more may
+    /// be written until a restart replays it.
     poisoned: bool,
+    /// Makes the next compaction fail between its rename and the reopen.
+    #[cfg(test)]
+    fail_after_rename: bool,
 }
 
 impl OutboxLog {
@@ -165,6 +169,8 @@ impl OutboxLog {
             index: HashMap::new(),
             bytes: 0,
             poisoned: false,
+            #[cfg(test)]
+            fail_after_rename: false,
         };
         let mut valid = 0;
         for payload in frames {
@@ -298,6 +304,28 @@ impl OutboxLog {
         self.bytes
     }
 
+    /// Whether the outbox refuses every write until restart (a failed write or compaction left it unsure).
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// The step between the compaction's rename and the reopen, where tests inject a failure.
+    #[cfg(not(test))]
+    fn after_rename(&self) -> Result<(), SpoolError> {
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn after_rename(&self) -> Result<(), SpoolError> {
+        if self.fail_after_rename {
+            return Err(SpoolError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        Ok(())
+    }
+
     /// Rewrites the file without the acknowledged rows `keep` refuses, when that frees enough to be worth it.
     pub(crate) fn compact(
         &mut self,
@@ -345,13 +373,26 @@ impl OutboxLog {
             .and_then(|()| file.sync_all())
             .map_err(io(&tmp))?;
         fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io(&self.path))?;
+        // From here the path names the new file while `self.file` still writes into the old, now unlinked,
+        // one: unless the reopen succeeds, nothing more may be appended anywhere.
+        let reopened = self
+            .after_rename()
+            .and_then(|()| self.path.parent().map_or(Ok(()), sync_dir))
+            .and_then(|()| {
+                OpenOptions::new()
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(io(&self.path))
+            });
+        self.file = match reopened {
+            Ok(file) => file,
+            Err(e) => {
+                self.poisoned = true;
+                tracing::error!(outbox = %self.path.display(), error = %e,
+                    "the outbox could not be reopened after compaction; sealing and acknowledging stop until restart");
+                return Err(e);
+            }
+        };
         self.bytes = out.len() as u64;
         self.index = kept
             .iter()
@@ -461,6 +502,7 @@ mod tests {
             index: HashMap::new(),
             bytes: 0,
             poisoned: false,
+            fail_after_rename: false,
         };
         let row = OutboxRow::new("p", &key("cus", 0), 0, 5, 1);
         let first = outbox.append(std::slice::from_ref(&row));
@@ -473,6 +515,40 @@ mod tests {
             outbox.compact(|_| false),
             Err(SpoolError::Poisoned)
         ));
+    }
+
+    #[test]
+    fn a_compaction_that_fails_after_its_rename_poisons_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.log");
+        let mut outbox = OutboxLog::open(&path).unwrap();
+        let rows: Vec<OutboxRow> = (0..4)
+            .map(|i| OutboxRow::new("p", &key("cus", i * 60_000), 0, 1, 1))
+            .collect();
+        outbox.append(&rows).unwrap();
+        for row in &rows[..3] {
+            outbox.ack(&row.id).unwrap();
+        }
+        outbox.fail_after_rename = true;
+        assert!(outbox.compact(|_| false).is_err());
+        // Had the old handle stayed in use, this row would go into the unlinked file and be lost.
+        let late = OutboxRow::new("p", &key("cus", 600_000), 0, 1, 1);
+        assert!(matches!(
+            outbox.append(std::slice::from_ref(&late)),
+            Err(SpoolError::Poisoned)
+        ));
+        assert!(outbox.is_poisoned());
+        drop(outbox);
+        let reopened = OutboxLog::open(&path).unwrap();
+        assert_eq!(
+            reopened
+                .pending()
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>(),
+            [rows[3].id.clone()],
+            "the compacted file holds every pending row"
+        );
     }
 
     #[test]

@@ -295,6 +295,11 @@ impl Spool {
         self.segments.iter().map(|s| s.bytes).sum()
     }
 
+    /// Whether a failed write could not be undone, so the spool refuses every append until restart.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
     /// Number of segment files.
     #[cfg(test)]
     pub(crate) fn segment_count(&self) -> usize {
@@ -343,11 +348,23 @@ fn open_append(path: &Path) -> Result<File, SpoolError> {
 
 fn create_segment(dir: &Path, id: u64) -> Result<File, SpoolError> {
     let path = segment_path(dir, id);
+    // An empty file of this name is what an earlier attempt left when its folder fsync failed: take it
+    // over (refusing it would wedge the spool on that name forever). A file with data is never overwritten.
     let file = OpenOptions::new()
         .append(true)
-        .create_new(true)
+        .create(true)
         .open(&path)
         .map_err(io_err(&path))?;
+    let len = file.metadata().map_err(io_err(&path))?.len();
+    if len != 0 {
+        return Err(SpoolError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the next spool segment already holds data",
+            ),
+        });
+    }
     // The new name must survive a crash before anything acknowledged is written into it.
     sync_dir(dir)?;
     Ok(file)
@@ -453,6 +470,30 @@ mod tests {
         bytes[last] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
         assert_eq!(ids(dir.path()).0, ["a"]);
+    }
+
+    #[test]
+    fn a_rotation_whose_folder_fsync_failed_is_retried_on_the_same_empty_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path(), 1, |_| {}).unwrap();
+        append(&mut spool, vec![record("a", 0, 10)]);
+        // What a rotation leaves when it created the next segment and then failed to fsync the folder.
+        let next = segment_path(dir.path(), spool.active_segment().id + 1);
+        File::create(&next).unwrap();
+        append(&mut spool, vec![record("b", 0, 20)]);
+        assert!(!spool.is_poisoned());
+        // A next segment that already holds data is never appended to.
+        let after = segment_path(dir.path(), spool.active_segment().id + 1);
+        fs::write(&after, b"not ours").unwrap();
+        let mut meta = BatchMeta::EMPTY;
+        let rec = vec![record("c", 0, 30)];
+        rec.iter().for_each(|r| meta.include(r));
+        let mut out = Vec::new();
+        encode_batch(rec, &mut out);
+        assert!(spool.append(&out, &meta).is_err());
+        drop(spool);
+        fs::remove_file(&after).unwrap();
+        assert_eq!(ids(dir.path()).0, ["a", "b"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::dedup::Dedup;
 use super::dir::{self, DiskBudget};
 use super::error::MeteringError;
+use super::health::Health;
 use super::metrics::{MeteringMetrics, gauge};
 use super::options::{MeteringOptions, millis};
 use super::outbox::OutboxLog;
@@ -32,6 +33,8 @@ pub(super) struct Shared {
     pub metrics: MeteringMetrics,
     /// What the spool and the outbox may use on disk.
     pub disk: DiskBudget,
+    /// Whether spool commits succeed, for `/readyz`.
+    pub health: Health,
     /// `options.window`, ms.
     pub window_ms: i64,
     /// `options.dedup_horizon()`, ms.
@@ -139,6 +142,7 @@ pub(super) fn open(
         state: Mutex::new(State { windows, dedup }),
         metrics,
         disk: DiskBudget::new(options.max_disk_bytes, outbox.bytes()),
+        health: Health::default(),
         window_ms,
         dedup_horizon_ms,
     });
@@ -257,6 +261,7 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
         && let Err(e) = spool.append(&out, &meta)
     {
         tracing::error!(error = %e, "metering spool write failed; the records were refused");
+        shared.health.commit(false, spool.is_poisoned(), now);
         for (batch, reply) in accepted {
             forget(&mut state.dedup, &batch);
             let _ = reply.send(Err(MeteringError::Commit(e.to_string())));
@@ -271,6 +276,9 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
         spooled += batch.len() as u64;
     }
     drop(state);
+    if !out.is_empty() {
+        shared.health.commit(true, false, now);
+    }
     shared.metrics.spooled.inc_by(spooled);
     shared.metrics.count_duplicates(&duplicates);
     shared
