@@ -7,7 +7,7 @@
 //! folder) and so is always either the previous or the new snapshot, never a torn one.
 
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::quota::memory::{CounterRecord, MemoryStore};
 use crate::util::clock::unix_now;
+use crate::util::durable::replace_file;
 
 /// The snapshot's file name in `metering.dir`.
 pub const FILE_NAME: &str = "quota-counters.json";
@@ -75,22 +76,9 @@ pub fn load(dir: &Path, store: &MemoryStore) -> Result<usize, PersistError> {
 /// Writes `store`'s open windows to `dir`, replacing the last snapshot atomically.
 pub fn save(dir: &Path, store: &MemoryStore) -> Result<(), PersistError> {
     let records = store.snapshot(unix_now());
-    let path = dir.join(FILE_NAME);
-    let temporary = dir.join(format!("{FILE_NAME}.tmp"));
-    let file = File::create(&temporary).map_err(io(&temporary))?;
-    let mut writer = BufWriter::new(file);
-    serde_json::to_writer(&mut writer, &records)
-        .map_err(|e| io(&temporary)(std::io::Error::other(e)))?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| io(&temporary)(e.into_error()))?;
-    file.sync_all().map_err(io(&temporary))?;
-    drop(file);
-    fs::rename(&temporary, &path).map_err(io(&path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
+    let bytes = serde_json::to_vec(&records)
+        .map_err(|e| io(&dir.join(FILE_NAME))(std::io::Error::other(e)))?;
+    replace_file(dir, FILE_NAME, &bytes).map_err(|(path, source)| PersistError::Io { path, source })
 }
 
 /// Saves every `interval` while the counters change, until `shutdown` turns true; the caller saves once more

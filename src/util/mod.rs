@@ -2,4 +2,5 @@
 
 pub mod bearer;
 pub mod clock;
+pub mod durable;
 pub mod sync;

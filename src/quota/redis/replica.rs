@@ -16,11 +16,12 @@
 //! in the same file, raised and fsynced before the first call. Lua keeps numbers as doubles, exact below
 //! 2^53: room for 2^21 restarts of 2^32 calls each.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::util::durable::replace_file;
 
 /// The file's name in `metering.dir`.
 pub const FILE_NAME: &str = "quota-replica.json";
@@ -123,20 +124,13 @@ pub fn load_or_create(dir: &Path) -> Result<ReplicaId, ReplicaError> {
             ..ReplicaId::ephemeral()
         },
     };
-    let temporary = dir.join(format!("{FILE_NAME}.tmp"));
     let text = serde_json::to_vec(&Saved {
         id: next.id.clone(),
         boot: next.boot,
     })
-    .map_err(|e| io(&temporary)(std::io::Error::other(e)))?;
-    let mut file = File::create(&temporary).map_err(io(&temporary))?;
-    file.write_all(&text).map_err(io(&temporary))?;
-    file.sync_all().map_err(io(&temporary))?;
-    drop(file);
-    fs::rename(&temporary, &path).map_err(io(&path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    .map_err(|e| io(&path)(std::io::Error::other(e)))?;
+    replace_file(dir, FILE_NAME, &text)
+        .map_err(|(path, source)| ReplicaError::Io { path, source })?;
     Ok(next)
 }
 
