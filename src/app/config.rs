@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::app::tls::{self, Alpn, TlsFiles};
 use crate::billing::BillingConfig;
 use crate::check::{OnStoreError, Settings};
 use crate::identity::ApiKeyConfig;
@@ -24,6 +25,10 @@ pub struct Config {
     /// `/metrics`, `/healthz`, `/readyz`, `/v1/...`.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// TLS on the gRPC listener; with `client_ca_path`, every client (Envoy) must present a certificate.
+    pub grpc_tls: Option<TlsFiles>,
+    /// TLS on the admin listener.
+    pub admin_tls: Option<TlsFiles>,
     /// Bearer token required by `/v1/...` when set (empty means unset).
     #[serde(default, deserialize_with = "empty_is_none")]
     pub admin_token: Option<String>,
@@ -221,13 +226,20 @@ fn default_max_disk_bytes() -> u64 {
 /// The first listener that binds beyond loopback with nothing to authenticate its callers: the key to blame and
 /// one sentence naming what to set. Anyone reaching an open gRPC port can stream access-log entries that are
 /// billed to any Stripe customer; anyone reaching an open admin port can read every partner's usage.
+/// A client certificate checked against `grpc_tls.client_ca_path` authenticates the gRPC caller as well as
+/// the token does.
 fn open_listener(config: &Config) -> Result<(), (PathSeg<'static>, String)> {
-    if !config.grpc_listen.ip().is_loopback() && config.access_log_token.is_none() {
+    let mtls = config
+        .grpc_tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_path.is_some());
+    if !config.grpc_listen.ip().is_loopback() && config.access_log_token.is_none() && !mtls {
         return Err((
             PathSeg::Key("grpc_listen"),
             format!(
-                "grpc_listen {} is not a loopback address and access_log_token is not set: anyone reaching it \
-                 could stream billed usage; set access_log_token, or insecure_listeners: true",
+                "grpc_listen {} is not a loopback address and neither access_log_token nor \
+                 grpc_tls.client_ca_path is set: anyone reaching it could stream billed usage; set \
+                 access_log_token, or grpc_tls.client_ca_path for mTLS, or insecure_listeners: true",
                 config.grpc_listen
             ),
         ));
@@ -367,6 +379,30 @@ impl Config {
         config.catalog.path = base.join(&config.catalog.path);
         config.metering.dir = base.join(&config.metering.dir);
         config.base_dir = base.to_path_buf();
+        if let Some(files) = &config.admin_tls
+            && files.client_ca_path.is_some()
+        {
+            // The kubelet's probes and Prometheus reach the admin port without a client certificate.
+            return Err(source.error_at(
+                &[PathSeg::Key("admin_tls"), PathSeg::Key("client_ca_path")],
+                "admin_tls takes cert_path and key_path only: the admin port has no mTLS",
+            ));
+        }
+        for (name, files, alpn) in [
+            ("grpc_tls", &mut config.grpc_tls, Alpn::H2),
+            ("admin_tls", &mut config.admin_tls, Alpn::Http11),
+        ] {
+            if let Some(files) = files {
+                *files = files.resolved(base);
+                // Reads and parses the files only (no listener): `tollgate check` can run it anywhere.
+                if let Err(e) = tls::server_config(files, alpn) {
+                    return Err(source.error_at(
+                        &[PathSeg::Key(name), PathSeg::Key(e.key())],
+                        format!("{name}.{e}"),
+                    ));
+                }
+            }
+        }
         Ok(config)
     }
 
@@ -510,6 +546,7 @@ metering:
             "{err}"
         );
         assert!(err.contains("access_log_token"), "{err}");
+        assert!(err.contains("grpc_tls.client_ca_path"), "{err}");
         let with_token = format!("{open_grpc}access_log_token: ${{T}}\n");
         assert!(load_text(&with_token, &[("T", "t0k3n")]).is_ok());
         assert!(load_text(&format!("{open_grpc}insecure_listeners: true\n"), &[]).is_ok());
@@ -529,6 +566,90 @@ metering:
         let loopback =
             "catalog: {path: c.yaml}\ngrpc_listen: '[::1]:9001'\nadmin_listen: 127.0.0.2:9002\n";
         assert!(load_text(loopback, &[]).is_ok());
+    }
+
+    /// A folder with `ca.crt`, and `tls.crt`/`tls.key` for localhost signed by it.
+    fn tls_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        dir
+    }
+
+    fn load_in(dir: &Path, text: &str) -> Result<Config, SourceError> {
+        Config::from_source(&Source::from_text(
+            dir.join("tollgate.yaml"),
+            text.to_owned(),
+        ))
+    }
+
+    #[test]
+    fn tls_files_resolve_beside_the_config_and_are_checked_at_load() {
+        let dir = tls_files();
+        let text = "catalog: {path: c.yaml}\n\
+                    grpc_tls: {cert_path: tls.crt, key_path: tls.key, client_ca_path: ca.crt}\n\
+                    admin_tls: {cert_path: tls.crt, key_path: tls.key}\n";
+        let Ok(c) = load_in(dir.path(), text) else {
+            panic!("the TLS config did not load")
+        };
+        let grpc = c.grpc_tls.unwrap();
+        assert_eq!(grpc.cert_path, dir.path().join("tls.crt"));
+        assert_eq!(grpc.client_ca_path, Some(dir.path().join("ca.crt")));
+        assert_eq!(c.admin_tls.unwrap().key_path, dir.path().join("tls.key"));
+
+        let err = |text: &str| match load_in(dir.path(), text) {
+            Ok(_) => panic!("expected an error for {text:?}"),
+            Err(e) => e.to_string(),
+        };
+        let missing =
+            err("catalog: {path: c.yaml}\ngrpc_tls: {cert_path: nope.crt, key_path: tls.key}\n");
+        assert!(missing.contains(":2:"), "{missing}");
+        assert!(missing.contains("grpc_tls.cert_path"), "{missing}");
+        assert!(missing.contains("nope.crt cannot be read"), "{missing}");
+        // The CA's certificate with the leaf's key: a pair that does not match.
+        let mismatch =
+            err("catalog: {path: c.yaml}\nadmin_tls: {cert_path: ca.crt, key_path: tls.key}\n");
+        assert!(mismatch.contains(":2:"), "{mismatch}");
+        assert!(
+            mismatch.contains("does not match the certificate"),
+            "{mismatch}"
+        );
+        let not_pem =
+            err("catalog: {path: c.yaml}\nadmin_tls: {cert_path: tls.key, key_path: tls.key}\n");
+        assert!(not_pem.contains("admin_tls.cert_path"), "{not_pem}");
+        let key_as_cert =
+            err("catalog: {path: c.yaml}\nadmin_tls: {cert_path: tls.crt, key_path: tls.crt}\n");
+        assert!(key_as_cert.contains("admin_tls.key_path"), "{key_as_cert}");
+        let admin_mtls = err("catalog: {path: c.yaml}\n\
+             admin_tls: {cert_path: tls.crt, key_path: tls.key, client_ca_path: ca.crt}\n");
+        assert!(admin_mtls.contains("no mTLS"), "{admin_mtls}");
+    }
+
+    #[test]
+    fn grpc_mtls_stands_in_for_the_access_log_token() {
+        let dir = tls_files();
+        let open = "catalog: {path: c.yaml}\ngrpc_listen: 0.0.0.0:9001\n";
+        let mtls = format!(
+            "{open}grpc_tls: {{cert_path: tls.crt, key_path: tls.key, client_ca_path: ca.crt}}\n"
+        );
+        assert!(load_in(dir.path(), &mtls).is_ok());
+        // TLS without client certificates authenticates nobody.
+        let tls_only = format!("{open}grpc_tls: {{cert_path: tls.crt, key_path: tls.key}}\n");
+        match load_in(dir.path(), &tls_only) {
+            Ok(_) => panic!("server-only TLS opened the gRPC listener"),
+            Err(e) => assert!(e.to_string().contains("access_log_token"), "{e}"),
+        }
     }
 
     #[test]

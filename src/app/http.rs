@@ -17,8 +17,20 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+use crate::app::tls::TlsServer;
+
+/// How the admin listener's connections are spoken: plain HTTP, or HTTPS with a reloading certificate.
+#[derive(Clone)]
+pub enum Acceptor {
+    /// HTTP/1.1 in clear text.
+    Plain,
+    /// HTTP/1.1 over TLS; the handshake runs on the connection's own task, within its timeout.
+    Tls(TlsServer),
+}
 
 /// Bounds of the admin HTTP server.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +60,7 @@ impl Default for HttpLimits {
 /// [`HttpLimits::shutdown_grace`].
 pub async fn serve(
     listener: TcpListener,
+    acceptor: Acceptor,
     router: Router,
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
@@ -83,10 +96,17 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let watcher = graceful.watcher();
+        let http = http.clone();
+        let acceptor = acceptor.clone();
+        // The permit moves into the task: a connection, handshake included, holds its slot until it ends.
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "admin connection ended with an error");
+            match acceptor {
+                Acceptor::Plain => drive(&http, watcher, stream, service).await,
+                Acceptor::Tls(tls) => match tls.accept(stream).await {
+                    Ok(stream) => drive(&http, watcher, stream, service).await,
+                    Err(e) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                },
             }
             drop(permit);
         });
@@ -96,6 +116,21 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("admin connections still open at shutdown were closed");
+    }
+}
+
+/// Serves one connection until it ends, or until shutdown once its request in flight is answered.
+async fn drive<IO>(
+    http: &hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    service: TowerToHyperService<Router>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "admin connection ended with an error");
     }
 }
 
@@ -127,7 +162,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, router, limits, async {
+        tokio::spawn(serve(listener, Acceptor::Plain, router, limits, async {
             let _ = stopped.await;
         }));
         (addr, stop)

@@ -1,6 +1,8 @@
 //! `tollgate serve`: binds the gRPC and admin listeners, loads the catalog, and runs until SIGINT/SIGTERM.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +13,9 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::app::admin::{self, AdminState};
 use crate::app::config::{Config, StoreKind};
-use crate::app::http::{self, HttpLimits};
+use crate::app::http::{self, Acceptor, HttpLimits};
 use crate::app::metrics::{Metrics, MetricsError};
+use crate::app::tls::{self, Alpn, TlsError, TlsServer};
 use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::check::Authorizer;
@@ -75,6 +78,14 @@ pub enum ServeError {
     /// The metering spool could not be opened.
     #[error("metering: {0}")]
     Metering(#[from] MeteringError),
+    /// A listener's TLS files could not make a server config.
+    #[error("{listener}.{source}")]
+    Tls {
+        /// `grpc_tls` or `admin_tls`.
+        listener: &'static str,
+        /// What is wrong with the files.
+        source: TlsError,
+    },
     /// Metrics could not be registered.
     #[error("metrics setup failed: {0}")]
     Metrics(#[from] MetricsError),
@@ -152,6 +163,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics.check.clone(),
     ));
 
+    let grpc_tls = load_tls("grpc_tls", config.grpc_tls.as_ref(), Alpn::H2)?;
+    let admin_tls = load_tls("admin_tls", config.admin_tls.as_ref(), Alpn::Http11)?;
+    for server in grpc_tls.iter().chain(admin_tls.iter()) {
+        tokio::spawn(
+            server
+                .clone()
+                .watch(tls::RELOAD_EVERY, signalled(shutdown_rx.clone())),
+        );
+    }
+
     let grpc_listener = bind(config.grpc_listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
 
@@ -172,11 +193,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             AuthorizationServer::new(AuthzService::new(authorizer.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            signalled(shutdown_rx.clone()),
-        );
+        .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)));
+    let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match &grpc_tls {
+            None => Box::pin(grpc.serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                signalled(shutdown_rx.clone()),
+            )),
+            Some(server) => Box::pin(grpc.serve_with_incoming_shutdown(
+                tls::incoming(
+                    grpc_listener,
+                    server.clone(),
+                    signalled(shutdown_rx.clone()),
+                ),
+                signalled(shutdown_rx.clone()),
+            )),
+        };
     let admin_router = admin::router(AdminState {
         metrics: metrics.clone(),
         quota: quota.clone(),
@@ -187,6 +219,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     });
     let admin = http::serve(
         admin_listener,
+        admin_tls.map_or(Acceptor::Plain, Acceptor::Tls),
         admin_router,
         HttpLimits::default(),
         signalled(shutdown_rx.clone()),
@@ -209,7 +242,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         async move { metering.run(shutdown).await }
     });
     let sweeper = tokio::spawn(sweep(authorizer.clone(), shutdown_rx));
-    tracing::info!(grpc = %config.grpc_listen, admin = %config.admin_listen, "tollgate serving");
+    tracing::info!(
+        grpc = %config.grpc_listen,
+        admin = %config.admin_listen,
+        grpc_tls = grpc_tls.is_some(),
+        grpc_mtls = config.grpc_tls.as_ref().is_some_and(|t| t.client_ca_path.is_some()),
+        admin_tls = config.admin_tls.is_some(),
+        "tollgate serving"
+    );
 
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -248,6 +288,17 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Err(e) => tracing::warn!(error = %e, "catalog watcher ended abnormally"),
     }
     Ok(())
+}
+
+fn load_tls(
+    listener: &'static str,
+    files: Option<&tls::TlsFiles>,
+    alpn: Alpn,
+) -> Result<Option<TlsServer>, ServeError> {
+    files
+        .map(|files| TlsServer::load(listener, files, alpn))
+        .transpose()
+        .map_err(|source| ServeError::Tls { listener, source })
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -19,7 +19,7 @@ pub use echo::{EchoUpstream, Recorded};
 pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas};
 pub use raw::{RawResponse, raw_request};
 pub use redis::{RedisConfig, RedisServer};
-pub use tollgate::{Tollgate, parse_metric};
+pub use tollgate::{Tollgate, https_client, parse_metric};
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -24,6 +24,10 @@ pub struct Tollgate {
     dir: TempDir,
     stderr_path: PathBuf,
     edits: AtomicU32,
+    /// `http`, or `https` when the admin listener speaks TLS.
+    admin_scheme: &'static str,
+    /// The client for admin calls (trusting the admin certificate's CA over TLS).
+    admin_client: reqwest::Client,
 }
 
 impl Tollgate {
@@ -31,13 +35,23 @@ impl Tollgate {
     /// `catalog_yaml` (as `catalog.yaml`) to a temporary folder, starts `tollgate serve` and waits for
     /// `/readyz` and the gRPC port.
     pub async fn start(config_yaml: &str, catalog_yaml: &str) -> Tollgate {
+        Self::start_with_admin_ca(config_yaml, catalog_yaml, None).await
+    }
+
+    /// [`Tollgate::start`] for a config with `admin_tls`: admin calls go over https, trusting `admin_ca_pem`
+    /// (a PEM CA certificate) only.
+    pub async fn start_with_admin_ca(
+        config_yaml: &str,
+        catalog_yaml: &str,
+        admin_ca_pem: Option<&[u8]>,
+    ) -> Tollgate {
         assert!(
             !config_yaml.contains("grpc_listen") && !config_yaml.contains("admin_listen"),
             "Tollgate::start picks the listen addresses itself"
         );
         let mut last_logs = String::new();
         for _ in 0..PORT_RETRIES {
-            match Self::try_start(config_yaml, catalog_yaml).await {
+            match Self::try_start(config_yaml, catalog_yaml, admin_ca_pem).await {
                 Ok(tollgate) => return tollgate,
                 Err(logs) => last_logs = logs,
             }
@@ -46,7 +60,11 @@ impl Tollgate {
     }
 
     /// Starts once; `Err(stderr)` only when the process exited because an address was in use.
-    async fn try_start(config_yaml: &str, catalog_yaml: &str) -> Result<Tollgate, String> {
+    async fn try_start(
+        config_yaml: &str,
+        catalog_yaml: &str,
+        admin_ca_pem: Option<&[u8]>,
+    ) -> Result<Tollgate, String> {
         let dir = tempfile::tempdir().expect("tollgate tempdir");
         let grpc_port = free_port();
         let admin_port = free_port();
@@ -58,6 +76,10 @@ impl Tollgate {
         std::fs::write(dir.path().join("catalog.yaml"), catalog_yaml).expect("write catalog.yaml");
         let stderr_path = dir.path().join("tollgate.stderr");
         let child = spawn(dir.path(), &stderr_path);
+        let (admin_scheme, admin_client) = match admin_ca_pem {
+            None => ("http", http_client()),
+            Some(pem) => ("https", https_client(pem)),
+        };
         let mut tollgate = Tollgate {
             child,
             grpc_port,
@@ -65,6 +87,8 @@ impl Tollgate {
             dir,
             stderr_path,
             edits: AtomicU32::new(0),
+            admin_scheme,
+            admin_client,
         };
         tollgate.wait_ready().await?;
         Ok(tollgate)
@@ -90,7 +114,7 @@ impl Tollgate {
     async fn wait_ready(&mut self) -> Result<(), String> {
         let tollgate = self;
         let grpc_port = tollgate.grpc_port;
-        let client = http_client();
+        let client = tollgate.admin_client.clone();
         let readyz = tollgate.admin_url("/readyz");
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
@@ -125,9 +149,12 @@ impl Tollgate {
         }
     }
 
-    /// `http://127.0.0.1:<admin port>` + `path`.
+    /// `http://127.0.0.1:<admin port>` + `path` (`https://` when started with an admin CA).
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+        format!(
+            "{}://127.0.0.1:{}{}",
+            self.admin_scheme, self.admin_port, path
+        )
     }
 
     /// The folder with `tollgate.yaml` and `catalog.yaml`.
@@ -151,7 +178,7 @@ impl Tollgate {
 
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> String {
-        http_client()
+        self.admin_client
             .get(self.admin_url("/metrics"))
             .send()
             .await
@@ -214,6 +241,19 @@ impl Tollgate {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
+}
+
+/// [`http_client`] that trusts only the CA certificate `ca_pem` (for an admin listener with TLS).
+pub fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA certificate PEM");
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .expect("build reqwest https client")
 }
 
 /// Spawns `tollgate serve --config <dir>/tollgate.yaml`, stderr appended to `stderr_path`.

@@ -49,6 +49,14 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- define "tollgate.configDir" -}}/etc/tollgate/config{{- end }}
 {{- define "tollgate.catalogDir" -}}/etc/tollgate/catalog{{- end }}
 {{- define "tollgate.meteringDir" -}}/var/lib/tollgate{{- end }}
+{{- define "tollgate.grpcTlsDir" -}}/etc/tollgate/tls/grpc{{- end }}
+{{- define "tollgate.adminTlsDir" -}}/etc/tollgate/tls/admin{{- end }}
+
+{{/* mTLS on the gRPC port: Envoy's client certificate authenticates it (a name for yes, empty for no). */}}
+{{- define "tollgate.grpcMtls" -}}
+{{- if and .Values.tls.grpc.enabled .Values.tls.grpc.mtls }}true{{- end }}
+{{- end }}
+{{- define "tollgate.probeScheme" -}}{{ ternary "HTTPS" "HTTP" (eq (toString .Values.tls.admin.enabled) "true") }}{{- end }}
 
 {{/* Billing is on when config.billing carries anything (an empty map means "absent" in the contract). */}}
 {{- define "tollgate.billingOn" -}}
@@ -130,8 +138,8 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- if not (or $v.secrets.adminToken.name $v.secrets.generate) }}
 {{- fail "the admin port listens on the pod IP and tollgate refuses it without a token: set secrets.adminToken.name, or secrets.generate: true, or config.insecure_listeners: true" }}
 {{- end }}
-{{- if and (eq $v.mode "service") (not (or $v.secrets.accessLogToken.name $v.secrets.generate)) }}
-{{- fail "in service mode the gRPC port listens on the pod IP and tollgate refuses it without an access-log token: set secrets.accessLogToken.name, or secrets.generate: true, or config.insecure_listeners: true" }}
+{{- if and (eq $v.mode "service") (not (or $v.secrets.accessLogToken.name $v.secrets.generate (include "tollgate.grpcMtls" .))) }}
+{{- fail "in service mode the gRPC port listens on the pod IP and tollgate refuses it without an access-log token or mTLS: set secrets.accessLogToken.name, or secrets.generate: true, or tls.grpc with mtls, or config.insecure_listeners: true" }}
 {{- end }}
 {{- end }}
 {{- if and (include "tollgate.billingOn" .) (not $v.secrets.stripeApiKey.name) }}
@@ -143,6 +151,11 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- end }}
 {{- if and (eq $v.kind "StatefulSet") $v.persistence.existingClaim }}
 {{- fail "persistence.existingClaim is one claim: it cannot serve a StatefulSet's pods; drop it to get a claim per pod" }}
+{{- end }}
+{{- range $name, $listener := $v.tls }}
+{{- if and $listener.enabled (not $listener.secretName) }}
+{{- fail (printf "tls.%s.enabled is true: name its kubernetes.io/tls Secret in tls.%s.secretName" $name $name) }}
+{{- end }}
 {{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas is larger than autoscaling.maxReplicas" }}
@@ -174,6 +187,18 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- $_ := set $cfg.billing "stripe" $stripe }}
 {{- else }}
 {{- $_ := unset $cfg "billing" }}
+{{- end }}
+{{- if $v.tls.grpc.enabled }}
+{{- $dir := include "tollgate.grpcTlsDir" . }}
+{{- $grpcTls := dict "cert_path" (printf "%s/tls.crt" $dir) "key_path" (printf "%s/tls.key" $dir) }}
+{{- if $v.tls.grpc.mtls }}
+{{- $_ := set $grpcTls "client_ca_path" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- $_ := set $cfg "grpc_tls" $grpcTls }}
+{{- end }}
+{{- if $v.tls.admin.enabled }}
+{{- $dir := include "tollgate.adminTlsDir" . }}
+{{- $_ := set $cfg "admin_tls" (dict "cert_path" (printf "%s/tls.crt" $dir) "key_path" (printf "%s/tls.key" $dir)) }}
 {{- end }}
 {{- $cfg = mustMergeOverwrite $cfg (deepCopy $v.extraConfig) }}
 {{- toYaml $cfg }}
@@ -257,7 +282,8 @@ ports:
 env:
   {{- $env | nindent 2 }}
 {{- end }}
-{{- if eq $v.mode "service" }}
+{{- /* The kubelet's gRPC probe speaks clear text only: with gRPC TLS the admin port is probed instead. */}}
+{{- if and (eq $v.mode "service") (not $v.tls.grpc.enabled) }}
 startupProbe:
   grpc:
     port: {{ $v.ports.grpc }}
@@ -277,6 +303,7 @@ startupProbe:
   httpGet:
     path: /readyz
     port: tollgate-admin
+    scheme: {{ include "tollgate.probeScheme" . }}
   periodSeconds: {{ $v.probes.startup.periodSeconds }}
   timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
   failureThreshold: {{ $v.probes.startup.failureThreshold }}
@@ -284,6 +311,7 @@ livenessProbe:
   httpGet:
     path: /healthz
     port: tollgate-admin
+    scheme: {{ include "tollgate.probeScheme" . }}
   periodSeconds: {{ $v.probes.liveness.periodSeconds }}
   timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
   failureThreshold: {{ $v.probes.liveness.failureThreshold }}
@@ -292,6 +320,7 @@ readinessProbe:
   httpGet:
     path: /readyz
     port: tollgate-admin
+    scheme: {{ include "tollgate.probeScheme" . }}
   periodSeconds: {{ $v.probes.readiness.periodSeconds }}
   timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
   failureThreshold: {{ $v.probes.readiness.failureThreshold }}
@@ -314,6 +343,16 @@ volumeMounts:
     mountPath: {{ include "tollgate.meteringDir" . }}
   - name: tollgate-tmp
     mountPath: /tmp
+{{- if $v.tls.grpc.enabled }}
+  - name: tollgate-grpc-tls
+    mountPath: {{ include "tollgate.grpcTlsDir" . }}
+    readOnly: true
+{{- end }}
+{{- if $v.tls.admin.enabled }}
+  - name: tollgate-admin-tls
+    mountPath: {{ include "tollgate.adminTlsDir" . }}
+    readOnly: true
+{{- end }}
 {{- with $v.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -360,6 +399,16 @@ volumeMounts:
 - name: tollgate-tmp
   emptyDir:
     sizeLimit: 64Mi
+{{- if $v.tls.grpc.enabled }}
+- name: tollgate-grpc-tls
+  secret:
+    secretName: {{ $v.tls.grpc.secretName }}
+{{- end }}
+{{- if $v.tls.admin.enabled }}
+- name: tollgate-admin-tls
+  secret:
+    secretName: {{ $v.tls.admin.secretName }}
+{{- end }}
 {{- with $v.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
