@@ -272,12 +272,26 @@ impl Source {
         let at = error
             .location()
             .map(|l| (l.line().saturating_sub(1), l.column().saturating_sub(1)));
+        // The message's own marks are relocated as libyaml wrote them; only our prefix is clamped.
         let message = self.relocate_marks(&error.to_string(), at);
+        let at = at.map(|at| self.within_text(at));
         let message = self.hide_secrets(message, at.map(|(line, _)| line));
         SourceError {
             file: self.path.clone(),
             position: at.map(|(line, column)| self.original_position(line, column)),
             message,
+        }
+    }
+
+    /// libyaml places an error at the end of a file that lacks a final line break on the line after the
+    /// last one (its scanner forces a line break before the stream end); no editor shows that line, so
+    /// such a 0-based expanded position moves back to the end of the last line.
+    fn within_text(&self, (line, column): (usize, usize)) -> (usize, usize) {
+        let (last_line, end_column) = end_position(&self.expanded);
+        if line >= last_line {
+            (last_line - 1, end_column - 1)
+        } else {
+            (line, column)
         }
     }
 
@@ -1288,6 +1302,22 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn an_error_at_the_end_of_a_file_without_a_final_break_stays_on_its_last_line() {
+        // Found by fuzz/catalog: this was reported at 3:1, a line the two-line file does not have.
+        let e = Source::from_text("c.yaml", "a: 1\nb: [x".to_string())
+            .parse::<serde_yaml_ng::Value>()
+            .unwrap_err();
+        assert_eq!(e.position, pos(2, 6), "{e}");
+        // With an expanded value on that line, the end maps back to the end of the line as written.
+        let e = expand("a: 1\nb: [${V}", &[("V", "long-value")])
+            .unwrap()
+            .parse::<serde_yaml_ng::Value>()
+            .unwrap_err();
+        assert_eq!(e.position, pos(2, 9), "{e}");
+        assert!(!e.message.contains("long-value"), "{e}");
     }
 
     #[test]
