@@ -56,10 +56,10 @@ pub struct Config {
     /// Whether allowed requests reach the upstream with `x-tollgate-app`, `-developer` and `-product`.
     #[serde(default = "default_true")]
     pub upstream_identity_headers: bool,
-    /// Quota counters.
+    /// Where quota counters live and what a store failure means.
     #[serde(default)]
     pub quota: QuotaConfig,
-    /// Usage metering.
+    /// The usage spool, its windows and disk budget.
     #[serde(default)]
     pub metering: MeteringConfig,
     /// Billing; absent means usage is metered and kept, and nothing is sent.

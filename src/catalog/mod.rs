@@ -53,10 +53,10 @@ pub enum SubscriptionStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
-    /// Usable.
+    /// In force: the app or key may call.
     #[default]
     Approved,
-    /// Refused.
+    /// Withdrawn: every call is refused with 401 (key) or 403 (app).
     Revoked,
 }
 
@@ -96,7 +96,7 @@ pub struct Meter {
 /// A set of operations sold together, with a quota and a meter.
 #[derive(Debug, Clone)]
 pub struct Product {
-    /// Unique name.
+    /// The name subscriptions, metadata and meters use; unique in the catalog.
     pub name: String,
     /// Name for people.
     pub display_name: Option<String>,
@@ -154,7 +154,7 @@ pub struct Developer {
 /// An app's subscription to a product.
 #[derive(Debug, Clone, Copy)]
 pub struct Subscription {
-    /// The product.
+    /// The product subscribed to.
     pub product: ProductId,
     /// Its approval state for this app.
     pub status: SubscriptionStatus,
@@ -163,9 +163,9 @@ pub struct Subscription {
 /// An application registered by a developer.
 #[derive(Debug, Clone)]
 pub struct App {
-    /// Unique name.
+    /// The name metadata and upstream headers carry; unique in the catalog.
     pub name: String,
-    /// The owner.
+    /// The developer who registered it, and whose Stripe customer it bills to.
     pub developer: DeveloperId,
     /// Whether the app may call at all.
     pub status: Status,

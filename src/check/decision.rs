@@ -6,13 +6,13 @@ use crate::quota::{LimitState, Outcome};
 /// Who the caller is, as far as the decision got (metadata for Envoy and the access log).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity<'a> {
-    /// App name.
+    /// The catalog app the credential belongs to (none for a portal token).
     pub app: Option<&'a str>,
     /// Developer e-mail.
     pub developer: Option<&'a str>,
-    /// Company.
+    /// The developer's company, which owns a portal account's quota and usage.
     pub company: Option<&'a str>,
-    /// Stripe customer.
+    /// The Stripe customer billed for the call's usage.
     pub stripe_customer: Option<&'a str>,
     /// The product that covered the request.
     pub product: Option<&'a str>,

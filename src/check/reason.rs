@@ -7,7 +7,7 @@ pub enum Reason {
     Allowed,
     /// Allowed because the quota store failed and `on_store_error` is `allow`.
     AllowedStoreError,
-    /// No credential.
+    /// The request carried no API key or bearer token.
     MissingCredential,
     /// A key the catalog does not know.
     UnknownKey,

@@ -44,13 +44,13 @@ pub struct Verdict {
 /// The caller's names, owned so the adapter can move them into protobuf without copying again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identified {
-    /// App name.
+    /// The catalog app the credential belongs to (none for a portal token).
     pub app: Option<String>,
     /// Developer e-mail.
     pub developer: Option<String>,
-    /// Company.
+    /// The developer's company, which owns a portal account's quota and usage.
     pub company: Option<String>,
-    /// Stripe customer.
+    /// The Stripe customer billed for the call's usage.
     pub stripe_customer: Option<String>,
     /// The product that covered the request.
     pub product: Option<String>,
