@@ -53,7 +53,7 @@ pub enum Presented<'a> {
 }
 
 /// The credential of a request after the asynchronous part of identification (token verification); what
-/// [`crate::check::plan`] resolves against the catalog.
+/// [`crate::check::plan()`] resolves against the catalog.
 pub enum Caller<'a> {
     /// No credential.
     Nothing,
