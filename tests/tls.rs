@@ -336,6 +336,14 @@ async fn a_client_without_a_certificate_is_refused() {
         Ok(mut stream) => !h2_settings(&mut stream).await,
     };
     assert!(refused, "a client certificate from another CA was served");
+    // Both refusals are counted for the gRPC listener.
+    tollgate
+        .wait_metric(
+            "tollgate_tls_handshake_failures_total",
+            &[("listener", "grpc_tls")],
+            |n| n >= 2.0,
+        )
+        .await;
     assert!(
         tollgate.logs().lines().all(|l| !l.contains("panicked")),
         "{}",

@@ -165,7 +165,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let grpc_tls = load_tls("grpc_tls", config.grpc_tls.as_ref(), Alpn::H2)?;
     let admin_tls = load_tls("admin_tls", config.admin_tls.as_ref(), Alpn::Http11)?;
+    let handshake_failures = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "tls_handshake_failures_total",
+            "TLS handshakes refused or timed out, by listener (grpc_tls, admin_tls)",
+        ),
+        &["listener"],
+    )?;
+    if grpc_tls.is_some() || admin_tls.is_some() {
+        metrics
+            .registry
+            .register(Box::new(handshake_failures.clone()))?;
+    }
     for server in grpc_tls.iter().chain(admin_tls.iter()) {
+        server.count_failures_in(handshake_failures.with_label_values(&[server.name()]));
         tokio::spawn(
             server
                 .clone()

@@ -10,7 +10,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::util::sync::lock;
 
 /// How often the certificate files are re-read: cert-manager renews well before expiry, so seconds are plenty.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
@@ -281,6 +283,8 @@ struct Inner {
     live: ArcSwap<ServerConfig>,
     /// The bytes last read, good or bad: a bad rotation is reported once, not on every poll.
     seen: Mutex<Option<Contents>>,
+    /// Counts handshakes that failed or timed out, once serve has registered the counter.
+    failures: OnceLock<prometheus::IntCounter>,
 }
 
 /// A listener's TLS side: the live server config, reloaded from its files by [`TlsServer::watch`].
@@ -301,8 +305,15 @@ impl TlsServer {
                 alpn,
                 live: ArcSwap::from_pointee(config),
                 seen: Mutex::new(Some(contents)),
+                failures: OnceLock::new(),
             }),
         })
+    }
+
+    /// Counts this listener's failed handshakes in `counter` (clients without a valid certificate, plain
+    /// text to a TLS port, timeouts): a spike means a client lost its certificate or a scan is running.
+    pub fn count_failures_in(&self, counter: prometheus::IntCounter) {
+        let _ = self.inner.failures.set(counter);
     }
 
     /// The listener's name in the config (`grpc_tls` or `admin_tls`).
@@ -318,14 +329,14 @@ impl TlsServer {
             Ok(contents) => contents,
             Err(error) => {
                 // A file missing mid-rotation: report once, keep serving with the last good config.
-                let mut seen = inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+                let mut seen = lock(&inner.seen);
                 if seen.take().is_some() {
                     tracing::warn!(listener = inner.name, %error, "TLS files unreadable; keeping the last good certificate");
                 }
                 return false;
             }
         };
-        let mut seen = inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = lock(&inner.seen);
         if seen.as_ref() == Some(&contents) {
             return false;
         }
@@ -370,13 +381,19 @@ impl TlsServer {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.live.load_full());
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "TLS handshake timed out",
             )),
+        };
+        if result.is_err()
+            && let Some(failures) = self.inner.failures.get()
+        {
+            failures.inc();
         }
+        result
     }
 }
 
