@@ -120,6 +120,38 @@ tg_ensure_redis() {
   command -v redis-server
 }
 
+# Prints the highest-version /usr/lib/postgresql/*/bin holding initdb, pg_ctl and postgres; fails if none.
+tg_pg_bin_dir() {
+  local dir
+  # /usr/lib/postgresql/VERSION/bin: field 5 split on '/' is the version (15, 16, 9.6), numerically.
+  for dir in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -t/ -k5,5 -rn); do
+    if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ]; then
+      printf '%s\n' "$dir"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# Prints the folder holding the PostgreSQL server binaries (initdb, pg_ctl, postgres), installing Debian's
+# postgresql package when none is found. Never starts or uses the system server: tests initdb and run their
+# own clusters (tests/support/postgres.rs).
+tg_ensure_postgres() {
+  if tg_pg_bin_dir; then
+    return 0
+  fi
+  # policy-rc.d keeps Debian's postinst from starting the service: tests run their own servers.
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [ "$(id -u)" -eq 0 ] && [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created=1
+  fi
+  local rc=0
+  tg_apt_install postgresql || rc=$?
+  [ "$created" -eq 1 ] && rm -f "$policy"
+  [ "$rc" -eq 0 ] || return "$rc"
+  tg_pg_bin_dir || { tg_die "no /usr/lib/postgresql/*/bin with initdb, pg_ctl and postgres after apt-get install"; return 1; }
+}
+
 # Cargo settings for a shared 2-core machine, and what the build needs besides Rust: make, for jemalloc
 # (tikv-jemalloc-sys builds it from source).
 tg_cargo_env() {

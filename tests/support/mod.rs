@@ -1,5 +1,5 @@
-//! Harness for integration tests that run real processes: the tollgate binary, a real Envoy and an
-//! in-process echo upstream, all on loopback.
+//! Harness for integration tests that run real processes: the tollgate binary, a real Envoy, Redis and
+//! PostgreSQL servers and an in-process echo upstream, all on loopback.
 //!
 //! Every wait is a bounded poll; every process is killed and reaped by its own PID when its handle drops,
 //! and its stderr is printed when the test is failing.
@@ -10,6 +10,7 @@
 mod access_log;
 mod echo;
 mod envoy;
+mod postgres;
 mod raw;
 mod redis;
 mod tollgate;
@@ -17,6 +18,7 @@ mod tollgate;
 pub use access_log::{authz_entry, http_message, text};
 pub use echo::{EchoUpstream, Recorded};
 pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas};
+pub use postgres::PostgresServer;
 pub use raw::{RawResponse, raw_request};
 pub use redis::{RedisConfig, RedisServer};
 pub use tollgate::{Tollgate, https_client, parse_metric};
