@@ -84,6 +84,28 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretKey }}{{- else }}TOLLGATE_REDIS_URL{{- end }}
 {{- end }}
 
+{{/* The state store's URL comes from a Secret: the one named in state.existingSecret, or the chart's own holding state.url. */}}
+{{- define "tollgate.stateUrlOn" -}}
+{{- if or .Values.state.url .Values.state.existingSecret }}true{{- end }}
+{{- end }}
+
+{{- define "tollgate.stateSecretName" -}}
+{{- if .Values.state.existingSecret }}{{ .Values.state.existingSecret }}{{- else }}{{ include "tollgate.fullname" . }}-state{{- end }}
+{{- end }}
+
+{{- define "tollgate.stateSecretKey" -}}
+{{- if .Values.state.existingSecret }}{{ .Values.state.existingSecretKey }}{{- else }}TOLLGATE_STATE_URL{{- end }}
+{{- end }}
+
+{{/*
+The generated config's state store is SQLite (a name for yes, empty for no): no URL (tollgate's default,
+sqlite://<metering.dir>/state.db) or a state.url starting with sqlite:. A URL in state.existingSecret is not
+visible to the chart and counts as shared (Postgres).
+*/}}
+{{- define "tollgate.stateSqlite" -}}
+{{- if and (include "tollgate.configGenerated" .) (not .Values.state.existingSecret) (or (not .Values.state.url) (hasPrefix "sqlite:" .Values.state.url)) }}true{{- end }}
+{{- end }}
+
 {{- define "tollgate.catalogGenerated" -}}
 {{- if and (not .Values.catalog.existingConfigMap) (not .Values.catalog.existingSecret) }}true{{- end }}
 {{- end }}
@@ -116,6 +138,9 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- if and $v.redis.url $v.redis.existingSecret }}
 {{- fail "redis: set url or existingSecret, not both" }}
 {{- end }}
+{{- if and $v.state.url $v.state.existingSecret }}
+{{- fail "state: set url or existingSecret, not both" }}
+{{- end }}
 {{- if include "tollgate.configGenerated" . }}
 {{- $store := default "memory" $v.config.quota.store }}
 {{- if and (eq $store "redis") (not (include "tollgate.redisOn" .)) }}
@@ -124,8 +149,15 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- if and (eq $store "memory") (include "tollgate.redisOn" .) }}
 {{- fail "redis is configured but config.quota.store is memory: set config.quota.store to redis" }}
 {{- end }}
+{{- /* Both refusals below when both apply, in one sentence: one install attempt names everything to change. */}}
 {{- if and (eq $store "memory") (eq $v.mode "service") (or $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
+{{- if include "tollgate.stateSqlite" . }}
+{{- fail "config.quota.store memory counts quota per pod and the state store is SQLite, one file per pod, and this release runs more than one pod: use quota.store redis and set state.existingSecret (or state.url) to a shared postgres:// URL, or replicaCount 1 without autoscaling" }}
+{{- end }}
 {{- fail "config.quota.store memory counts quota per pod, and this release runs more than one pod: use quota.store redis, or replicaCount 1 without autoscaling" }}
+{{- end }}
+{{- if and (include "tollgate.stateSqlite" .) (eq $v.mode "service") (or $v.autoscaling.enabled (gt (int $v.replicaCount) 1)) }}
+{{- fail "the state store is SQLite, one file per pod, and this release runs more than one pod: set state.existingSecret (or state.url) to a shared postgres:// URL, or run replicaCount 1 without autoscaling" }}
 {{- end }}
 {{- if and (eq $store "memory") $v.config.quota.redis_cluster }}
 {{- fail "config.quota.redis_cluster is true but config.quota.store is memory: set config.quota.store to redis" }}
@@ -181,6 +213,12 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- $_ := set $quota "redis_url" "${TOLLGATE_REDIS_URL}" }}
 {{- end }}
 {{- $_ := set $cfg "quota" $quota }}
+{{- /* Without a URL tollgate keeps its state in SQLite under metering.dir (one pod only, see tollgate.validate). */}}
+{{- $state := dict "sync_interval" $v.state.syncInterval }}
+{{- if include "tollgate.stateUrlOn" . }}
+{{- $_ := set $state "url" "${TOLLGATE_STATE_URL}" }}
+{{- end }}
+{{- $_ := set $cfg "state" $state }}
 {{- if $cfg.billing }}
 {{- $stripe := default (dict) $cfg.billing.stripe }}
 {{- $_ := set $stripe "api_key" "${STRIPE_API_KEY}" }}
@@ -246,6 +284,13 @@ them, so `helm template` and `helm install` fail with one clear sentence.
     secretKeyRef:
       name: {{ include "tollgate.redisSecretName" . }}
       key: {{ include "tollgate.redisSecretKey" . }}
+{{- end }}
+{{- if include "tollgate.stateUrlOn" . }}
+- name: TOLLGATE_STATE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tollgate.stateSecretName" . }}
+      key: {{ include "tollgate.stateSecretKey" . }}
 {{- end }}
 {{- range $name, $ref := $v.secretEnv }}
 - name: {{ $name }}
