@@ -44,6 +44,15 @@ enum Command {
     /// Stripe billing: compare with Stripe, re-queue dead letters.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// The state store of run-time developers, apps and keys.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Create or upgrade the state store's schema (`serve` does it too at start).
+    Migrate(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -155,6 +164,7 @@ fn main() -> ExitCode {
         Command::Billing(BillingCommand::Requeue { config, all, ids }) => {
             requeue(&config, all, ids)
         }
+        Command::State(StateCommand::Migrate(args)) => migrate(&args.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,6 +187,25 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(tollgate::app::serve::serve(config))?;
     Ok(())
+}
+
+fn migrate(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let url = config.state_url();
+    runtime.block_on(async {
+        let store = tollgate::state::sql::SqlStore::open(url)?;
+        store.migrate().await?;
+        store.close().await;
+        Ok::<(), tollgate::state::StoreError>(())
+    })?;
+    emit(&format!(
+        "state store schema is current ({})\n",
+        tollgate::state::sql::redacted(url)
+    ))
 }
 
 fn mint(args: &MintArgs) -> anyhow::Result<()> {
@@ -379,14 +408,13 @@ fn summarize(out: &mut String, catalog: &Catalog) {
     }
     let revoked_apps = catalog
         .apps()
-        .iter()
-        .filter(|a| a.status == Status::Revoked)
+        .filter(|(_, a)| a.status == Status::Revoked)
         .count();
     let _ = writeln!(
         out,
         "  developers {}, apps {} ({} revoked)",
-        catalog.developers().len(),
-        catalog.apps().len(),
+        catalog.developer_count(),
+        catalog.app_count(),
         revoked_apps
     );
     let now = tollgate::util::clock::unix_now();

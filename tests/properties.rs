@@ -175,7 +175,7 @@ proptest! {
         let catalog = tollgate::catalog::parse(&Source::from_text("catalog.yaml", text.clone()))
             .unwrap_or_else(|e| panic!("{text}\n{e}"));
         prop_assert_eq!(catalog.products().len(), products.len());
-        prop_assert_eq!(catalog.apps().len(), apps.len());
+        prop_assert_eq!(catalog.app_count(), apps.len());
         check_catalog(&catalog);
     }
 

@@ -212,7 +212,7 @@ pub fn check_catalog(catalog: &Catalog) {
     for developer in catalog.developers() {
         assert!(catalog.developer_by_email(&developer.email).is_some());
     }
-    for app in catalog.apps() {
+    for (_, app) in catalog.apps() {
         assert!(
             catalog.developer(app.developer).is_some(),
             "app {:?}: dangling developer",

@@ -16,6 +16,7 @@ use crate::catalog::CatalogHandle;
 use crate::check::app_quotas;
 use crate::metering::{AppQuota, Metering, MeteringError, QuotaCounter, UsageQuery};
 use crate::quota::{LimitUsage, QuotaStore};
+use crate::state::sync::Syncer;
 use crate::util::bearer;
 
 /// How long `/readyz` waits for the quota store.
@@ -36,32 +37,40 @@ pub struct AdminState {
     pub billing: Option<Billing>,
     /// Required as a bearer token by `/v1/...` when set.
     pub admin_token: Option<Arc<str>>,
+    /// `/readyz` waits for the state store's first full read.
+    pub syncer: Option<Arc<Syncer>>,
 }
 
-/// The admin router.
-pub fn router(state: AdminState) -> Router {
+/// The admin router; `management` (the state store's API) joins the partner data behind the token.
+pub fn router(state: AdminState, management: Option<Router>) -> Router {
+    let token = state.admin_token.clone();
     let partner_data = Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/outbox", get(outbox))
         .route("/v1/billing/dead-letters", get(dead_letters))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .with_state(state.clone());
+    let partner_data = match management {
+        Some(management) => partner_data.merge(management),
+        None => partner_data,
+    }
+    .route_layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .merge(partner_data)
         .with_state(state)
+        .merge(partner_data)
 }
 
 /// Lets a request through when no token is configured or it carries `Authorization: Bearer <admin_token>`
 /// (compared in constant time).
 async fn require_token(
-    State(state): State<AdminState>,
+    State(token): State<Option<Arc<str>>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(expected) = &state.admin_token else {
+    let Some(expected) = &token else {
         return next.run(request).await;
     };
     let presented = headers
@@ -115,7 +124,7 @@ async fn quota_counters(
     app: &str,
 ) -> Result<Vec<QuotaCounter>, crate::quota::StoreError> {
     let catalog = state.catalog.snapshot();
-    let Some(app) = catalog.apps().iter().find(|a| a.name == app) else {
+    let Some(app) = catalog.app_by_name(app) else {
         return Ok(Vec::new());
     };
     let now = chrono::Utc::now().timestamp();
@@ -193,6 +202,14 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "metering spool is full: usage records are refused\n".to_owned(),
+        );
+    }
+    if let Some(syncer) = &state.syncer
+        && !syncer.loaded().await
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state store not read yet\n".to_owned(),
         );
     }
     if let Err(unhealthy) = state.metering.health() {

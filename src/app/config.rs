@@ -64,6 +64,9 @@ pub struct Config {
     pub metering: MeteringConfig,
     /// Billing; absent means usage is metered and kept, and nothing is sent.
     pub billing: Option<BillingConfig>,
+    /// The state store of run-time developers, apps and keys (CONTRACT §7).
+    #[serde(default)]
+    pub state: StateConfig,
     /// The config file's folder: relative paths (catalog, metering dir, JWT key files) start there.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -189,6 +192,32 @@ impl Default for MeteringConfig {
     }
 }
 
+/// `state:` (no `Debug`: the URL may carry a password).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `sqlite://FILE` (relative to the config file's folder) or `postgres://…`; default
+    /// `sqlite://<metering.dir>/state.db`.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub url: Option<String>,
+    /// How often a replica reads the changes other replicas made (PostgreSQL also wakes it at once).
+    #[serde(default = "default_sync_interval", deserialize_with = "duration")]
+    pub sync_interval: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            url: None,
+            sync_interval: default_sync_interval(),
+        }
+    }
+}
+
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
 fn default_grpc_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9001))
 }
@@ -221,6 +250,31 @@ fn default_max_lease() -> u64 {
 }
 fn default_max_disk_bytes() -> u64 {
     1 << 30
+}
+
+/// The state store URL with an SQLite path made absolute (relative to the config file's folder), or the
+/// default SQLite file in `metering.dir`.
+fn state_url(config: &Config, base: &Path) -> Result<String, String> {
+    let Some(url) = &config.state.url else {
+        return Ok(format!(
+            "sqlite://{}",
+            config.metering.dir.join("state.db").display()
+        ));
+    };
+    match crate::state::sql::Backend::of(url) {
+        Some(crate::state::sql::Backend::Sqlite) => {
+            let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            if rest.is_empty() || rest.starts_with('?') || rest.starts_with(":memory:") {
+                return Err("state.url sqlite: needs a file (sqlite://state.db)".to_owned());
+            }
+            Ok(format!("sqlite://{}", base.join(rest).display()))
+        }
+        Some(crate::state::sql::Backend::Postgres) => Ok(url.clone()),
+        None => Err(
+            "state.url must be sqlite://FILE (one replica) or postgres://USER@HOST/DB (several)"
+                .to_owned(),
+        ),
+    }
 }
 
 /// The first listener that binds beyond loopback with nothing to authenticate its callers: the key to blame and
@@ -379,6 +433,15 @@ impl Config {
         config.catalog.path = base.join(&config.catalog.path);
         config.metering.dir = base.join(&config.metering.dir);
         config.base_dir = base.to_path_buf();
+        config.state.url = Some(state_url(&config, base).map_err(|message| {
+            source.error_at(&[PathSeg::Key("state"), PathSeg::Key("url")], message)
+        })?);
+        if config.state.sync_interval.is_zero() {
+            return Err(source.error_at(
+                &[PathSeg::Key("state"), PathSeg::Key("sync_interval")],
+                "sync_interval must be longer than 0s",
+            ));
+        }
         if let Some(files) = &config.admin_tls
             && files.client_ca_path.is_some()
         {
@@ -420,6 +483,11 @@ impl Config {
         options.max_disk_bytes = m.max_disk_bytes;
         options.commit_interval = m.commit_interval;
         options
+    }
+
+    /// The state store URL (`Config::load` fills in the default and makes an SQLite path absolute).
+    pub fn state_url(&self) -> &str {
+        self.state.url.as_deref().unwrap_or_default()
     }
 
     /// The parts of the config that decisions depend on.

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,11 @@ use crate::quota::persist;
 use crate::quota::redis::replica::{self, ReplicaError};
 use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
+use crate::state::api::ManagementState;
+use crate::state::metrics::StateMetrics;
+use crate::state::sql::{Backend, SqlStore};
+use crate::state::sync::Syncer;
+use crate::state::{self, Snapshot, StoreError};
 use crate::util::clock::unix_now;
 
 /// HTTP/2 streams one gRPC connection may hold open at once (Envoy multiplexes every Check on few
@@ -86,6 +92,17 @@ pub enum ServeError {
         /// What is wrong with the files.
         source: TlsError,
     },
+    /// The state store's folder could not be created.
+    #[error("cannot create the state store's folder {dir}: {source}")]
+    StateDir {
+        /// The folder.
+        dir: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The state store's settings are unusable.
+    #[error(transparent)]
+    State(#[from] StoreError),
     /// Metrics could not be registered.
     #[error("metrics setup failed: {0}")]
     Metrics(#[from] MetricsError),
@@ -96,10 +113,41 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let metrics = Metrics::new()?;
     let loaded = catalog_watch::read(&config.catalog.path, None).await?;
     let handle = Arc::new(CatalogHandle::new(Catalog::default()));
+    let snapshot = Arc::new(Snapshot::new(handle.clone(), Some(metrics.catalog.clone())));
+    let installer: catalog_watch::Installer = {
+        let snapshot = Arc::clone(&snapshot);
+        Arc::new(move |catalog| snapshot.install_file(catalog).map_err(|c| c.to_string()))
+    };
     let digest = match loaded {
-        Some(loaded) => catalog_watch::install(&handle, loaded, &metrics.catalog),
+        Some(loaded) => {
+            catalog_watch::install(&installer, loaded, &metrics.catalog).map_err(|message| {
+                SourceError {
+                    file: config.catalog.path.clone(),
+                    position: None,
+                    message,
+                }
+            })?
+        }
         None => [0; 32],
     };
+    let state_url = config.state_url().to_owned();
+    if Backend::of(&state_url) == Some(Backend::Sqlite)
+        && let Some(dir) = Path::new(state_url.trim_start_matches("sqlite://"))
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::StateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let store = SqlStore::open(&state_url)?;
+    let state_metrics = StateMetrics::register(&metrics.registry)?;
+    let syncer = Arc::new(Syncer::new(
+        Arc::new(store.clone()),
+        Arc::clone(&snapshot),
+        state_metrics.clone(),
+    ));
 
     let metering =
         Metering::open(config.metering_options(), handle.clone(), &metrics.registry).await?;
@@ -222,14 +270,25 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 signalled(shutdown_rx.clone()),
             )),
         };
-    let admin_router = admin::router(AdminState {
-        metrics: metrics.clone(),
-        quota: quota.clone(),
-        catalog: handle.clone(),
-        metering: metering.clone(),
-        billing: billing.clone(),
-        admin_token: config.admin_token.as_deref().map(Arc::from),
+    let management = state::api::router(ManagementState {
+        store: Arc::new(store.clone()),
+        snapshot: Arc::clone(&snapshot),
+        syncer: Arc::clone(&syncer),
+        metrics: state_metrics,
+        actor: state::api::actor(config.admin_token.as_deref()),
     });
+    let admin_router = admin::router(
+        AdminState {
+            metrics: metrics.clone(),
+            quota: quota.clone(),
+            catalog: handle.clone(),
+            metering: metering.clone(),
+            billing: billing.clone(),
+            admin_token: config.admin_token.as_deref().map(Arc::from),
+            syncer: Some(Arc::clone(&syncer)),
+        },
+        Some(management),
+    );
     let admin = http::serve(
         admin_listener,
         admin_tls.map_or(Acceptor::Plain, Acceptor::Tls),
@@ -238,9 +297,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         signalled(shutdown_rx.clone()),
     );
 
+    let state_sync = tokio::spawn(follow_state(
+        store.clone(),
+        Arc::clone(&syncer),
+        config.state.sync_interval,
+        shutdown_rx.clone(),
+    ));
     let watcher = tokio::spawn(catalog_watch::run(
         config.catalog.path.clone(),
-        handle,
+        installer,
         digest,
         metrics.catalog.clone(),
         shutdown_rx.clone(),
@@ -295,12 +360,53 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     } {
         tracing::warn!(error = %e, "billing task ended abnormally");
     }
+    if let Err(e) = state_sync.await {
+        tracing::warn!(error = %e, "state sync task ended abnormally");
+    }
+    store.close().await;
     grpc?;
     match watcher.await {
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "catalog watcher ended abnormally"),
     }
     Ok(())
+}
+
+/// Migrates the state store and reads it in full (retrying while it is down: Checks serve the catalog file
+/// meanwhile and `/readyz` says why), then follows its changes until shutdown.
+async fn follow_state(
+    store: SqlStore,
+    syncer: Arc<Syncer>,
+    interval: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ready = match store.migrate().await {
+            Ok(()) => syncer.catch_up().await,
+            Err(e) => Err(e),
+        };
+        match ready {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                    "state store not ready");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = signalled(shutdown.clone()) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    if store.backend() == Backend::Postgres {
+        tokio::spawn(state::listen::run(
+            store.url().to_owned(),
+            syncer.waker(),
+            shutdown.clone(),
+        ));
+    }
+    syncer.run(interval, shutdown).await;
 }
 
 fn load_tls(

@@ -1,9 +1,10 @@
 //! Reading a catalog file and validating it into a [`Catalog`]; every error names its file, line and column.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -173,43 +174,44 @@ impl Builder<'_> {
     }
 
     fn build(&self, raw: RawCatalog) -> Result<Catalog, SourceError> {
-        let mut catalog = Catalog::default();
+        let mut products = Vec::with_capacity(raw.products.len());
+        let mut products_by_name = HashMap::new();
         for (i, p) in raw.products.into_iter().enumerate() {
             let at = [PathSeg::Key("products"), PathSeg::Index(i)];
             let product = self.product(&at, p)?;
-            if catalog
-                .products_by_name
-                .insert(product.name.clone(), i)
-                .is_some()
-            {
+            if products_by_name.insert(product.name.clone(), i).is_some() {
                 return Err(self.err(
                     &[at[0], at[1], PathSeg::Key("name")],
                     format!("duplicate product name {:?}", product.name),
                 ));
             }
-            catalog.products.push(product);
+            products.push(product);
         }
+        let mut catalog = Catalog {
+            products: Arc::new(products),
+            products_by_name: Arc::new(products_by_name),
+            ..Catalog::default()
+        };
 
         let mut app_names = HashSet::new();
         for (d, dev) in raw.developers.into_iter().enumerate() {
             let at = [PathSeg::Key("developers"), PathSeg::Index(d)];
             let email = non_empty(self, &at, "email", dev.email)?;
             let developer = catalog.developers.len();
-            if catalog
-                .developers_by_email
-                .insert(email.clone(), developer)
-                .is_some()
-            {
+            if catalog.developers_by_email.contains_key(&email) {
                 return Err(self.err(
                     &[at[0], at[1], PathSeg::Key("email")],
                     format!("duplicate developer email {email:?}"),
                 ));
             }
-            catalog.developers.push(Developer {
-                email,
-                company: dev.company.filter(|c| !c.is_empty()),
-                stripe_customer: dev.stripe_customer.filter(|c| !c.is_empty()),
-            });
+            catalog.put_developer(
+                developer,
+                Arc::new(Developer {
+                    email,
+                    company: dev.company.filter(|c| !c.is_empty()),
+                    stripe_customer: dev.stripe_customer.filter(|c| !c.is_empty()),
+                }),
+            );
             for (a, raw_app) in dev.apps.into_iter().enumerate() {
                 let at = [at[0], at[1], PathSeg::Key("apps"), PathSeg::Index(a)];
                 self.app(&mut catalog, &mut app_names, developer, &at, raw_app)?;
@@ -431,10 +433,7 @@ impl Builder<'_> {
         }
         let app_id = catalog.apps.len();
         if let Some(client_id) = &raw.client_id
-            && catalog
-                .apps_by_client_id
-                .insert(client_id.clone(), app_id)
-                .is_some()
+            && catalog.apps_by_client_id.contains_key(client_id)
         {
             return Err(self.err(
                 &[at[0], at[1], at[2], at[3], PathSeg::Key("client_id")],
@@ -497,13 +496,16 @@ impl Builder<'_> {
                 ));
             }
         }
-        catalog.apps.push(App {
-            name,
-            developer,
-            status: raw.status,
-            client_id: raw.client_id,
-            products,
-        });
+        catalog.put_app(
+            app_id,
+            Arc::new(App {
+                name,
+                developer,
+                status: raw.status,
+                client_id: raw.client_id,
+                products,
+            }),
+        );
         Ok(())
     }
 }
@@ -626,7 +628,7 @@ developers:
             gold.meter.as_ref().unwrap().value,
             MeterValue::ResponseHeader("x-tokens".into())
         );
-        let app = &c.apps()[0];
+        let app = c.app(0).unwrap();
         assert_eq!(app.products[0].status, SubscriptionStatus::Approved);
         // Manual approval without an explicit status is pending.
         assert_eq!(app.products[1].status, SubscriptionStatus::Pending);
@@ -644,7 +646,7 @@ developers:
                 "developers": [{"email": "d@x", "apps": [{"name": "app", "products": [{"name": "p"}]}]}]}"#,
         )
         .unwrap();
-        assert_eq!(c.apps()[0].products.len(), 1);
+        assert_eq!(c.app(0).unwrap().products.len(), 1);
     }
 
     #[test]

@@ -49,6 +49,17 @@ pub enum SubscriptionStatus {
     Revoked,
 }
 
+impl SubscriptionStatus {
+    /// The name the catalog and the API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Approved => "approved",
+            SubscriptionStatus::Pending => "pending",
+            SubscriptionStatus::Revoked => "revoked",
+        }
+    }
+}
+
 /// The state of an app or a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +69,16 @@ pub enum Status {
     Approved,
     /// Withdrawn: every call is refused with 401 (key) or 403 (app).
     Revoked,
+}
+
+impl Status {
+    /// The name the catalog and the API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Approved => "approved",
+            Status::Revoked => "revoked",
+        }
+    }
 }
 
 /// What a meter counts per billable call (CONTRACT §3 `meter.value`).
@@ -188,16 +209,22 @@ pub struct Key {
     pub expires_at: Option<i64>,
 }
 
-/// An immutable, validated catalog.
-#[derive(Debug, Default)]
+/// An immutable, validated catalog: the catalog file's entities, and the state store's once merged in
+/// ([`crate::state::snapshot`]).
+///
+/// Developers, apps and keys sit in persistent maps (HAMTs with structural sharing): a copy costs O(1) and an
+/// edit of the copy O(log n), so one revoked key among a million makes a new snapshot without rebuilding it.
+/// Products come only from the file and are shared, unchanged, by every snapshot built from it.
+#[derive(Debug, Default, Clone)]
 pub struct Catalog {
-    products: Vec<Product>,
-    developers: Vec<Developer>,
-    apps: Vec<App>,
-    keys: HashMap<KeyHash, Key>,
-    apps_by_client_id: HashMap<String, AppId>,
-    products_by_name: HashMap<String, ProductId>,
-    developers_by_email: HashMap<String, DeveloperId>,
+    products: Arc<Vec<Product>>,
+    products_by_name: Arc<HashMap<String, ProductId>>,
+    developers: imbl::HashMap<DeveloperId, Arc<Developer>>,
+    apps: imbl::HashMap<AppId, Arc<App>>,
+    keys: imbl::HashMap<KeyHash, Key>,
+    apps_by_name: imbl::HashMap<String, AppId>,
+    apps_by_client_id: imbl::HashMap<String, AppId>,
+    developers_by_email: imbl::HashMap<String, DeveloperId>,
 }
 
 impl Catalog {
@@ -206,14 +233,24 @@ impl Catalog {
         &self.products
     }
 
-    /// Every developer.
-    pub fn developers(&self) -> &[Developer] {
-        &self.developers
+    /// Every developer (in no particular order).
+    pub fn developers(&self) -> impl Iterator<Item = &Developer> {
+        self.developers.values().map(|d| &**d)
     }
 
-    /// Every app.
-    pub fn apps(&self) -> &[App] {
-        &self.apps
+    /// Number of developers.
+    pub fn developer_count(&self) -> usize {
+        self.developers.len()
+    }
+
+    /// Every app with its id (in no particular order).
+    pub fn apps(&self) -> impl Iterator<Item = (AppId, &App)> {
+        self.apps.iter().map(|(id, app)| (*id, &**app))
+    }
+
+    /// Number of apps.
+    pub fn app_count(&self) -> usize {
+        self.apps.len()
     }
 
     /// Number of keys.
@@ -233,15 +270,15 @@ impl Catalog {
 
     /// An app by id.
     pub fn app(&self, id: AppId) -> Option<&App> {
-        self.apps.get(id)
+        self.apps.get(&id).map(|a| &**a)
     }
 
     /// A developer by id.
     pub fn developer(&self, id: DeveloperId) -> Option<&Developer> {
-        self.developers.get(id)
+        self.developers.get(&id).map(|d| &**d)
     }
 
-    /// The key whose hash is `hash`: an O(1) lookup, then a constant-time compare of the stored hash.
+    /// The key whose hash is `hash`: a lookup by hash, then a constant-time compare of the stored hash.
     pub fn key(&self, hash: &KeyHash) -> Option<&Key> {
         self.keys.get(hash).filter(|k| k.hash.ct_eq(hash))
     }
@@ -253,14 +290,106 @@ impl Catalog {
 
     /// The developer with this e-mail (a portal token's developer claim).
     pub fn developer_by_email(&self, email: &str) -> Option<&Developer> {
-        self.developers_by_email
-            .get(email)
-            .and_then(|&id| self.developers.get(id))
+        self.developer_id(email).and_then(|id| self.developer(id))
+    }
+
+    /// The id of the developer with this e-mail.
+    pub fn developer_id(&self, email: &str) -> Option<DeveloperId> {
+        self.developers_by_email.get(email).copied()
     }
 
     /// The app a JWT's app claim names.
     pub fn app_by_client_id(&self, client_id: &str) -> Option<AppId> {
         self.apps_by_client_id.get(client_id).copied()
+    }
+
+    /// The id of the app with this name.
+    pub fn app_id(&self, name: &str) -> Option<AppId> {
+        self.apps_by_name.get(name).copied()
+    }
+
+    /// The app with this name.
+    pub fn app_by_name(&self, name: &str) -> Option<&App> {
+        self.app_id(name).and_then(|id| self.app(id))
+    }
+
+    /// This catalog's products with no developers, apps or keys: the base a merge starts from.
+    pub fn products_only(&self) -> Catalog {
+        Catalog {
+            products: Arc::clone(&self.products),
+            products_by_name: Arc::clone(&self.products_by_name),
+            ..Catalog::default()
+        }
+    }
+
+    /// Takes `other`'s products (store entities are then re-resolved against them by the caller).
+    pub fn set_products_from(&mut self, other: &Catalog) {
+        self.products = Arc::clone(&other.products);
+        self.products_by_name = Arc::clone(&other.products_by_name);
+    }
+
+    /// Adds or replaces the developer `id`.
+    pub fn put_developer(&mut self, id: DeveloperId, developer: Arc<Developer>) {
+        if let Some(old) = self.developers.get(&id)
+            && old.email != developer.email
+        {
+            self.developers_by_email.remove(&old.email);
+        }
+        self.developers_by_email.insert(developer.email.clone(), id);
+        self.developers.insert(id, developer);
+    }
+
+    /// Removes the developer `id` (its apps stay until they are removed themselves).
+    pub fn remove_developer(&mut self, id: DeveloperId) {
+        if let Some(old) = self.developers.remove(&id) {
+            self.developers_by_email.remove(&old.email);
+        }
+    }
+
+    /// Adds or replaces the app `id`.
+    pub fn put_app(&mut self, id: AppId, app: Arc<App>) {
+        self.remove_app(id);
+        self.apps_by_name.insert(app.name.clone(), id);
+        if let Some(client_id) = &app.client_id {
+            self.apps_by_client_id.insert(client_id.clone(), id);
+        }
+        self.apps.insert(id, app);
+    }
+
+    /// Removes the app `id` (its keys stay, and find no app: they are refused).
+    pub fn remove_app(&mut self, id: AppId) {
+        if let Some(old) = self.apps.remove(&id) {
+            self.apps_by_name.remove(&old.name);
+            if let Some(client_id) = &old.client_id
+                && self.apps_by_client_id.get(client_id) == Some(&id)
+            {
+                self.apps_by_client_id.remove(client_id);
+            }
+        }
+    }
+
+    /// Adds or replaces a key.
+    pub fn put_key(&mut self, key: Key) {
+        self.keys.insert(key.hash, key);
+    }
+
+    /// Removes the key with this hash.
+    pub fn remove_key(&mut self, hash: &KeyHash) {
+        self.keys.remove(hash);
+    }
+
+    /// Adds every developer, app and key of `other` to this catalog, whose ids and names must not clash with
+    /// them: the merge of the file's entities into the store's.
+    pub fn absorb(&mut self, other: &Catalog) {
+        for (id, developer) in &other.developers {
+            self.put_developer(*id, Arc::clone(developer));
+        }
+        for (id, app) in &other.apps {
+            self.put_app(*id, Arc::clone(app));
+        }
+        for key in other.keys.values() {
+            self.put_key(*key);
+        }
     }
 }
 

@@ -60,34 +60,44 @@ pub async fn read(path: &Path, known: Option<[u8; 32]>) -> Result<Option<Loaded>
     }
 }
 
-/// Installs a loaded catalog and updates the catalog metrics.
-pub fn install(handle: &CatalogHandle, loaded: Loaded, metrics: &CatalogMetrics) -> [u8; 32] {
+/// Where a validated catalog goes: it may still refuse it (a name the state store holds), with the reason.
+pub type Installer = Arc<dyn Fn(Catalog) -> Result<(), String> + Send + Sync>;
+
+/// An installer that serves each catalog as it is, through `handle`.
+pub fn into_handle(handle: Arc<CatalogHandle>) -> Installer {
+    Arc::new(move |catalog| {
+        handle.replace(catalog);
+        Ok(())
+    })
+}
+
+/// Installs a loaded catalog and updates the catalog metrics; returns the digest now served.
+pub fn install(
+    installer: &Installer,
+    loaded: Loaded,
+    metrics: &CatalogMetrics,
+) -> Result<[u8; 32], String> {
     let c = &loaded.catalog;
-    metrics
-        .keys
-        .set(i64::try_from(c.key_count()).unwrap_or(i64::MAX));
+    let (products, apps, keys) = (c.products().len(), c.app_count(), c.key_count());
+    installer(loaded.catalog)?;
     metrics
         .products
-        .set(i64::try_from(c.products().len()).unwrap_or(i64::MAX));
-    metrics
-        .apps
-        .set(i64::try_from(c.apps().len()).unwrap_or(i64::MAX));
+        .set(i64::try_from(products).unwrap_or(i64::MAX));
     metrics.generation.inc();
     tracing::info!(
         generation = metrics.generation.get(),
-        products = c.products().len(),
-        apps = c.apps().len(),
-        keys = c.key_count(),
+        products,
+        apps,
+        keys,
         "catalog loaded"
     );
-    handle.replace(loaded.catalog);
-    loaded.digest
+    Ok(loaded.digest)
 }
 
 /// Watches `path` and swaps each valid new version into `handle` until `shutdown` changes.
 pub async fn run(
     path: PathBuf,
-    handle: Arc<CatalogHandle>,
+    installer: Installer,
     mut digest: [u8; 32],
     metrics: CatalogMetrics,
     mut shutdown: watch::Receiver<bool>,
@@ -144,7 +154,13 @@ pub async fn run(
         seen = stamp(&path);
         match read(&path, Some(digest)).await {
             Ok(None) => {}
-            Ok(Some(loaded)) => digest = install(&handle, loaded, &metrics),
+            Ok(Some(loaded)) => match install(&installer, loaded, &metrics) {
+                Ok(installed) => digest = installed,
+                Err(e) => {
+                    metrics.reload_errors.inc();
+                    tracing::warn!(error = %e, "catalog edit rejected; keeping the last good catalog");
+                }
+            },
             Err(e) => {
                 metrics.reload_errors.inc();
                 tracing::warn!(error = %e, "catalog edit rejected; keeping the last good catalog");

@@ -250,12 +250,7 @@ fn an_allowed_request_carries_identity_and_a_charge() {
 #[test]
 fn app_quotas_name_exactly_the_buckets_that_calls_charge() {
     let w = world();
-    let app = w
-        .catalog
-        .apps()
-        .iter()
-        .find(|a| a.name == "weatherapp")
-        .expect("weatherapp");
+    let app = w.catalog.app_by_name("weatherapp").expect("weatherapp");
     let quotas = app_quotas(&w.catalog, app);
     let listed: Vec<(&str, Option<&str>, &str, u64)> = quotas
         .iter()

@@ -157,7 +157,7 @@ developers:
         };
         select(
             catalog.products(),
-            &catalog.apps()[0].products,
+            &catalog.app(0).unwrap().products,
             scopes,
             env,
             &target,

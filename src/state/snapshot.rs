@@ -1,0 +1,275 @@
+//! One snapshot from two sources: the catalog file's entities merged with the state store's into the
+//! [`Catalog`] the Check path reads.
+//!
+//! Two catalogs are kept. `store` holds the store's developers, apps and keys on the current products;
+//! `merged` is `store` plus the file's entities, and is what [`CatalogHandle`] serves. A store change edits
+//! both (O(log n) each, structural sharing); a file reload rebuilds `merged` from `store` and the new file,
+//! re-resolving the store's apps against the new products.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::catalog::metrics::CatalogMetrics;
+use crate::catalog::{App, Catalog, CatalogHandle, Developer, Key, Subscription};
+use crate::state::model::{AppRecord, Changed, DeveloperRecord, Image, StoredKey};
+use crate::util::sync::lock;
+
+/// Ids of store entities in the merged catalog start here; the file's are its indices, far below.
+pub const STORE_IDS: usize = 1 << 48;
+
+/// The merged catalog's id of store row `id`.
+fn store_id(id: i64) -> usize {
+    STORE_IDS.saturating_add(usize::try_from(id).unwrap_or(0))
+}
+
+/// The store row of merged catalog id `id`.
+fn row_of(id: usize) -> i64 {
+    i64::try_from(id.saturating_sub(STORE_IDS)).unwrap_or(i64::MAX)
+}
+
+/// A name the catalog file and the store both define.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name:?} is also in the state store: an entity lives in one source only")]
+pub struct Clash {
+    /// developer, app, client_id or key.
+    pub kind: &'static str,
+    /// The clashing name (a key's hash is not shown).
+    pub name: String,
+}
+
+struct Inner {
+    /// The catalog file as last installed.
+    file: Arc<Catalog>,
+    /// The store's entities on the file's products.
+    store: Catalog,
+    /// The store's apps as stored (by product name), for re-resolution when the products change.
+    apps: HashMap<i64, Arc<AppRecord>>,
+}
+
+/// Keeps the served catalog equal to the file's entities plus the store's.
+pub struct Snapshot {
+    handle: Arc<CatalogHandle>,
+    inner: Mutex<Inner>,
+    /// `catalog_keys` and `catalog_apps` follow the merged catalog.
+    metrics: Option<CatalogMetrics>,
+}
+
+impl Snapshot {
+    /// A snapshot serving through `handle`, with an empty file and store until they are installed.
+    pub fn new(handle: Arc<CatalogHandle>, metrics: Option<CatalogMetrics>) -> Snapshot {
+        Snapshot {
+            handle,
+            metrics,
+            inner: Mutex::new(Inner {
+                file: Arc::new(Catalog::default()),
+                store: Catalog::default(),
+                apps: HashMap::new(),
+            }),
+        }
+    }
+
+    /// The served catalog.
+    pub fn handle(&self) -> &Arc<CatalogHandle> {
+        &self.handle
+    }
+
+    /// The catalog file's part: what the API must not redefine.
+    pub fn file(&self) -> Arc<Catalog> {
+        Arc::clone(&lock(&self.inner).file)
+    }
+
+    /// Installs a new catalog file, unless it defines a name the store holds.
+    pub fn install_file(&self, file: Catalog) -> Result<(), Clash> {
+        let mut inner = lock(&self.inner);
+        clashes(&file, &inner.store)?;
+        // Developers and keys do not name products: they are shared as they are; apps are re-resolved.
+        let mut store = inner.store.clone();
+        store.set_products_from(&file);
+        for app in inner.apps.values() {
+            store.put_app(store_id(app.id), Arc::new(resolve(app, &file)));
+        }
+        inner.store = store;
+        inner.file = Arc::new(file);
+        self.publish(&inner);
+        Ok(())
+    }
+
+    /// Replaces the store's part with a full image.
+    pub fn load(&self, image: &Image) {
+        let mut inner = lock(&self.inner);
+        let mut store = inner.file.products_only();
+        let mut apps = HashMap::with_capacity(image.apps.len());
+        for d in &image.developers {
+            store.put_developer(store_id(d.id), developer(d));
+        }
+        for a in &image.apps {
+            store.put_app(store_id(a.id), Arc::new(resolve(a, &inner.file)));
+            apps.insert(a.id, Arc::new(a.clone()));
+        }
+        for k in &image.keys {
+            store.put_key(key(k));
+        }
+        inner.store = store;
+        inner.apps = apps;
+        self.publish(&inner);
+    }
+
+    /// Applies changed entities, as they are now, to both catalogs and serves the result.
+    pub fn apply(&self, changed: &[Changed]) {
+        if changed.is_empty() {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        let mut merged = (*self.handle.snapshot()).clone();
+        for change in changed {
+            let Inner { file, store, apps } = &mut *inner;
+            if shadowed(change, file) {
+                // The file defined it first; the store's copy stays out of the snapshot.
+                tracing::warn!(?change, "state store entity shadowed by the catalog file");
+                continue;
+            }
+            if let Changed::App { name, now } = change {
+                if let Some(old) = store.app_id(name) {
+                    apps.remove(&row_of(old));
+                }
+                if let Some(app) = now {
+                    apps.insert(app.id, Arc::new(app.clone()));
+                }
+            }
+            for catalog in [&mut *store, &mut merged] {
+                apply_one(catalog, change, file);
+            }
+        }
+        self.serve(merged);
+    }
+
+    fn publish(&self, inner: &Inner) {
+        let mut merged = inner.store.clone();
+        merged.absorb(&inner.file);
+        self.serve(merged);
+    }
+
+    fn serve(&self, merged: Catalog) {
+        if let Some(m) = &self.metrics {
+            m.keys
+                .set(i64::try_from(merged.key_count()).unwrap_or(i64::MAX));
+            m.apps
+                .set(i64::try_from(merged.app_count()).unwrap_or(i64::MAX));
+        }
+        self.handle.replace(merged);
+    }
+}
+
+/// Whether a store entity would replace one of the file's.
+fn shadowed(change: &Changed, file: &Catalog) -> bool {
+    match change {
+        Changed::Developer { email, .. } => file.developer_id(email).is_some(),
+        Changed::App { name, .. } => file.app_id(name).is_some(),
+        Changed::Key { hash, .. } => file.key(hash).is_some(),
+    }
+}
+
+fn apply_one(catalog: &mut Catalog, change: &Changed, file: &Catalog) {
+    match change {
+        Changed::Developer { email, now } => match now {
+            Some(d) => catalog.put_developer(store_id(d.id), developer(d)),
+            None => {
+                if let Some(id) = catalog.developer_id(email) {
+                    catalog.remove_developer(id);
+                }
+            }
+        },
+        Changed::App { name, now } => {
+            if let Some(id) = catalog.app_id(name) {
+                catalog.remove_app(id);
+            }
+            if let Some(a) = now {
+                catalog.put_app(store_id(a.id), Arc::new(resolve(a, file)));
+            }
+        }
+        Changed::Key { hash, now } => match now {
+            Some(k) => catalog.put_key(key(k)),
+            None => catalog.remove_key(hash),
+        },
+    }
+}
+
+/// The first name `file` defines that `store` holds too.
+fn clashes(file: &Catalog, store: &Catalog) -> Result<(), Clash> {
+    for d in file.developers() {
+        if store.developer_id(&d.email).is_some() {
+            return Err(Clash {
+                kind: "developer",
+                name: d.email.clone(),
+            });
+        }
+    }
+    for (_, app) in file.apps() {
+        if store.app_id(&app.name).is_some() {
+            return Err(Clash {
+                kind: "app",
+                name: app.name.clone(),
+            });
+        }
+        if let Some(client_id) = &app.client_id
+            && store.app_by_client_id(client_id).is_some()
+        {
+            return Err(Clash {
+                kind: "client_id",
+                name: client_id.clone(),
+            });
+        }
+    }
+    for k in file.keys() {
+        if store.key(&k.hash).is_some() {
+            return Err(Clash {
+                kind: "key",
+                name: "(a key hash)".to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn developer(d: &DeveloperRecord) -> Arc<Developer> {
+    Arc::new(Developer {
+        email: d.email.clone(),
+        company: d.company.clone().filter(|c| !c.is_empty()),
+        stripe_customer: d.stripe_customer.clone().filter(|c| !c.is_empty()),
+    })
+}
+
+fn key(k: &StoredKey) -> Key {
+    Key {
+        hash: k.hash,
+        app: store_id(k.app_id),
+        status: k.status,
+        expires_at: k.expires_at,
+    }
+}
+
+/// A stored app on `file`'s products; a subscription to a product the file no longer has is dropped (the
+/// app keeps the rest, and the API shows the subscription as stored).
+fn resolve(a: &AppRecord, file: &Catalog) -> App {
+    let products = a
+        .products
+        .iter()
+        .filter_map(|s| {
+            let product = file.product_id(&s.product);
+            if product.is_none() {
+                tracing::warn!(app = %a.name, product = %s.product, "app subscribes to a product the catalog no longer has");
+            }
+            product.map(|product| Subscription {
+                product,
+                status: s.status,
+            })
+        })
+        .collect();
+    App {
+        name: a.name.clone(),
+        developer: store_id(a.developer_id),
+        status: a.status,
+        client_id: a.client_id.clone(),
+        products,
+    }
+}
