@@ -1,0 +1,693 @@
+//! The state store suite: every case runs against the embedded SQLite store and against a real PostgreSQL
+//! server that the test starts itself (initdb + pg_ctl on a free loopback port, stopped by PID).
+
+#[path = "support/postgres.rs"]
+mod pg;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use tempfile::TempDir;
+use tollgate::catalog::{Status, SubscriptionStatus};
+use tollgate::identity::api_key::KeyHash;
+use tollgate::state::StateStore;
+use tollgate::state::model::{
+    AppInput, Changed, Changes, DeveloperInput, NewKey, Page, Remembered, SubscriptionRecord,
+    Write, Written,
+};
+use tollgate::state::sql::SqlStore;
+use tollgate::state::store::{Actor, StoreError};
+
+/// 2026-11-18T…Z: stores take time from the caller.
+const T0: i64 = 1_795_000_000;
+
+/// A fresh, migrated database of one backend, and what keeps it alive.
+struct Db {
+    url: String,
+    _keep: Box<dyn std::any::Any>,
+}
+
+impl Db {
+    fn sqlite() -> Db {
+        let dir = TempDir::new().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        Db {
+            url,
+            _keep: Box::new(dir),
+        }
+    }
+
+    fn postgres() -> Db {
+        let server = pg::PostgresServer::start();
+        Db {
+            url: server.url(),
+            _keep: Box::new(server),
+        }
+    }
+
+    async fn store(&self) -> SqlStore {
+        let store = SqlStore::open(&self.url).expect("open");
+        store.migrate().await.expect("migrate");
+        store
+    }
+}
+
+/// Runs `case` once per backend (the macro below makes a test of each).
+async fn on<F, Fut>(db: Db, case: F)
+where
+    F: FnOnce(Db) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    case(db).await;
+}
+
+macro_rules! both {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::on(super::Db::sqlite(), super::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::on(super::Db::postgres(), super::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    developers_are_created_replaced_listed_and_deleted,
+    apps_keep_their_developer_and_their_client_id,
+    subscriptions_are_set_and_added_in_order,
+    keys_are_created_rotated_and_revoked,
+    changes_name_each_entity_as_it_is_now,
+    a_cursor_older_than_the_retained_changes_reloads,
+    concurrent_writers_on_two_pools_lose_no_change,
+    audit_rows_record_every_write,
+    idempotent_answers_are_kept_once,
+    only_key_hashes_are_stored,
+    migrate_twice_is_harmless,
+);
+
+fn actor() -> Actor {
+    Actor("admin:test".to_owned())
+}
+
+fn developer(email: &str) -> Write {
+    Write::PutDeveloper(DeveloperInput {
+        email: email.to_owned(),
+        company: Some("acme".to_owned()),
+        stripe_customer: Some("cus_1".to_owned()),
+        attributes: BTreeMap::from([("tier".to_owned(), "gold".to_owned())]),
+    })
+}
+
+fn app(name: &str, developer: &str, client_id: Option<&str>) -> Write {
+    Write::PutApp(AppInput {
+        name: name.to_owned(),
+        developer: developer.to_owned(),
+        client_id: client_id.map(str::to_owned),
+        status: Status::Approved,
+        products: vec![SubscriptionRecord {
+            product: "basic".to_owned(),
+            status: SubscriptionStatus::Approved,
+        }],
+        attributes: BTreeMap::new(),
+    })
+}
+
+fn new_key(id: &str, secret: &str) -> NewKey {
+    NewKey {
+        id: id.to_owned(),
+        hash: KeyHash::of(secret),
+        prefix: secret.chars().take(12).collect(),
+        name: None,
+        expires_at: None,
+    }
+}
+
+fn page(after: Option<&str>, limit: u32) -> Page {
+    Page {
+        after: after.map(str::to_owned),
+        limit,
+    }
+}
+
+async fn write(store: &SqlStore, w: Write) -> Written {
+    store.write(&w, &actor(), T0).await.expect("write")
+}
+
+async fn developers_are_created_replaced_listed_and_deleted(db: Db) {
+    let store = db.store().await;
+    for email in ["b@x.example", "a@x.example", "c@x.example"] {
+        match write(&store, developer(email)).await {
+            Written::Developer { created, record } => {
+                assert!(created);
+                assert_eq!(record.email, email);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let replaced = Write::PutDeveloper(DeveloperInput {
+        email: "a@x.example".to_owned(),
+        company: None,
+        stripe_customer: Some("cus_2".to_owned()),
+        attributes: BTreeMap::new(),
+    });
+    let Written::Developer { created, record } =
+        store.write(&replaced, &actor(), T0 + 5).await.unwrap()
+    else {
+        panic!("not a developer")
+    };
+    assert!(!created);
+    assert_eq!((record.created_at, record.updated_at), (T0, T0 + 5));
+    let a = store.developer("a@x.example").await.unwrap().unwrap();
+    assert_eq!(a.company, None);
+    assert_eq!(a.stripe_customer.as_deref(), Some("cus_2"));
+    assert!(a.attributes.is_empty());
+
+    let first = store.developers(&page(None, 2)).await.unwrap();
+    let emails: Vec<_> = first.iter().map(|d| d.email.as_str()).collect();
+    assert_eq!(emails, ["a@x.example", "b@x.example"]);
+    let rest = store
+        .developers(&page(Some("b@x.example"), 2))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].email, "c@x.example");
+
+    write(&store, app("app1", "a@x.example", None)).await;
+    write(
+        &store,
+        Write::CreateKey {
+            app: "app1".to_owned(),
+            key: new_key("key_1", "tg_test_secret1"),
+        },
+    )
+    .await;
+    write(
+        &store,
+        Write::DeleteDeveloper {
+            email: "a@x.example".to_owned(),
+        },
+    )
+    .await;
+    assert!(store.developer("a@x.example").await.unwrap().is_none());
+    assert!(
+        store.app("app1").await.unwrap().is_none(),
+        "apps go with their developer"
+    );
+    let image = store.load().await.unwrap();
+    assert!(image.keys.is_empty(), "keys go with their app");
+    let missing = store
+        .write(
+            &Write::DeleteDeveloper {
+                email: "a@x.example".to_owned(),
+            },
+            &actor(),
+            T0,
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+}
+
+async fn apps_keep_their_developer_and_their_client_id(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    write(&store, developer("b@x.example")).await;
+    let orphan = store
+        .write(&app("app1", "nobody@x.example", None), &actor(), T0)
+        .await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(m)) if m.starts_with("developer:")));
+
+    write(&store, app("app1", "a@x.example", Some("client-1"))).await;
+    let taken = store
+        .write(&app("app2", "a@x.example", Some("client-1")), &actor(), T0)
+        .await;
+    assert!(matches!(taken, Err(StoreError::Conflict(_))), "{taken:?}");
+    let moved = store
+        .write(&app("app1", "b@x.example", None), &actor(), T0)
+        .await;
+    assert!(matches!(moved, Err(StoreError::Conflict(_))), "{moved:?}");
+
+    // Replacing keeps the app's keys.
+    write(
+        &store,
+        Write::CreateKey {
+            app: "app1".to_owned(),
+            key: new_key("key_1", "tg_test_secret1"),
+        },
+    )
+    .await;
+    let Written::App { created, record } = write(&store, app("app1", "a@x.example", None)).await
+    else {
+        panic!("not an app")
+    };
+    assert!(!created);
+    assert_eq!(record.client_id, None);
+    let (stored, keys) = store.app("app1").await.unwrap().unwrap();
+    assert_eq!(stored.developer, "a@x.example");
+    assert_eq!(keys.len(), 1);
+
+    write(&store, app("app2", "b@x.example", None)).await;
+    let of_b = store
+        .apps(Some("b@x.example"), &page(None, 10))
+        .await
+        .unwrap();
+    assert_eq!(of_b.len(), 1);
+    assert_eq!(of_b[0].name, "app2");
+    assert_eq!(of_b[0].products.len(), 1);
+    let all = store.apps(None, &page(Some("app1"), 10)).await.unwrap();
+    assert_eq!(
+        all.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        ["app2"]
+    );
+}
+
+async fn subscriptions_are_set_and_added_in_order(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    write(&store, app("app1", "a@x.example", None)).await;
+    let set = |product: &str, status| Write::SetSubscription {
+        app: "app1".to_owned(),
+        product: product.to_owned(),
+        status,
+    };
+    write(&store, set("premium", SubscriptionStatus::Pending)).await;
+    let Written::App { record, .. } =
+        write(&store, set("basic", SubscriptionStatus::Revoked)).await
+    else {
+        panic!("not an app")
+    };
+    let got: Vec<_> = record
+        .products
+        .iter()
+        .map(|s| (s.product.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("basic", SubscriptionStatus::Revoked),
+            ("premium", SubscriptionStatus::Pending)
+        ]
+    );
+    let missing = store
+        .write(
+            &Write::SetSubscription {
+                app: "nope".to_owned(),
+                product: "basic".to_owned(),
+                status: SubscriptionStatus::Approved,
+            },
+            &actor(),
+            T0,
+        )
+        .await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))));
+}
+
+async fn keys_are_created_rotated_and_revoked(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    write(&store, app("app1", "a@x.example", None)).await;
+    let Written::Key(created) = write(
+        &store,
+        Write::CreateKey {
+            app: "app1".to_owned(),
+            key: NewKey {
+                expires_at: Some(T0 + 10_000),
+                ..new_key("key_1", "tg_test_one")
+            },
+        },
+    )
+    .await
+    else {
+        panic!("not a key")
+    };
+    assert_eq!(created.status, Status::Approved);
+    // The old key expires at the rotation's grace, or sooner when it already expired sooner.
+    let Written::Key(rotated) = write(
+        &store,
+        Write::RotateKey {
+            app: "app1".to_owned(),
+            old: "key_1".to_owned(),
+            old_expires_at: T0 + 20_000,
+            key: new_key("key_2", "tg_test_two"),
+        },
+    )
+    .await
+    else {
+        panic!("not a key")
+    };
+    assert_eq!(rotated.id, "key_2");
+    let (_, keys) = store.app("app1").await.unwrap().unwrap();
+    let one = keys.iter().find(|k| k.id == "key_1").unwrap();
+    assert_eq!(one.expires_at, Some(T0 + 10_000));
+    write(
+        &store,
+        Write::RotateKey {
+            app: "app1".to_owned(),
+            old: "key_2".to_owned(),
+            old_expires_at: T0 + 60,
+            key: new_key("key_3", "tg_test_three"),
+        },
+    )
+    .await;
+    let Written::Key(revoked) = write(
+        &store,
+        Write::RevokeKey {
+            app: "app1".to_owned(),
+            id: "key_3".to_owned(),
+        },
+    )
+    .await
+    else {
+        panic!("not a key")
+    };
+    assert_eq!(revoked.status, Status::Revoked);
+    let (_, keys) = store.app("app1").await.unwrap().unwrap();
+    let by_id: BTreeMap<_, _> = keys.iter().map(|k| (k.id.as_str(), k)).collect();
+    assert_eq!(by_id["key_2"].expires_at, Some(T0 + 60));
+    assert_eq!(by_id["key_3"].status, Status::Revoked);
+    let again = store
+        .write(
+            &Write::RotateKey {
+                app: "app1".to_owned(),
+                old: "key_3".to_owned(),
+                old_expires_at: T0,
+                key: new_key("key_4", "tg_test_four"),
+            },
+            &actor(),
+            T0,
+        )
+        .await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict(_))),
+        "a revoked key is not rotated"
+    );
+    let elsewhere = store
+        .write(
+            &Write::RevokeKey {
+                app: "app2".to_owned(),
+                id: "key_1".to_owned(),
+            },
+            &actor(),
+            T0,
+        )
+        .await;
+    assert!(matches!(elsewhere, Err(StoreError::NotFound(_))));
+    let duplicate = store
+        .write(
+            &Write::CreateKey {
+                app: "app1".to_owned(),
+                key: new_key("key_5", "tg_test_one"),
+            },
+            &actor(),
+            T0,
+        )
+        .await;
+    assert!(
+        matches!(duplicate, Err(StoreError::Conflict(_))),
+        "{duplicate:?}"
+    );
+}
+
+async fn changes_name_each_entity_as_it_is_now(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    write(&store, app("app1", "a@x.example", None)).await;
+    let hash = KeyHash::of("tg_test_one");
+    write(
+        &store,
+        Write::CreateKey {
+            app: "app1".to_owned(),
+            key: new_key("key_1", "tg_test_one"),
+        },
+    )
+    .await;
+    let Changes::Since { changed, through } = store.changes(0, 1000).await.unwrap() else {
+        panic!("too old")
+    };
+    assert_eq!(through, 3);
+    assert_eq!(changed.len(), 3);
+    assert!(matches!(
+        &changed[0],
+        Changed::Developer { now: Some(_), .. }
+    ));
+    assert!(matches!(&changed[1], Changed::App { now: Some(a), .. } if a.products.len() == 1));
+    assert!(matches!(&changed[2], Changed::Key { now: Some(k), .. } if k.hash == hash));
+
+    write(
+        &store,
+        Write::RevokeKey {
+            app: "app1".to_owned(),
+            id: "key_1".to_owned(),
+        },
+    )
+    .await;
+    // Batches stop at the limit and resume from their end.
+    let Changes::Since { changed, through } = store.changes(3, 1).await.unwrap() else {
+        panic!("too old")
+    };
+    assert_eq!(through, 4);
+    assert!(
+        matches!(&changed[..], [Changed::Key { now: Some(k), .. }] if k.status == Status::Revoked)
+    );
+
+    write(
+        &store,
+        Write::DeleteApp {
+            name: "app1".to_owned(),
+        },
+    )
+    .await;
+    let Changes::Since { changed, through } = store.changes(4, 1000).await.unwrap() else {
+        panic!("too old")
+    };
+    assert_eq!(through, 5);
+    assert!(changed.contains(&Changed::Key { hash, now: None }));
+    assert!(changed.contains(&Changed::App {
+        name: "app1".to_owned(),
+        now: None
+    }));
+    let Changes::Since { changed, through } = store.changes(5, 1000).await.unwrap() else {
+        panic!("too old")
+    };
+    assert!(changed.is_empty());
+    assert_eq!(through, 5);
+
+    // Reading from the start gives each entity once, as it is now.
+    let Changes::Since { changed, .. } = store.changes(0, 1000).await.unwrap() else {
+        panic!("too old")
+    };
+    assert_eq!(changed.len(), 3, "{changed:?}");
+    let image = store.load().await.unwrap();
+    assert_eq!(image.seq, 5);
+    assert_eq!(image.developers.len(), 1);
+    assert!(image.apps.is_empty());
+}
+
+async fn a_cursor_older_than_the_retained_changes_reloads(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    store
+        .write(&developer("b@x.example"), &actor(), T0 + 100)
+        .await
+        .unwrap();
+    store.prune(T0 + 50, T0).await.unwrap();
+    assert_eq!(store.changes(0, 1000).await.unwrap(), Changes::TooOld);
+    let Changes::Since { changed, .. } = store.changes(1, 1000).await.unwrap() else {
+        panic!("a cursor at the pruned end is still good")
+    };
+    assert_eq!(changed.len(), 1);
+    let image = store.load().await.unwrap();
+    assert_eq!((image.seq, image.developers.len()), (2, 2));
+}
+
+async fn concurrent_writers_on_two_pools_lose_no_change(db: Db) {
+    // Two pools stand for two replicas. Each writer creates keys while a reader follows the change feed
+    // from its cursor: every key must reach the reader, whichever pool wrote it and in whatever order the
+    // transactions ran.
+    let a = Arc::new(db.store().await);
+    let b = Arc::new(SqlStore::open(&db.url).unwrap());
+    write(&a, developer("a@x.example")).await;
+    write(&a, app("app1", "a@x.example", None)).await;
+    const PER_WRITER: usize = 40;
+    let mut writers = Vec::new();
+    for (w, store) in [
+        (0, Arc::clone(&a)),
+        (1, Arc::clone(&b)),
+        (2, Arc::clone(&a)),
+        (3, Arc::clone(&b)),
+    ] {
+        writers.push(tokio::spawn(async move {
+            for i in 0..PER_WRITER {
+                let secret = format!("tg_test_w{w}_{i}");
+                let key = new_key(&format!("key_{w}_{i}"), &secret);
+                store
+                    .write(
+                        &Write::CreateKey {
+                            app: "app1".to_owned(),
+                            key,
+                        },
+                        &actor(),
+                        T0,
+                    )
+                    .await
+                    .expect("concurrent write");
+            }
+        }));
+    }
+    let reader = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move {
+            let mut cursor = 0;
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < 4 * PER_WRITER {
+                let Changes::Since { changed, through } = b.changes(cursor, 7).await.unwrap()
+                else {
+                    panic!("too old")
+                };
+                assert!(through >= cursor);
+                cursor = through;
+                for c in changed {
+                    if let Changed::Key { hash, now: Some(_) } = c {
+                        seen.insert(hash);
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            cursor
+        })
+    };
+    for w in writers {
+        w.await.unwrap();
+    }
+    let cursor = tokio::time::timeout(std::time::Duration::from_secs(60), reader)
+        .await
+        .expect("the reader saw every key")
+        .unwrap();
+    assert!(cursor <= 2 + 4 * PER_WRITER as i64);
+    assert_eq!(a.load().await.unwrap().keys.len(), 4 * PER_WRITER);
+}
+
+async fn audit_rows_record_every_write(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    write(&store, app("app1", "a@x.example", None)).await;
+    let failed = store
+        .write(&app("app2", "nobody@x.example", None), &actor(), T0)
+        .await;
+    assert!(failed.is_err());
+    let rows = store.audit(0, 10).await.unwrap();
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.seq,
+                r.action.as_str(),
+                r.target.as_str(),
+                r.actor.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (1, "developer.put", "developer:a@x.example", "admin:test"),
+            (2, "app.put", "app:app1", "admin:test")
+        ],
+        "a failed write leaves no row and takes no number"
+    );
+    assert_eq!(rows[0].at, "2026-11-18T11:06:40Z");
+    assert_eq!(store.audit(1, 10).await.unwrap().len(), 1);
+}
+
+async fn idempotent_answers_are_kept_once(db: Db) {
+    let store = db.store().await;
+    let key = [7u8; 32];
+    assert_eq!(store.recall(&key).await.unwrap(), None);
+    let first = Remembered {
+        request: [1; 32],
+        status: 201,
+        sealed: vec![1, 2, 3],
+    };
+    assert_eq!(store.remember(&key, &first, T0).await.unwrap(), None);
+    let second = Remembered {
+        request: [2; 32],
+        status: 200,
+        sealed: vec![9],
+    };
+    assert_eq!(
+        store.remember(&key, &second, T0).await.unwrap(),
+        Some(first.clone()),
+        "the first answer wins"
+    );
+    assert_eq!(store.recall(&key).await.unwrap(), Some(first));
+    store.prune(0, T0 + 1).await.unwrap();
+    assert_eq!(
+        store.recall(&key).await.unwrap(),
+        None,
+        "old answers are pruned"
+    );
+}
+
+async fn only_key_hashes_are_stored(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    write(&store, app("app1", "a@x.example", None)).await;
+    let secret = "tg_live_ThisSecretMustNeverBeStored1234567890";
+    write(
+        &store,
+        Write::CreateKey {
+            app: "app1".to_owned(),
+            key: new_key("key_1", secret),
+        },
+    )
+    .await;
+    let image = store.load().await.unwrap();
+    assert_eq!(image.keys[0].hash, KeyHash::of(secret));
+    store.close().await;
+    let dump = match db.url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let mut bytes = std::fs::read(path).unwrap_or_default();
+            bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        None => {
+            let server = db
+                ._keep
+                .downcast_ref::<pg::PostgresServer>()
+                .expect("the postgres server");
+            server.psql("SELECT row_to_json(k)::text FROM api_keys k")
+        }
+    };
+    assert!(
+        dump.contains(&KeyHash::of(secret).to_string()),
+        "the hash is there"
+    );
+    assert!(
+        !dump.contains(&secret[12..]),
+        "the key's secret part is not"
+    );
+}
+
+async fn migrate_twice_is_harmless(db: Db) {
+    let store = db.store().await;
+    write(&store, developer("a@x.example")).await;
+    store.migrate().await.unwrap();
+    let again = SqlStore::open(&db.url).unwrap();
+    again.migrate().await.unwrap();
+    assert!(again.developer("a@x.example").await.unwrap().is_some());
+    again.ping().await.unwrap();
+}
