@@ -273,3 +273,153 @@ fn resolve(a: &AppRecord, file: &Catalog) -> App {
         products,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Status, SubscriptionStatus};
+    use crate::identity::api_key::KeyHash;
+    use crate::source::Source;
+    use crate::state::model::SubscriptionRecord;
+
+    fn file(extra_product: &str, app: &str) -> Catalog {
+        let text = format!(
+            "products:\n  - {{name: basic, operations: [{{api: a, paths: [/]}}]}}\n{extra_product}\
+             developers:\n  - email: file@x\n    apps:\n      - name: {app}\n        client_id: {app}-client\n\
+             \x20       products: [{{name: basic}}]\n        keys: [{{hash: \"{}\"}}]\n",
+            KeyHash::of("file-key")
+        );
+        crate::catalog::parse(&Source::from_text("catalog.yaml", text)).unwrap()
+    }
+
+    fn image() -> Image {
+        Image {
+            seq: 3,
+            developers: vec![DeveloperRecord {
+                id: 1,
+                email: "store@x".into(),
+                company: Some("co".into()),
+                stripe_customer: None,
+                attributes: Default::default(),
+                created_at: 0,
+                updated_at: 0,
+            }],
+            apps: vec![AppRecord {
+                id: 2,
+                name: "storeapp".into(),
+                developer_id: 1,
+                developer: "store@x".into(),
+                client_id: Some("store-client".into()),
+                status: Status::Approved,
+                products: vec![
+                    SubscriptionRecord {
+                        product: "premium".into(),
+                        status: SubscriptionStatus::Approved,
+                    },
+                    SubscriptionRecord {
+                        product: "basic".into(),
+                        status: SubscriptionStatus::Pending,
+                    },
+                ],
+                attributes: Default::default(),
+                created_at: 0,
+                updated_at: 0,
+            }],
+            keys: vec![StoredKey {
+                hash: KeyHash::of("store-key"),
+                app_id: 2,
+                status: Status::Approved,
+                expires_at: None,
+            }],
+        }
+    }
+
+    fn names(c: &Catalog, app: &str) -> Vec<String> {
+        c.app_by_name(app)
+            .map(|a| {
+                a.products
+                    .iter()
+                    .map(|s| c.product(s.product).unwrap().name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn both_sources_merge_and_a_file_reload_re_resolves_the_store_apps() {
+        let snapshot = Snapshot::new(Arc::new(CatalogHandle::new(Catalog::default())), None);
+        snapshot.install_file(file("", "fileapp")).unwrap();
+        snapshot.load(&image());
+        let c = snapshot.handle().snapshot();
+        let key = c.key(&KeyHash::of("store-key")).unwrap();
+        let app = c.app(key.app).unwrap();
+        assert_eq!(app.name, "storeapp");
+        assert_eq!(c.developer(app.developer).unwrap().email, "store@x");
+        assert_eq!(
+            names(&c, "storeapp"),
+            ["basic"],
+            "premium is not in the file yet"
+        );
+        assert!(c.key(&KeyHash::of("file-key")).is_some());
+        assert_eq!(c.app_by_client_id("store-client"), c.app_id("storeapp"));
+
+        // A new file with `premium` first: the store app now has both, in its own order.
+        let premium = "  - {name: premium, operations: [{api: a, paths: [/p]}]}\n";
+        snapshot.install_file(file(premium, "fileapp")).unwrap();
+        let c = snapshot.handle().snapshot();
+        assert_eq!(names(&c, "storeapp"), ["premium", "basic"]);
+        assert!(c.key(&KeyHash::of("store-key")).is_some());
+    }
+
+    #[test]
+    fn a_change_edits_the_snapshot_and_a_clash_is_refused() {
+        let snapshot = Snapshot::new(Arc::new(CatalogHandle::new(Catalog::default())), None);
+        snapshot.install_file(file("", "fileapp")).unwrap();
+        snapshot.load(&image());
+        let hash = KeyHash::of("store-key");
+        let revoked = StoredKey {
+            status: Status::Revoked,
+            ..image().keys[0]
+        };
+        let before = snapshot.handle().snapshot();
+        snapshot.apply(&[Changed::Key {
+            hash,
+            now: Some(revoked),
+        }]);
+        let after = snapshot.handle().snapshot();
+        assert_eq!(after.key(&hash).unwrap().status, Status::Revoked);
+        assert_eq!(
+            before.key(&hash).unwrap().status,
+            Status::Approved,
+            "a snapshot a Check holds does not change under it"
+        );
+        snapshot.apply(&[
+            Changed::App {
+                name: "storeapp".into(),
+                now: None,
+            },
+            Changed::Key { hash, now: None },
+        ]);
+        let c = snapshot.handle().snapshot();
+        assert!(c.app_by_name("storeapp").is_none());
+        assert!(c.app_by_client_id("store-client").is_none());
+        assert!(c.key(&hash).is_none());
+        assert!(
+            c.app_by_name("fileapp").is_some(),
+            "the file's entities stay"
+        );
+
+        // A store entity named like a file one stays out of the snapshot; a file naming a store one is
+        // refused.
+        snapshot.load(&image());
+        let clash = snapshot.install_file(file("", "storeapp"));
+        assert_eq!(clash.unwrap_err().kind, "app");
+        assert_eq!(
+            snapshot
+                .file()
+                .app_by_name("fileapp")
+                .map(|a| a.name.clone()),
+            Some("fileapp".into())
+        );
+    }
+}
