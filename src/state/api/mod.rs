@@ -15,7 +15,9 @@ mod validate;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{MethodRouter, any, delete, get, post, put};
 use sha2::{Digest, Sha256};
 
@@ -103,13 +105,28 @@ fn handler(method: &str, path: &str) -> MethodRouter<ManagementState> {
 
 /// The management routes; the caller puts them behind the admin token.
 pub fn router(state: ManagementState) -> Router {
+    let metrics = state.metrics.clone();
     ROUTES
         .iter()
         .fold(Router::new(), |router, (method, path)| {
             router.route(path, handler(method, path))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(state)
+}
+
+/// Counts each answer by status class.
+async fn count(State(metrics): State<StateMetrics>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    };
+    metrics.api_answers.with_label_values(&[class]).inc();
+    response
 }
 
 async fn openapi() -> impl axum::response::IntoResponse {
