@@ -346,6 +346,12 @@ fn check(config_path: &Path) -> anyhow::Result<()> {
         format!("{:?}", config.quota.store).to_lowercase(),
         format!("{:?}", config.quota.on_store_error).to_lowercase(),
     );
+    let _ = writeln!(
+        out,
+        "        state store {} (sync every {}; not contacted by check)",
+        tollgate::state::sql::redacted(config.state_url()),
+        humantime::format_duration(config.state.sync_interval),
+    );
     let _ = writeln!(out, "catalog {}: ok", config.catalog.path.display());
     summarize(&mut out, &catalog);
     emit(&out)

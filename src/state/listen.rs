@@ -11,16 +11,18 @@ use tokio::sync::{Notify, watch};
 
 use crate::state::sql::CHANNEL;
 
+/// First pause after a lost listener.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest pause between two attempts to reconnect the listener.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Listens on the state channel of the database at `url`, waking `wake` on every notification and after
 /// every reconnect, until `shutdown` turns true.
 pub async fn run(url: String, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = FIRST_BACKOFF;
     loop {
         tokio::select! {
-            Err(error) = session(&url, &wake) => {
+            Err(error) = session(&url, &wake, &mut backoff) => {
                 tracing::debug!(%error, "state listener lost; polling until it is back");
             }
             _ = shutdown.changed() => return,
@@ -37,11 +39,16 @@ pub async fn run(url: String, wake: Arc<Notify>, mut shutdown: watch::Receiver<b
 }
 
 /// One listening connection: wakes `wake` at start (changes may have come while it was down) and on every
-/// notification; returns only with the error that ended it.
-async fn session(url: &str, wake: &Notify) -> Result<std::convert::Infallible, sqlx::Error> {
+/// notification, and resets `backoff` once it listens; returns only with the error that ended it.
+async fn session(
+    url: &str,
+    wake: &Notify,
+    backoff: &mut Duration,
+) -> Result<std::convert::Infallible, sqlx::Error> {
     let mut listener = PgListener::connect(url).await?;
     listener.listen(CHANNEL).await?;
     tracing::debug!("listening for state changes");
+    *backoff = FIRST_BACKOFF;
     wake.notify_one();
     loop {
         // `None`: the connection dropped and was re-established; changes may have been missed.

@@ -164,7 +164,13 @@ impl Snapshot {
 fn shadowed(change: &Changed, file: &Catalog) -> bool {
     match change {
         Changed::Developer { email, .. } => file.developer_id(email).is_some(),
-        Changed::App { name, .. } => file.app_id(name).is_some(),
+        Changed::App { name, now } => {
+            file.app_id(name).is_some()
+                || now
+                    .as_ref()
+                    .and_then(|a| a.client_id.as_deref())
+                    .is_some_and(|c| file.app_by_client_id(c).is_some())
+        }
         Changed::Key { hash, .. } => file.key(hash).is_some(),
     }
 }
