@@ -154,9 +154,7 @@ pub(super) async fn put_developer(
     let state = &state;
     writing(state, &headers, "PUT", path, body, |bytes| async move {
         validate::email("email", &email)?;
-        if state.snapshot.file().developer_id(&email).is_some() {
-            return Err(ApiError::in_catalog(&format!("developer {email}")));
-        }
+        store_only_developer(state, &email)?;
         let b: DeveloperBody = body::json(&bytes)?;
         let input = DeveloperInput {
             email,
@@ -227,9 +225,7 @@ pub(super) async fn delete_developer(
     let path = format!("/v1/developers/{email}");
     let state = &state;
     writing(state, &headers, "DELETE", path, body, |_| async move {
-        if state.snapshot.file().developer_id(&email).is_some() {
-            return Err(ApiError::in_catalog(&format!("developer {email}")));
-        }
+        store_only_developer(state, &email)?;
         write(state, Write::DeleteDeveloper { email }).await?;
         Ok((StatusCode::OK, json!({"deleted": true})))
     })
@@ -386,9 +382,7 @@ pub(super) async fn delete_app(
     let path = format!("/v1/apps/{name}");
     let state = &state;
     writing(state, &headers, "DELETE", path, body, |_| async move {
-        if state.snapshot.file().app_id(&name).is_some() {
-            return Err(ApiError::in_catalog(&format!("app {name}")));
-        }
+        store_only_app(state, &name)?;
         write(state, Write::DeleteApp { name }).await?;
         Ok((StatusCode::OK, json!({"deleted": true})))
     })
@@ -404,11 +398,8 @@ pub(super) async fn put_subscription(
     let path = format!("/v1/apps/{app}/products/{product}");
     let state = &state;
     writing(state, &headers, "PUT", path, body, |bytes| async move {
-        let file = state.snapshot.file();
-        if file.app_id(&app).is_some() {
-            return Err(ApiError::in_catalog(&format!("app {app}")));
-        }
-        if file.product_id(&product).is_none() {
+        store_only_app(state, &app)?;
+        if state.snapshot.file().product_id(&product).is_none() {
             return Err(ApiError::not_found(format!(
                 "no product {product} in the catalog"
             )));
@@ -442,9 +433,7 @@ pub(super) async fn create_key(
     let path = format!("/v1/apps/{app}/keys");
     let state = &state;
     writing(state, &headers, "POST", path, body, |bytes| async move {
-        if state.snapshot.file().app_id(&app).is_some() {
-            return Err(ApiError::in_catalog(&format!("app {app}")));
-        }
+        store_only_app(state, &app)?;
         let b: KeyBody = body::json(&bytes)?;
         let kind = match b.environment.as_deref() {
             None | Some("live") => KeyKind::Live,
@@ -476,9 +465,7 @@ pub(super) async fn rotate_key(
     let path = format!("/v1/apps/{app}/keys/{id}/rotate");
     let state = &state;
     writing(state, &headers, "POST", path, body, |bytes| async move {
-        if state.snapshot.file().app_id(&app).is_some() {
-            return Err(ApiError::in_catalog(&format!("app {app}")));
-        }
+        store_only_app(state, &app)?;
         let b: RotateBody = body::json(&bytes)?;
         let grace = match b.grace.as_deref() {
             None => DEFAULT_GRACE,
@@ -532,9 +519,7 @@ pub(super) async fn revoke_key(
     let path = format!("/v1/apps/{app}/keys/{id}/revoke");
     let state = &state;
     writing(state, &headers, "POST", path, body, |_| async move {
-        if state.snapshot.file().app_id(&app).is_some() {
-            return Err(ApiError::in_catalog(&format!("app {app}")));
-        }
+        store_only_app(state, &app)?;
         match write(state, Write::RevokeKey { app, id }).await? {
             Written::Key(record) => Ok((StatusCode::OK, key_json(&record))),
             other => Err(unexpected(&other)),
@@ -557,6 +542,22 @@ pub(super) async fn audit(
         }
         .await,
     )
+}
+
+/// Refuses a write to an app the catalog file defines (409 `defined_in_catalog`).
+fn store_only_app(state: &ManagementState, app: &str) -> Result<(), ApiError> {
+    match state.snapshot.file().app_id(app) {
+        Some(_) => Err(ApiError::in_catalog(&format!("app {app}"))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a write to a developer the catalog file defines (409 `defined_in_catalog`).
+fn store_only_developer(state: &ManagementState, email: &str) -> Result<(), ApiError> {
+    match state.snapshot.file().developer_id(email) {
+        Some(_) => Err(ApiError::in_catalog(&format!("developer {email}"))),
+        None => Ok(()),
+    }
 }
 
 async fn write(state: &ManagementState, write: Write) -> Result<Written, ApiError> {
