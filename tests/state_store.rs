@@ -13,8 +13,8 @@ use tollgate::catalog::{Status, SubscriptionStatus};
 use tollgate::identity::api_key::KeyHash;
 use tollgate::state::StateStore;
 use tollgate::state::model::{
-    AppInput, Changed, Changes, DeveloperInput, NewKey, Page, Remembered, SubscriptionRecord,
-    Write, Written,
+    AppInput, Changed, Changes, Claim, DeveloperInput, NewKey, Page, Remembered,
+    SubscriptionRecord, Write, Written,
 };
 use tollgate::state::sql::SqlStore;
 use tollgate::state::store::{Actor, StoreError};
@@ -615,29 +615,60 @@ async fn audit_rows_record_every_write(db: Db) {
 
 async fn idempotent_answers_are_kept_once(db: Db) {
     let store = db.store().await;
-    let key = [7u8; 32];
-    assert_eq!(store.recall(&key).await.unwrap(), None);
-    let first = Remembered {
-        request: [1; 32],
+    let (key, request) = ([7u8; 32], [1u8; 32]);
+    assert_eq!(
+        store.claim(&key, &request, T0, T0 - 60).await.unwrap(),
+        Claim::Claimed
+    );
+    // A second claim while the first runs finds it in progress, whatever its request.
+    for other in [request, [2u8; 32]] {
+        let Claim::Taken(running) = store.claim(&key, &other, T0 + 1, T0 - 59).await.unwrap()
+        else {
+            panic!("claimed twice")
+        };
+        assert_eq!(running.status, Remembered::IN_PROGRESS);
+        assert_eq!(running.request, request);
+    }
+    let answer = Remembered {
+        request,
         status: 201,
         sealed: vec![1, 2, 3],
     };
-    assert_eq!(store.remember(&key, &first, T0).await.unwrap(), None);
-    let second = Remembered {
-        request: [2; 32],
-        status: 200,
-        sealed: vec![9],
-    };
+    store.settle(&key, Some(&answer)).await.unwrap();
     assert_eq!(
-        store.remember(&key, &second, T0).await.unwrap(),
-        Some(first.clone()),
-        "the first answer wins"
+        store.claim(&key, &request, T0 + 2, T0 - 58).await.unwrap(),
+        Claim::Taken(answer.clone())
     );
-    assert_eq!(store.recall(&key).await.unwrap(), Some(first));
-    store.prune(0, T0 + 1).await.unwrap();
+    // An answer never goes stale; a dropped claim frees the key; an abandoned claim is taken over.
     assert_eq!(
-        store.recall(&key).await.unwrap(),
-        None,
+        store
+            .claim(&key, &request, T0 + 500, T0 + 400)
+            .await
+            .unwrap(),
+        Claim::Taken(answer)
+    );
+    let dropped = [8u8; 32];
+    assert_eq!(
+        store.claim(&dropped, &request, T0, T0 - 60).await.unwrap(),
+        Claim::Claimed
+    );
+    store.settle(&dropped, None).await.unwrap();
+    assert_eq!(
+        store.claim(&dropped, &request, T0, T0 - 60).await.unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(
+        store
+            .claim(&dropped, &[3u8; 32], T0 + 100, T0 + 40)
+            .await
+            .unwrap(),
+        Claim::Claimed,
+        "a claim older than the stale bound belongs to a request that died"
+    );
+    store.prune(0, T0 + 1_000).await.unwrap();
+    assert_eq!(
+        store.claim(&key, &[4u8; 32], T0 + 1_000, T0).await.unwrap(),
+        Claim::Claimed,
         "old answers are pruned"
     );
 }

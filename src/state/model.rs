@@ -331,8 +331,22 @@ pub struct Page {
 pub struct Remembered {
     /// SHA-256 of the method, path and body of the first request.
     pub request: [u8; 32],
-    /// Its HTTP status.
+    /// Its HTTP status; [`Remembered::IN_PROGRESS`] while the first request still runs.
     pub status: u16,
     /// Its body, sealed under a key derived from the `Idempotency-Key` (it may hold an API key).
     pub sealed: Vec<u8>,
+}
+
+impl Remembered {
+    /// The status of a claim whose request has not answered yet.
+    pub const IN_PROGRESS: u16 = 0;
+}
+
+/// What claiming an `Idempotency-Key` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Nothing was stored (or only a claim abandoned by a request that died): the request may run.
+    Claimed,
+    /// An answer, or a claim in progress, is stored.
+    Taken(Remembered),
 }

@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use crate::catalog::{Status, SubscriptionStatus};
 use crate::identity::api_key::KeyHash;
 use crate::state::model::{
-    AppInput, AppRecord, Attributes, AuditRecord, Changed, Changes, DeveloperInput,
+    AppInput, AppRecord, Attributes, AuditRecord, Changed, Changes, Claim, DeveloperInput,
     DeveloperRecord, Image, KeyRecord, NewKey, Page, Remembered, StoredKey, SubscriptionRecord,
     Write, Written,
 };
@@ -426,36 +426,76 @@ impl StateStore for SqlStore {
         Ok(())
     }
 
-    async fn recall(&self, key: &[u8; 32]) -> Result<Option<Remembered>, StoreError> {
-        let row =
-            sqlx::query("SELECT request_hash, status, sealed FROM idempotency WHERE key_hash = $1")
-                .bind(hex::encode(key))
-                .fetch_optional(&self.pool)
-                .await?;
-        row.as_ref().map(remembered_row).transpose()
-    }
-
-    async fn remember(
+    async fn claim(
         &self,
         key: &[u8; 32],
-        answer: &Remembered,
+        request: &[u8; 32],
         now: i64,
-    ) -> Result<Option<Remembered>, StoreError> {
+        stale_before: i64,
+    ) -> Result<Claim, StoreError> {
+        let (key, request) = (hex::encode(key), hex::encode(request));
         let inserted = sqlx::query(
             "INSERT INTO idempotency (key_hash, request_hash, status, sealed, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_hash) DO NOTHING",
+             VALUES ($1, $2, $3, '', $4) ON CONFLICT (key_hash) DO NOTHING",
         )
-        .bind(hex::encode(key))
-        .bind(hex::encode(answer.request))
-        .bind(i64::from(answer.status))
-        .bind(BASE64.encode(&answer.sealed))
+        .bind(&key)
+        .bind(&request)
+        .bind(i64::from(Remembered::IN_PROGRESS))
         .bind(now)
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 1 {
-            return Ok(None);
+            return Ok(Claim::Claimed);
         }
-        self.recall(key).await
+        let taken_over = sqlx::query(
+            "UPDATE idempotency SET request_hash = $1, created_at = $2 \
+             WHERE key_hash = $3 AND status = $4 AND created_at < $5",
+        )
+        .bind(&request)
+        .bind(now)
+        .bind(&key)
+        .bind(i64::from(Remembered::IN_PROGRESS))
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await?;
+        if taken_over.rows_affected() == 1 {
+            return Ok(Claim::Claimed);
+        }
+        let row =
+            sqlx::query("SELECT request_hash, status, sealed FROM idempotency WHERE key_hash = $1")
+                .bind(&key)
+                .fetch_optional(&self.pool)
+                .await?;
+        match row {
+            Some(row) => Ok(Claim::Taken(remembered_row(&row)?)),
+            // Pruned between the two statements: nothing is stored any more.
+            None => Ok(Claim::Claimed),
+        }
+    }
+
+    async fn settle(&self, key: &[u8; 32], answer: Option<&Remembered>) -> Result<(), StoreError> {
+        let key = hex::encode(key);
+        match answer {
+            Some(answer) => {
+                sqlx::query(
+                    "UPDATE idempotency SET request_hash = $1, status = $2, sealed = $3 WHERE key_hash = $4",
+                )
+                .bind(hex::encode(answer.request))
+                .bind(i64::from(answer.status))
+                .bind(BASE64.encode(&answer.sealed))
+                .bind(&key)
+                .execute(&self.pool)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM idempotency WHERE key_hash = $1 AND status = $2")
+                    .bind(&key)
+                    .bind(i64::from(Remembered::IN_PROGRESS))
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -3,8 +3,8 @@
 use async_trait::async_trait;
 
 use crate::state::model::{
-    AppRecord, AuditRecord, Changes, DeveloperRecord, Image, KeyRecord, Page, Remembered, Write,
-    Written,
+    AppRecord, AuditRecord, Changes, Claim, DeveloperRecord, Image, KeyRecord, Page, Remembered,
+    Write, Written,
 };
 
 /// Why a store call failed.
@@ -75,16 +75,19 @@ pub trait StateStore: Send + Sync {
     /// answers older than `answers_before` (Unix seconds).
     async fn prune(&self, changes_before: i64, answers_before: i64) -> Result<(), StoreError>;
 
-    /// The stored answer for an idempotency key (already hashed with the caller's token id).
-    async fn recall(&self, key: &[u8; 32]) -> Result<Option<Remembered>, StoreError>;
-
-    /// Stores an answer for an idempotency key; a concurrent first answer wins and is returned instead.
-    async fn remember(
+    /// Claims an idempotency key (already hashed with the caller's token id) for `request`, about to run at
+    /// `now`: [`Claim::Claimed`] when nothing is stored or only a claim made before `stale_before` (its
+    /// request died), else what is stored.
+    async fn claim(
         &self,
         key: &[u8; 32],
-        answer: &Remembered,
+        request: &[u8; 32],
         now: i64,
-    ) -> Result<Option<Remembered>, StoreError>;
+        stale_before: i64,
+    ) -> Result<Claim, StoreError>;
+
+    /// Stores the answer to a claimed key, or drops the claim (`None`: the request may run again).
+    async fn settle(&self, key: &[u8; 32], answer: Option<&Remembered>) -> Result<(), StoreError>;
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -1,5 +1,6 @@
 //! `Idempotency-Key` on writes: the same key with the same request answers the first answer again, for 24
-//! hours; the same key with another request is a 409.
+//! hours; the same key with another request is a 409, and so is a second request while the first runs (the
+//! key is claimed in the store before the write, so two racing retries never both write).
 //!
 //! The stored answer may hold an API key (key creation shows it once), and the store must never hold a key
 //! in readable form. So the answer is sealed (ChaCha20-Poly1305) under a key derived (HKDF-SHA256) from the
@@ -19,13 +20,15 @@ use sha2::{Digest, Sha256};
 use crate::state::api::ManagementState;
 use crate::state::api::body::{Answer, respond};
 use crate::state::api::error::ApiError;
-use crate::state::model::Remembered;
+use crate::state::model::{Claim, Remembered};
 use crate::util::clock::unix_now;
 
 /// The request header.
 pub const HEADER: &str = "idempotency-key";
 /// The header a replayed answer carries.
 pub const REPLAYED: &str = "idempotent-replayed";
+/// A claim this old belongs to a request that died (handlers answer within 30 s): another may take it.
+const STALE_CLAIM_SECS: i64 = 60;
 /// Longest `Idempotency-Key` accepted.
 const MAX_KEY_LEN: usize = 255;
 
@@ -62,57 +65,54 @@ where
     };
     let index = index(&state.actor.0, key);
     let request = request_hash(method, path, body);
-    match state.store.recall(&index).await {
-        Ok(Some(first)) => return replay(key, &request, &first),
-        Ok(None) => {}
+    let now = unix_now();
+    match state
+        .store
+        .claim(&index, &request, now, now.saturating_sub(STALE_CLAIM_SECS))
+        .await
+    {
+        Ok(Claim::Claimed) => {}
+        Ok(Claim::Taken(first)) if first.status == Remembered::IN_PROGRESS => {
+            return respond(Err(if first.request == request {
+                ApiError::conflict(
+                    "a request with this Idempotency-Key is still running: retry it in a moment",
+                )
+            } else {
+                different_request()
+            }));
+        }
+        Ok(Claim::Taken(first)) => return replay(key, &request, &first),
         Err(e) => return respond(Err(e.into())),
     }
     let answer = write().await;
-    let Ok((status, body)) = &answer else {
-        if let Err(e) = &answer
-            && e.status.is_client_error()
-        {
-            remember(state, key, &index, request, e.status, &e.body()).await;
-        }
-        return respond(answer);
+    let (status, body) = match &answer {
+        Ok((status, body)) => (*status, body.clone()),
+        Err(e) => (e.status, e.body()),
     };
-    if let Some(first) = remember(state, key, &index, request, *status, body).await {
-        // Another request with this key finished first: its answer is the one.
-        return replay(key, &request, &first);
+    // A 5xx is not kept: the caller retries it, and the retry runs.
+    let kept = if status.is_server_error() {
+        None
+    } else {
+        seal(key, &request, body.to_string().into_bytes()).map(|sealed| Remembered {
+            request,
+            status: status.as_u16(),
+            sealed,
+        })
+    };
+    if let Err(error) = state.store.settle(&index, kept.as_ref()).await {
+        // The write is done; only its replay is lost (the claim goes stale and a retry runs again).
+        tracing::warn!(%error, "idempotent answer not stored");
     }
     respond(answer)
 }
 
-/// Stores an answer (5xx answers are not stored: the caller retries them); returns a first answer that
-/// won a race.
-async fn remember(
-    state: &ManagementState,
-    key: &str,
-    index: &[u8; 32],
-    request: [u8; 32],
-    status: StatusCode,
-    body: &serde_json::Value,
-) -> Option<Remembered> {
-    let answer = Remembered {
-        request,
-        status: status.as_u16(),
-        sealed: seal(key, &request, body.to_string().into_bytes())?,
-    };
-    match state.store.remember(index, &answer, unix_now()).await {
-        Ok(first) => first,
-        Err(error) => {
-            // The write is done; only its replay is lost. A retry with the key would write again.
-            tracing::warn!(%error, "idempotent answer not stored");
-            None
-        }
-    }
+fn different_request() -> ApiError {
+    ApiError::conflict("this Idempotency-Key was used with a different request")
 }
 
 fn replay(key: &str, request: &[u8; 32], first: &Remembered) -> Response {
     if &first.request != request {
-        return respond(Err(ApiError::conflict(
-            "this Idempotency-Key was used with a different request",
-        )));
+        return respond(Err(different_request()));
     }
     let body = unseal(key, request, first.sealed.clone())
         .and_then(|plain| serde_json::from_slice::<serde_json::Value>(&plain).ok());
