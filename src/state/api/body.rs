@@ -37,7 +37,12 @@ pub fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| {
         let message = e.to_string();
         // serde names the field in its message ("missing field `developer`", "unknown field `x`"); a
         // syntax error names its position.
