@@ -275,7 +275,7 @@ pub(super) async fn put_app(
         };
         match write(state, Write::PutApp(input)).await {
             Ok(Written::App { created, record }) => {
-                Ok((created_or_ok(created), app_json(&record, &[])))
+                Ok((created_or_ok(created), app_json(&record, None)))
             }
             Ok(other) => Err(unexpected(&other)),
             // The store names the field of a missing developer.
@@ -329,7 +329,7 @@ pub(super) async fn get_app(
 ) -> Response {
     respond(async {
         if let Some((app, keys)) = state.store.app(&name).await? {
-            return Ok((StatusCode::OK, app_json(&app, &keys)));
+            return Ok((StatusCode::OK, app_json(&app, Some(&keys))));
         }
         let file = state.snapshot.file();
         let Some(app) = file.app_by_name(&name) else {
@@ -366,7 +366,7 @@ pub(super) async fn list_apps(
             };
             let apps = state.store.apps(q.developer.as_deref(), &page).await?;
             let next = next_after(&apps, page.limit, |a| a.name.clone());
-            let data: Vec<Value> = apps.iter().map(|a| app_json(a, &[])).collect();
+            let data: Vec<Value> = apps.iter().map(|a| app_json(a, None)).collect();
             Ok((StatusCode::OK, json!({"data": data, "next_after": next})))
         }
         .await,
@@ -415,7 +415,7 @@ pub(super) async fn put_subscription(
         )
         .await?;
         match written {
-            Written::App { record, .. } => Ok((StatusCode::OK, app_json(&record, &[]))),
+            Written::App { record, .. } => Ok((StatusCode::OK, app_json(&record, None))),
             other => Err(unexpected(&other)),
         }
     })
@@ -623,25 +623,31 @@ fn developer_json(d: &DeveloperRecord) -> Value {
     })
 }
 
-fn app_json(a: &AppRecord, keys: &[KeyRecord]) -> Value {
+/// An app as the API shows it; `keys` only where one app is read (a list would cost a query per app).
+fn app_json(a: &AppRecord, keys: Option<&[KeyRecord]>) -> Value {
     let products: Vec<Value> = a
         .products
         .iter()
         .map(|s| json!({"name": s.product, "status": s.status.as_str()}))
         .collect();
-    let keys: Vec<Value> = keys.iter().map(key_json).collect();
-    json!({
+    let mut app = json!({
         "name": a.name,
         "developer": a.developer,
         "client_id": a.client_id,
         "status": a.status.as_str(),
         "products": products,
         "attributes": a.attributes,
-        "keys": keys,
         "source": "store",
         "created_at": rfc3339(a.created_at),
         "updated_at": rfc3339(a.updated_at),
-    })
+    });
+    if let (Some(keys), Some(map)) = (keys, app.as_object_mut()) {
+        map.insert(
+            "keys".to_owned(),
+            Value::Array(keys.iter().map(key_json).collect()),
+        );
+    }
+    app
 }
 
 fn key_json(k: &KeyRecord) -> Value {
