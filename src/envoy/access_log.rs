@@ -266,8 +266,13 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
         response_bytes: response.map_or(0, |r| r.response_body_bytes),
         response_headers: response
             .map(|r| {
-                r.response_headers
-                    .iter()
+                // Envoy sends lowercase names. Two that differ only in case resolve the same way whatever
+                // order the protobuf map yields them in (sorted: the last wins), so a record never depends on
+                // a hash seed.
+                let mut named: Vec<_> = r.response_headers.iter().collect();
+                named.sort_unstable();
+                named
+                    .into_iter()
                     .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                     .collect()
             })
@@ -377,6 +382,30 @@ mod tests {
             r.response_headers.get("x-tokens").map(String::as_str),
             Some("7")
         );
+    }
+
+    #[test]
+    fn header_names_that_differ_only_in_case_resolve_the_same_way_every_time() {
+        for _ in 0..20 {
+            // A fresh map each round: its iteration order changes with the hash seed.
+            let entry = HttpAccessLogEntry {
+                response: Some(HttpResponseProperties {
+                    response_headers: [
+                        ("X-Tokens".to_owned(), "upper".to_owned()),
+                        ("x-tokens".to_owned(), "lower".to_owned()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let r = usage_record(&entry);
+            assert_eq!(
+                r.response_headers.get("x-tokens").map(String::as_str),
+                Some("lower")
+            );
+        }
     }
 
     #[test]
