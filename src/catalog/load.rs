@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::keys::KeyTable;
 use super::{
     App, Approval, Catalog, Developer, Key, Meter, MeterValue, Operation, Product, Status,
     StatusMatch, Subscription, SubscriptionStatus,
@@ -194,6 +195,8 @@ impl Builder<'_> {
         };
 
         let mut app_names = HashSet::new();
+        // Gathered flat and made a table once: inserting one by one would fold the table's delta many times.
+        let mut keys = HashMap::new();
         for (d, dev) in raw.developers.into_iter().enumerate() {
             let at = [PathSeg::Key("developers"), PathSeg::Index(d)];
             let email = non_empty(self, &at, "email", dev.email)?;
@@ -214,9 +217,17 @@ impl Builder<'_> {
             );
             for (a, raw_app) in dev.apps.into_iter().enumerate() {
                 let at = [at[0], at[1], PathSeg::Key("apps"), PathSeg::Index(a)];
-                self.app(&mut catalog, &mut app_names, developer, &at, raw_app)?;
+                self.app(
+                    &mut catalog,
+                    &mut app_names,
+                    &mut keys,
+                    developer,
+                    &at,
+                    raw_app,
+                )?;
             }
         }
+        catalog.keys = KeyTable::from_keys(keys.into_values());
         Ok(catalog)
     }
 
@@ -420,6 +431,7 @@ impl Builder<'_> {
         &self,
         catalog: &mut Catalog,
         app_names: &mut HashSet<String>,
+        keys: &mut HashMap<KeyHash, Key>,
         developer: usize,
         at: &[PathSeg<'_>; 4],
         raw: RawApp,
@@ -489,7 +501,7 @@ impl Builder<'_> {
                 status: k.status,
                 expires_at: k.expires_at.map(|t| t.timestamp()),
             };
-            if catalog.keys.insert(hash, key).is_some() {
+            if keys.insert(hash, key).is_some() {
                 return Err(self.err(
                     &here,
                     "duplicate key hash: each key belongs to exactly one app",

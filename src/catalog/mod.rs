@@ -4,6 +4,7 @@
 //! handling reads the current snapshot without locks through [`CatalogHandle`], and a reload swaps in a new
 //! one atomically ([`watch`]).
 
+pub mod keys;
 mod load;
 pub mod metrics;
 pub mod watch;
@@ -16,6 +17,7 @@ use arc_swap::ArcSwap;
 use crate::identity::api_key::KeyHash;
 use crate::matching::path::PathPattern;
 use crate::quota::Limit;
+use keys::KeyTable;
 
 pub use load::{load, parse};
 
@@ -212,8 +214,9 @@ pub struct Key {
 /// An immutable, validated catalog: the catalog file's entities, and the state store's once merged in
 /// ([`crate::state::snapshot`]).
 ///
-/// Developers, apps and keys sit in persistent maps (HAMTs with structural sharing): a copy costs O(1) and an
-/// edit of the copy O(log n), so one revoked key among a million makes a new snapshot without rebuilding it.
+/// Developers and apps sit in persistent maps (HAMTs with structural sharing), keys in a [`KeyTable`] (a flat
+/// table shared by copies plus a persistent delta): a copy costs O(1) and an edit of the copy O(log n), so one
+/// revoked key among a million makes a new snapshot without rebuilding it.
 /// Products come only from the file and are shared, unchanged, by every snapshot built from it.
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
@@ -221,7 +224,7 @@ pub struct Catalog {
     products_by_name: Arc<HashMap<String, ProductId>>,
     developers: imbl::HashMap<DeveloperId, Arc<Developer>>,
     apps: imbl::HashMap<AppId, Arc<App>>,
-    keys: imbl::HashMap<KeyHash, Key>,
+    keys: KeyTable,
     apps_by_name: imbl::HashMap<String, AppId>,
     apps_by_client_id: imbl::HashMap<String, AppId>,
     developers_by_email: imbl::HashMap<String, DeveloperId>,
@@ -260,7 +263,7 @@ impl Catalog {
 
     /// Every key (in no particular order).
     pub fn keys(&self) -> impl Iterator<Item = &Key> {
-        self.keys.values()
+        self.keys.iter()
     }
 
     /// A product by id.
@@ -370,7 +373,16 @@ impl Catalog {
 
     /// Adds or replaces a key.
     pub fn put_key(&mut self, key: Key) {
-        self.keys.insert(key.hash, key);
+        self.keys.insert(key);
+    }
+
+    /// Adds or replaces many keys at once (a full read of the state store).
+    pub fn put_keys(&mut self, keys: impl IntoIterator<Item = Key>) {
+        if self.keys.is_empty() {
+            self.keys = KeyTable::from_keys(keys);
+        } else {
+            self.keys.extend(keys);
+        }
     }
 
     /// Removes the key with this hash.
@@ -387,9 +399,7 @@ impl Catalog {
         for (id, app) in &other.apps {
             self.put_app(*id, Arc::clone(app));
         }
-        for key in other.keys.values() {
-            self.put_key(*key);
-        }
+        self.keys.extend(other.keys.iter().copied());
     }
 }
 

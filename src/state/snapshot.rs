@@ -106,9 +106,7 @@ impl Snapshot {
             store.put_app(store_id(a.id), Arc::new(resolve(a, &inner.file)));
             apps.insert(a.id, Arc::new(a.clone()));
         }
-        for k in &image.keys {
-            store.put_key(key(k));
-        }
+        store.put_keys(image.keys.iter().map(key));
         inner.store = store;
         inner.apps = apps;
         self.publish(&inner);
