@@ -22,9 +22,10 @@
 //! the poll reads the same cursor.
 //!
 //! # Incremental snapshots
-//! The merged catalog keeps developers, apps and keys in persistent maps: applying one change copies the
-//! current snapshot in O(1), edits the copy in O(log n) and swaps it in. Revoking one key among a million
-//! touches a handful of tree nodes, never the million. A catalog file reload re-merges the file's entities
+//! The merged catalog keeps developers and apps in persistent maps and keys in a
+//! [`KeyTable`](crate::catalog::keys::KeyTable) (a flat table shared by copies plus a persistent delta):
+//! applying one change copies the current snapshot in O(1), edits the copy in O(log n) and swaps it in.
+//! Revoking one key among a million touches a handful of nodes, never the million. A catalog file reload re-merges the file's entities
 //! (O(file)) and re-resolves the store's apps against the new products (O(store apps)); the store's keys are
 //! reused as they are.
 //!
