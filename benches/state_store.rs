@@ -499,7 +499,7 @@ async fn fill(
                 format!("developer:{email}"),
             );
         }
-        log.insert(&mut *tx, now).await?;
+        log.insert(&mut tx, now).await?;
         tx.commit().await?;
     }
     let developers_done = started.elapsed();
@@ -551,7 +551,7 @@ async fn fill(
                 format!("app:{name}"),
             );
         }
-        log.insert(&mut *tx, now).await?;
+        log.insert(&mut tx, now).await?;
         tx.commit().await?;
     }
     let apps_done = started.elapsed();
@@ -593,7 +593,7 @@ async fn fill(
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        log.insert(&mut *tx, now).await?;
+        log.insert(&mut tx, now).await?;
         tx.commit().await?;
     }
     // Where the last bulk write left the sequence: the store's own writes continue from there.
@@ -767,7 +767,7 @@ async fn memory(url: &str, catalog: &std::path::Path, lookups: usize) -> Result<
 
     // The keys alone, three ways. A shuffled order of hashes to look up (a multiplicative stride).
     let n = image.keys.len();
-    let stride = 2_654_435_761usize % n.max(1) | 1;
+    let stride = (2_654_435_761usize % n.max(1)) | 1;
     let order: Vec<KeyHash> = (0..lookups.min(n.max(1)))
         .map(|j| image.keys[(j.wrapping_mul(stride)) % n.max(1)].hash)
         .collect();
@@ -794,7 +794,7 @@ async fn memory(url: &str, catalog: &std::path::Path, lookups: usize) -> Result<
         std_map.insert(k.hash, key(k));
     }
     let std_bytes = live() - before;
-    let std_ns = time_lookups(&order, |h| std_map.get(h).is_some());
+    let std_ns = time_lookups(&order, |h| std_map.contains_key(h));
     drop(std_map);
 
     drop(served);
