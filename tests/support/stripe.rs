@@ -1,5 +1,7 @@
 //! The local Stripe emulator (`tests/support/stripe_emulator.py`) as a real process for tests: started on a
 //! port it picks itself on 127.0.0.1, driven through its `/_emulator/` control endpoints, killed by PID.
+//! Besides meter events it holds prices and subscriptions, moves them through their lifecycle and delivers
+//! the events as signed webhooks (see the emulator's docstring for every endpoint and shape).
 //!
 //! Self-contained (no `super::` items) so it can be included on its own with
 //! `#[path = "support/stripe.rs"] mod stripe_support;`.
@@ -20,6 +22,32 @@ pub const EMULATOR_STARTUP: Duration = Duration::from_secs(30);
 
 /// The API key the emulator accepts.
 pub const API_KEY: &str = "sk_test_tollgate_emulator";
+
+/// How long one control call may take: subscription calls wait for webhook deliveries (10 s each at most).
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `body` with the keys of `extra` (an object) set over it.
+fn merge(body: &mut serde_json::Value, extra: serde_json::Value) {
+    match extra {
+        serde_json::Value::Object(fields) => {
+            for (k, v) in fields {
+                body[k] = v;
+            }
+        }
+        serde_json::Value::Null => {}
+        other => panic!("extra must be a JSON object, not {other}"),
+    }
+}
+
+/// An object without its null fields (the emulator reads an absent field as "use the default").
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(fields) => {
+            serde_json::Value::Object(fields.into_iter().filter(|(_, v)| !v.is_null()).collect())
+        }
+        other => other,
+    }
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -118,14 +146,146 @@ impl StripeEmulator {
     }
 
     async fn post(&self, path: &str, body: serde_json::Value) {
+        self.control(path, body).await;
+    }
+
+    /// POSTs JSON to a control endpoint and returns its JSON answer; panics (with the emulator's message)
+    /// on anything but 2xx. Bounded by [`CONTROL_TIMEOUT`]: a call may wait for webhook deliveries.
+    pub async fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
         let resp = self
             .client
             .post(format!("{}{path}", self.url()))
+            .timeout(CONTROL_TIMEOUT)
             .json(&body)
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {path} to the emulator: {e}"));
-        assert!(resp.status().is_success(), "POST {path}: {}", resp.status());
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "POST {path} {body}: the emulator answered {status}: {text}"
+        );
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("POST {path}: the emulator answered non-JSON ({e}): {text}"))
+    }
+
+    /// Creates a monthly price (1000 cents, usd) and returns its id (generated when `id` is None).
+    pub async fn create_price(&self, id: Option<&str>, lookup_key: Option<&str>) -> String {
+        let price = self
+            .price(serde_json::json!({"id": id, "lookup_key": lookup_key}))
+            .await;
+        price["id"]
+            .as_str()
+            .expect("the price has an id")
+            .to_owned()
+    }
+
+    /// Creates a price from the full spec (`id`, `lookup_key`, `product`, `unit_amount`, `currency`,
+    /// `nickname`; all optional) and returns the price object.
+    pub async fn price(&self, spec: serde_json::Value) -> serde_json::Value {
+        let spec = without_nulls(spec);
+        self.control("/_emulator/prices", spec).await
+    }
+
+    /// Where and how events are delivered from now on: `url`, `secret`, `extra_secrets` ([]),
+    /// `deliver` ("now" | "hold" | "drop"), `duplicates` (0), `delay_ms` (0).
+    pub async fn webhooks(&self, spec: serde_json::Value) -> serde_json::Value {
+        self.control("/_emulator/webhooks", spec).await
+    }
+
+    /// Creates a subscription of `customer` to `price` (an id, or "lookup_key:NAME"); `extra` may hold
+    /// `status` ("active" | "trialing" | "incomplete") and `deliver`. Returns the control answer
+    /// `{"subscription", "events", "deliveries"}`.
+    pub async fn subscribe(
+        &self,
+        customer: &str,
+        price: &str,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut body = serde_json::json!({"customer": customer, "price": price});
+        merge(&mut body, extra);
+        self.control("/_emulator/subscriptions", body).await
+    }
+
+    /// `POST /_emulator/subscriptions/{sub}/{action}` with `body` (e.g. `{"deliver": "hold"}`): the
+    /// general form of the lifecycle calls below.
+    pub async fn subscription_action(
+        &self,
+        sub: &str,
+        action: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        self.control(&format!("/_emulator/subscriptions/{sub}/{action}"), body)
+            .await
+    }
+
+    /// A plan change: the item moves to `price` (customer.subscription.updated).
+    pub async fn change_price(&self, sub: &str, price: &str) -> serde_json::Value {
+        self.subscription_action(sub, "price", serde_json::json!({"price": price}))
+            .await
+    }
+
+    /// A renewal whose payment fails: the period rolls, status past_due (invoice.payment_failed,
+    /// customer.subscription.updated).
+    pub async fn fail_payment(&self, sub: &str) -> serde_json::Value {
+        self.subscription_action(sub, "fail_payment", serde_json::json!({}))
+            .await
+    }
+
+    /// The open invoice is paid: status active (invoice.paid, customer.subscription.updated).
+    pub async fn pay(&self, sub: &str) -> serde_json::Value {
+        self.subscription_action(sub, "pay", serde_json::json!({}))
+            .await
+    }
+
+    /// Status canceled (customer.subscription.deleted).
+    pub async fn cancel(&self, sub: &str) -> serde_json::Value {
+        self.subscription_action(sub, "cancel", serde_json::json!({}))
+            .await
+    }
+
+    /// Status paused (customer.subscription.paused).
+    pub async fn pause(&self, sub: &str) -> serde_json::Value {
+        self.subscription_action(sub, "pause", serde_json::json!({}))
+            .await
+    }
+
+    /// Status active again (customer.subscription.resumed).
+    pub async fn resume(&self, sub: &str) -> serde_json::Value {
+        self.subscription_action(sub, "resume", serde_json::json!({}))
+            .await
+    }
+
+    /// Any status (customer.subscription.updated).
+    pub async fn set_status(&self, sub: &str, status: &str) -> serde_json::Value {
+        self.subscription_action(sub, "status", serde_json::json!({"status": status}))
+            .await
+    }
+
+    /// Delivers every held event, `order` "created" (oldest first) or "reverse", each `duplicates` extra
+    /// times; returns `{"deliveries": [...]}`.
+    pub async fn flush(&self, order: &str, duplicates: u32) -> serde_json::Value {
+        self.control(
+            "/_emulator/webhooks/flush",
+            serde_json::json!({"order": order, "duplicates": duplicates}),
+        )
+        .await
+    }
+
+    /// Sends `event` again now, `tamper` None or "signature" | "stale" | "body"; returns the HTTP status the
+    /// receiver answered (panics when the delivery itself failed).
+    pub async fn resend(&self, event: &str, tamper: Option<&str>) -> u16 {
+        let answer = self
+            .control(
+                "/_emulator/webhooks/resend",
+                without_nulls(serde_json::json!({"event": event, "tamper": tamper})),
+            )
+            .await;
+        match answer["status"].as_u64() {
+            Some(status) => u16::try_from(status).expect("an HTTP status"),
+            None => panic!("resending {event}: nothing answered: {answer}"),
+        }
     }
 
     /// Replaces the fault injection: `seed`, `rate_429`, `rate_500`, `rate_timeout`, `timeout_s`,

@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""A local Stripe Billing emulator for tollgate's tests and quickstart (meter events, meters, summaries, v2 stream).
+"""A local Stripe Billing emulator for tollgate's tests and quickstart (meter events, meters, summaries, v2 stream,
+subscriptions and their webhooks).
 
 Every request is validated against Stripe's own OpenAPI excerpts in <project root>/../shared/stripe/
-(override with --shared or $TOLLGATE_SHARED_DIR), and so is every response it sends. It binds 127.0.0.1 only.
+(override with --shared or $TOLLGATE_SHARED_DIR), and so is every response it sends and every event it emits
+(the event, and its data.object against the subscription or invoice schema). It binds 127.0.0.1 only and
+delivers webhooks to loopback URLs only. Stripe API version: 2026-09-30.endive (a subscription's billing period
+lives on its items: items.data[].current_period_start|end; an invoice names its subscription at
+parent.subscription_details.subscription).
 
 Stripe behaviour it reproduces:
   * POST /v1/billing/meter_events: form-encoded, Bearer auth; a duplicate `identifier` answers 400 "An event
@@ -12,16 +17,68 @@ Stripe behaviour it reproduces:
   * POST/GET /v1/billing/meters, GET /v1/billing/meters/{id}/event_summaries (minute-aligned bounds).
   * POST /v2/billing/meter_event_session (tokens expire, 15 minutes by default) and
     POST /v2/billing/meter_event_stream (<= 100 events, 401 billing_meter_event_session_expired).
+  * GET /v1/subscriptions: Bearer auth; query customer, price, status (absent: every status but canceled and
+    incomplete_expired; `all`: every status; `ended`: canceled and incomplete_expired; else that status),
+    collection_method, created / current_period_start / current_period_end (N or [gt|gte|lt|lte]=N),
+    limit (1..100, default 10), starting_after / ending_before (a subscription id), expand[]=data.latest_invoice.
+    Newest `created` first, ties by id (ids grow with creation, as Stripe's do).
+    -> {"object": "list", "data": [...], "has_more": bool, "url": "/v1/subscriptions"}
+  * GET /v1/subscriptions/{id} (expand[]=latest_invoice): unknown id -> 404 resource_missing, param "id".
+  The faults (429/500/timeout, latency) apply to both, so clients' retry and backoff are exercised.
 
-Control endpoints (no auth; loopback only):
+Webhooks (how Stripe sends them): POST to the configured URL, Content-Type `application/json; charset=utf-8`,
+User-Agent `Stripe/1.0 (+https://stripe.com/docs/webhooks)`, the event JSON serialized once at emission, and
+`Stripe-Signature: t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>` plus one `,v1=` per extra secret
+(a rotation). 10 s timeout, redirects not followed, no lock held while sending (the receiver may call back).
+Event: {"id": "evt_...", "object": "event", "api_version", "created", "data": {"object", "previous_attributes"
+(updated events only: the changed fields' old values)}, "livemode": false, "pending_webhooks",
+"request": {"id": null, "idempotency_key": null}, "type"}.
+
+Control endpoints (no auth; loopback only; JSON in, JSON out):
   GET  /_emulator/health          -> {"ok": true}
   GET  /_emulator/state           -> accepted events, totals per customer and event name, duplicates refused,
-                                     schema errors, concurrency violations, request counts
+                                     schema errors, concurrency violations, request counts, and: prices,
+                                     subscriptions and invoices (by id), webhook (the config), webhook_events
+                                     (every emitted event, in order), webhook_held (event ids),
+                                     webhook_deliveries (every attempt: event, type, status, at, via, error?, tamper?)
   POST /_emulator/faults          JSON: seed, rate_429, rate_500, rate_timeout, timeout_s, commit_on_fault,
                                   latency_ms, retry_after_s, auth_failure, reject_customers, session_ttl_s
   POST /_emulator/expire_sessions -> every v2 session token expires now
   POST /_emulator/plant           JSON {customer, event_name, value, timestamp}: an event nobody sent (tests)
-  POST /_emulator/reset           -> forget everything (meters, events, faults)
+  POST /_emulator/reset           -> forget everything (meters, events, faults, prices, subscriptions, invoices,
+                                     webhook config, events and deliveries; delayed deliveries are abandoned)
+  POST /_emulator/prices          {"id"?, "lookup_key"?, "product"?, "unit_amount"? (1000), "currency"? ("usd"),
+                                   "nickname"?} -> the price (monthly, per unit; ids generated when absent)
+  POST /_emulator/webhooks        {"url", "secret", "extra_secrets"?: [], "deliver"?: "now"|"hold"|"drop",
+                                   "duplicates"?: 0, "delay_ms"?: 0} -> {"ok": true, "webhook": {...}}
+                                  now: sent during the control call; hold: queued for /flush; drop: emitted
+                                  (state changes, the event exists) but never sent; duplicates: n extra sends of
+                                  each event (A, A, B, B); delay_ms: sent from a background thread after the
+                                  delay (the control call answers at once, deliveries say "deliver": "delayed")
+  POST /_emulator/subscriptions   {"customer", "price": id or "lookup_key:NAME", "status"?: "active"|"trialing"|
+                                   "incomplete", "deliver"?} -> customer.subscription.created (+ invoice.paid
+                                   when active); item period = [now, now + 30 d]
+  POST /_emulator/subscriptions/{id}/price        {"price", "deliver"?} -> customer.subscription.updated
+                                                  (previous_attributes.items)
+  POST /_emulator/subscriptions/{id}/fail_payment -> period rolls, status past_due, an open invoice:
+                                                  invoice.payment_failed, customer.subscription.updated
+  POST /_emulator/subscriptions/{id}/pay          -> the open invoice is paid, status active: invoice.paid,
+                                                  customer.subscription.updated (when the status changed)
+  POST /_emulator/subscriptions/{id}/cancel       -> canceled, canceled_at = ended_at = now:
+                                                  customer.subscription.deleted
+  POST /_emulator/subscriptions/{id}/pause        -> paused: customer.subscription.paused
+  POST /_emulator/subscriptions/{id}/resume       -> active: customer.subscription.resumed
+  POST /_emulator/subscriptions/{id}/status       {"status"} -> any status: customer.subscription.updated
+      every subscription call takes "deliver"? (this call only) and answers
+      {"subscription": {...}, "events": [ids in emission order],
+       "deliveries": [{"event", "status": HTTP status or null, "deliver": "now"|"hold"|"drop"|"delayed",
+                       "error"?}]}
+  POST /_emulator/webhooks/flush  {"order"?: "created"|"reverse", "duplicates"?: 0} -> {"deliveries": [...]}
+                                  (every held event, oldest first or newest first)
+  POST /_emulator/webhooks/resend {"event", "tamper"?: "signature"|"stale"|"body"} -> {"status", "error"?}
+                                  signature: v1 from a wrong secret; stale: t = now - 600; body: signed over
+                                  the original body, one byte of the sent body changed
+  Control errors: {"error": "message"} with 400 (bad input, unknown price) or 404 (unknown subscription/event).
 
 Usage: stripe_emulator.py [--port 0] [--port-file FILE] [--api-key KEY] [--shared DIR] [--auto-meters|--no-auto-meters]
 """
@@ -29,15 +86,20 @@ Usage: stripe_emulator.py [--port 0] [--port-file FILE] [--api-key KEY] [--share
 import argparse
 import copy
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
 import random
 import re
 import secrets
+import string
 import sys
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -53,10 +115,22 @@ except ImportError:  # pragma: no cover - a setup problem, said clearly
 DEDUP_MESSAGE = "An event already exists with identifier {}."
 MAX_PAST_S = 35 * 24 * 3600
 MAX_FUTURE_S = 5 * 60
+API_VERSION = "2026-09-30.endive"
+PERIOD_S = 30 * 24 * 3600
+WEBHOOK_TIMEOUT_S = 10
+WEBHOOK_USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
+DELIVER_MODES = ("now", "hold", "drop")
+ENDED_STATUSES = ("canceled", "incomplete_expired")
+# Ids are "<prefix>_1" + a base-62 sequence number + random, so they sort in creation order like Stripe's.
+B62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schemas
+
+
+NON_VALIDATING_KEYS = ("description", "x-expandableFields", "x-expansionResources", "x-resourceId",
+                       "x-stripeBypassValidation", "title")
 
 
 class Schemas:
@@ -101,7 +175,7 @@ class Schemas:
             return self.resolve(target, depth + 1)
         out = {}
         for key, value in schema.items():
-            if key in ("description", "x-expandableFields", "x-resourceId", "x-stripeBypassValidation", "title"):
+            if key in NON_VALIDATING_KEYS:
                 continue
             if key in ("properties",):
                 out[key] = {k: self.resolve(v, depth + 1) for k, v in value.items()}
@@ -111,10 +185,47 @@ class Schemas:
             return {"anyOf": [out, {"type": "null"}]}
         return out
 
+    def convert(self, schema, needed):
+        """Like resolve, but a $ref to a component becomes a $ref into #/definitions (its name added to
+        `needed`): Stripe's types are recursive (subscription -> latest_invoice -> invoice -> latest_revision ->
+        invoice ...), and inlining them all makes schemas of tens of megabytes."""
+        if isinstance(schema, list):
+            return [self.convert(s, needed) for s in schema]
+        if not isinstance(schema, dict):
+            return schema
+        if "$ref" in schema:
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            if name not in self.components:
+                self.missing_refs.add(name)
+                return {}
+            needed.add(name)
+            return {"$ref": "#/definitions/" + name}
+        out = {}
+        for key, value in schema.items():
+            if key in NON_VALIDATING_KEYS:
+                continue
+            if key in ("properties",):
+                out[key] = {k: self.convert(v, needed) for k, v in value.items()}
+            else:
+                out[key] = self.convert(value, needed)
+        if out.pop("nullable", False):
+            return {"anyOf": [out, {"type": "null"}]}
+        return out
+
     def validator(self, schema):
-        resolved = self.resolve(schema)
+        needed = set()
+        root = self.convert(schema, needed)
+        definitions = {}
+        todo = sorted(needed)
+        while todo:
+            name = todo.pop()
+            if name in definitions:
+                continue
+            found = set()
+            definitions[name] = self.convert(self.components[name], found)
+            todo.extend(sorted(found - definitions.keys()))
         checker = jsonschema.FormatChecker()
-        return jsonschema.Draft7Validator(resolved, format_checker=checker)
+        return jsonschema.Draft7Validator({"allOf": [root], "definitions": definitions}, format_checker=checker)
 
 
 def first_error(validator, instance):
@@ -122,8 +233,14 @@ def first_error(validator, instance):
     if not errors:
         return None
     e = errors[0]
+    # An anyOf/oneOf failure (every nullable field is one) says only "not valid under any of the given
+    # schemas" about the whole value: name the sub-error that went deepest instead.
+    while e.context:
+        deepest = max(len(c.absolute_path) for c in e.context)
+        e = jsonschema.exceptions.best_match([c for c in e.context if len(c.absolute_path) == deepest])
     where = ".".join(str(p) for p in e.absolute_path) or "(body)"
-    return where, e.message
+    message = e.message if len(e.message) <= 300 else e.message[:300] + "..."
+    return where, message
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +341,8 @@ class State:
     def __init__(self, auto_meters):
         self.lock = threading.Lock()
         self.auto_meters = auto_meters
+        self.id_seq = 0  # kept across resets: ids keep growing
+        self.generation = 0  # bumped by reset: delayed deliveries of an older generation are abandoned
         self.reset()
 
     def reset(self):
@@ -247,6 +366,246 @@ class State:
         self.idempotency_keys_seen = 0
         self.async_errors = []
         self.faults = Faults()
+        self.generation += 1
+        self.prices = {}  # id -> price
+        self.subscriptions = {}  # id -> subscription
+        self.invoices = {}  # id -> invoice
+        self.webhook = {"url": None, "secret": None, "extra_secrets": [], "deliver": "now", "duplicates": 0,
+                        "delay_ms": 0}
+        self.webhook_events = []  # every emitted event, in emission order
+        self.event_types = {}  # event id -> type
+        self.event_bodies = {}  # event id -> the bytes serialized once at emission (what is signed and sent)
+        self.webhook_held = []  # event ids held for /_emulator/webhooks/flush, oldest first
+        self.webhook_dropped = []  # event ids emitted but never to be sent
+        self.webhook_deliveries = []  # every attempt
+
+    def new_id(self, prefix):
+        self.id_seq += 1
+        n, seq = self.id_seq, ""
+        for _ in range(6):
+            n, r = divmod(n, 62)
+            seq = B62[r] + seq
+        return f"{prefix}_1{seq}" + "".join(secrets.choice(B62) for _ in range(16))
+
+    def make_price(self, spec):
+        amount = int(spec.get("unit_amount", 1000))
+        return {
+            "id": spec.get("id") or self.new_id("price"),
+            "object": "price",
+            "active": True,
+            "billing_scheme": "per_unit",
+            "created": int(time.time()),
+            "currency": spec.get("currency", "usd"),
+            "custom_unit_amount": None,
+            "livemode": False,
+            "lookup_key": spec.get("lookup_key"),
+            "metadata": {},
+            "nickname": spec.get("nickname"),
+            "product": spec.get("product") or self.new_id("prod"),
+            "recurring": {"interval": "month", "interval_count": 1, "meter": None, "trial_period_days": None,
+                          "usage_type": "licensed"},
+            "tax_behavior": "unspecified",
+            "tiers_mode": None,
+            "transform_quantity": None,
+            "type": "recurring",
+            "unit_amount": amount,
+            "unit_amount_decimal": str(amount),
+        }
+
+    def find_price(self, ref):
+        """A price by id, or by lookup key when written "lookup_key:NAME"; None when there is none."""
+        if isinstance(ref, str) and ref.startswith("lookup_key:"):
+            key = ref[len("lookup_key:"):]
+            for p in self.prices.values():
+                if p["lookup_key"] == key and p["active"]:
+                    return p
+            return None
+        return self.prices.get(ref)
+
+    def make_subscription(self, customer, price, status, now):
+        sid = self.new_id("sub")
+        item = {
+            "id": self.new_id("si"),
+            "object": "subscription_item",
+            "billing_thresholds": None,
+            "created": now,
+            "current_period_end": now + PERIOD_S,
+            "current_period_start": now,
+            "discounts": [],
+            "metadata": {},
+            "price": copy.deepcopy(price),
+            "quantity": 1,
+            "subscription": sid,
+            "tax_rates": [],
+        }
+        trialing = status == "trialing"
+        return {
+            "id": sid,
+            "object": "subscription",
+            "application": None,
+            "application_fee_percent": None,
+            "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+            "billing_cycle_anchor": now,
+            "billing_cycle_anchor_config": None,
+            "billing_mode": {"flexible": {"proration_discounts": "included"}, "type": "flexible", "updated_at": now},
+            "billing_schedules": [],
+            "billing_thresholds": None,
+            "cancel_at": None,
+            "cancel_at_period_end": False,
+            "canceled_at": None,
+            "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+            "collection_method": "charge_automatically",
+            "created": now,
+            "currency": price["currency"],
+            "customer": customer,
+            "customer_account": None,
+            "days_until_due": None,
+            "default_payment_method": None,
+            "default_source": None,
+            "default_tax_rates": [],
+            "description": None,
+            "discounts": [],
+            "ended_at": None,
+            "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
+            "items": {"object": "list", "data": [item], "has_more": False,
+                      "url": f"/v1/subscription_items?subscription={sid}"},
+            "latest_invoice": None,
+            "livemode": False,
+            "metadata": {},
+            "next_pending_invoice_item_invoice": None,
+            "on_behalf_of": None,
+            "pause_collection": None,
+            "payment_settings": {"payment_method_options": None, "payment_method_types": None,
+                                 "save_default_payment_method": "off"},
+            "pending_invoice_item_interval": None,
+            "pending_setup_intent": None,
+            "pending_update": None,
+            "schedule": None,
+            "start_date": now,
+            "status": status,
+            "test_clock": None,
+            "transfer_data": None,
+            "trial_end": now + PERIOD_S if trialing else None,
+            "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
+            "trial_start": now if trialing else None,
+        }
+
+    def make_invoice(self, sub, reason, paid, period_start, period_end, now):
+        """An invoice for the subscription's current item period: paid, or open after one failed attempt."""
+        item = sub["items"]["data"][0]
+        price = item["price"]
+        amount = price["unit_amount"] * item["quantity"]
+        iid = self.new_id("in")
+        line = {
+            "id": self.new_id("il"),
+            "object": "line_item",
+            "amount": amount,
+            "currency": price["currency"],
+            "description": f"{item['quantity']} × {price['product']} (at {amount / 100:.2f} {price['currency']} "
+                           f"/ month)",
+            "discount_amounts": [],
+            "discountable": True,
+            "discounts": [],
+            "invoice": iid,
+            "livemode": False,
+            "metadata": {},
+            "parent": {
+                "invoice_item_details": None,
+                "subscription_item_details": {"invoice_item": None, "proration": False,
+                                              "proration_details": {"credited_items": None},
+                                              "subscription": sub["id"], "subscription_item": item["id"]},
+                "type": "subscription_item_details",
+            },
+            "period": {"end": item["current_period_end"], "start": item["current_period_start"]},
+            "pretax_credit_amounts": [],
+            "pricing": {"price_details": {"price": price["id"], "product": price["product"]},
+                        "type": "price_details", "unit_amount_decimal": price["unit_amount_decimal"]},
+            "quantity": item["quantity"],
+            "taxes": [],
+        }
+        return {
+            "id": iid,
+            "object": "invoice",
+            "account_country": "US",
+            "account_name": "tollgate emulator",
+            "account_tax_ids": None,
+            "amount_due": amount,
+            "amount_overpaid": 0,
+            "amount_paid": amount if paid else 0,
+            "amount_paid_off_stripe": 0,
+            "amount_remaining": 0 if paid else amount,
+            "amount_shipping": 0,
+            "application": None,
+            "attempt_count": 1,
+            "attempted": True,
+            "auto_advance": not paid,
+            "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None, "provider": None,
+                              "status": None},
+            "automatically_finalizes_at": None,
+            "billing_reason": reason,
+            "collection_method": "charge_automatically",
+            "confirmation_secret": None,
+            "created": now,
+            "currency": price["currency"],
+            "custom_fields": None,
+            "customer": sub["customer"],
+            "customer_account": None,
+            "customer_address": None,
+            "customer_email": None,
+            "customer_name": None,
+            "customer_phone": None,
+            "customer_shipping": None,
+            "customer_tax_exempt": "none",
+            "customer_tax_ids": [],
+            "default_payment_method": None,
+            "default_source": None,
+            "default_tax_rates": [],
+            "description": None,
+            "discounts": [],
+            "due_date": None,
+            "effective_at": now,
+            "ending_balance": 0,
+            "footer": None,
+            "from_invoice": None,
+            "hosted_invoice_url": None,
+            "invoice_pdf": None,
+            "issuer": {"type": "self"},
+            "last_finalization_error": None,
+            "latest_revision": None,
+            "lines": {"object": "list", "data": [line], "has_more": False, "url": f"/v1/invoices/{iid}/lines"},
+            "livemode": False,
+            "metadata": {},
+            "next_payment_attempt": None if paid else now + 3 * 86400,
+            "number": f"EMU-{self.id_seq:06d}",
+            "on_behalf_of": None,
+            "parent": {"quote_details": None,
+                       "subscription_details": {"metadata": {}, "subscription": sub["id"]},
+                       "type": "subscription_details"},
+            "payment_settings": {"default_mandate": None, "payment_method_options": None,
+                                 "payment_method_types": None},
+            "period_end": period_end,
+            "period_start": period_start,
+            "post_payment_credit_notes_amount": 0,
+            "pre_payment_credit_notes_amount": 0,
+            "receipt_number": None,
+            "rendering": None,
+            "shipping_cost": None,
+            "shipping_details": None,
+            "starting_balance": 0,
+            "statement_descriptor": None,
+            "status": "paid" if paid else "open",
+            "status_transitions": {"finalized_at": now, "marked_uncollectible_at": None,
+                                   "paid_at": now if paid else None, "voided_at": None},
+            "subtotal": amount,
+            "subtotal_excluding_tax": amount,
+            "test_clock": None,
+            "total": amount,
+            "total_discount_amounts": [],
+            "total_excluding_tax": amount,
+            "total_pretax_credit_amounts": [],
+            "total_taxes": [],
+            "webhooks_delivered_at": None,
+        }
 
     def meter_for(self, event_name, create):
         for m in self.meters.values():
@@ -300,6 +659,14 @@ class State:
             "stripe_versions": sorted(self.stripe_versions),
             "async_errors": self.async_errors,
             "meters": list(self.meters.values()),
+            "prices": self.prices,
+            "subscriptions": self.subscriptions,
+            "invoices": self.invoices,
+            "webhook": {k: v for k, v in self.webhook.items() if k not in ("secret", "extra_secrets")},
+            "webhook_events": self.webhook_events,
+            "webhook_held": self.webhook_held,
+            "webhook_dropped": self.webhook_dropped,
+            "webhook_deliveries": self.webhook_deliveries,
         }
 
 
@@ -328,6 +695,10 @@ def v1_error(status, message, etype="invalid_request_error", code=None, param=No
     return Reply(status, {"error": err}, h, schema=("v1_error",))
 
 
+def control_error(status, message):
+    return Reply(status, {"error": message})
+
+
 def v2_error(status, code, message, etype=None, doc_url=None, schema="v2.error"):
     err = {"code": code, "message": message}
     if etype:
@@ -335,6 +706,31 @@ def v2_error(status, code, message, etype=None, doc_url=None, schema="v2.error")
     if doc_url:
         err["doc_url"] = doc_url
     return Reply(status, {"error": err}, {}, schema=(schema,))
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def is_loopback_url(url):
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and (host in ("localhost", "::1") or host.startswith("127."))
+
+
+def tamper_body(body):
+    """The same JSON with one byte changed: the last digit of the event's own `created`."""
+    marker = b'"created": '
+    at = body.index(marker) + len(marker)
+    end = at
+    while body[end:end + 1].isdigit():
+        end += 1
+    digit = body[end - 1] - ord("0")
+    return body[:end - 1] + bytes([ord("0") + (digit + 1) % 10]) + body[end:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,11 +774,27 @@ class Emulator:
             "v2.error": s.validator(s.components["v2.error"]),
             "v2.error.billing_meter_event_session_expired": s.validator(
                 s.components["v2.error.billing_meter_event_session_expired"]),
+            "subscription_list": s.validator(
+                s.op("paths__v1_subscriptions.json", "get")["responses"]["200"]["content"]["application/json"]
+                ["schema"]),
+            "subscription_get": s.validator(
+                s.op("paths__v1_subscriptions__subscription_exposed_id_.json", "get")["responses"]["200"]
+                ["content"]["application/json"]["schema"]),
+            # Objects checked where they are made (control answers, events' data.object):
+            "subscription": s.validator(s.components["subscription"]),
+            "subscription_item": s.validator(s.components["subscription_item"]),
+            "price": s.validator(s.components["price"]),
+            "invoice": s.validator(s.components["invoice"]),
+            "event": s.validator(s.components["event"]),
         }
         self.params = {
             "meters_list": s.op("paths__v1_billing_meters.json", "get")["parameters"],
             "summaries": s.op("paths__v1_billing_meters__id__event_summaries.json", "get")["parameters"],
+            "subscriptions_list": s.op("paths__v1_subscriptions.json", "get")["parameters"],
+            "subscription_get": s.op("paths__v1_subscriptions__subscription_exposed_id_.json", "get")["parameters"],
         }
+        # Webhooks go out without proxies and without following redirects (Stripe treats 3xx as a failure).
+        self.webhook_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -711,6 +1123,427 @@ class Emulator:
             time.sleep(st.faults.timeout_s)
         raise Reply(200, {}, schema=("stream_ok",))
 
+    # -- subscriptions (public) ----------------------------------------------------------------------------------
+
+    def public_fault(self):
+        """The fault injection for the subscription endpoints: 429 (Stripe-Should-Retry: true, Retry-After when
+        set), 500, or a timeout (the answer comes after timeout_s, when the client has given up)."""
+        st = self.state
+        with st.lock:
+            kind, _ = st.faults.draw()
+            if kind:
+                st.faults_injected[kind] += 1
+        if kind == "429":
+            extra = {}
+            if st.faults.retry_after_s is not None:
+                extra["Retry-After"] = str(st.faults.retry_after_s)
+            raise v1_error(429, "Too many requests hit the API too quickly.", code="rate_limit",
+                           should_retry=True, headers=extra)
+        if kind == "500":
+            raise v1_error(500, "An unknown error occurred", etype="api_error")
+        if kind == "timeout":
+            time.sleep(st.faults.timeout_s)
+
+    def range_filters(self, query, path):
+        """created / current_period_start / current_period_end given as N or name[gt|gte|lt|lte]=N."""
+        names = ("created", "current_period_start", "current_period_end")
+        out = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key.split("[", 1)[0] not in names:
+                continue
+            m = re.fullmatch(r"([a-z_]+)(?:\[(gt|gte|lt|lte)\])?", key)
+            if not m:
+                self.record_schema_error(key, "unknown range operator", path)
+                raise v1_error(400, f"Received unknown parameter: {key}", param=key)
+            if not re.fullmatch(r"-?\d+", value):
+                self.record_schema_error(key, "not an integer", path)
+                raise v1_error(400, f"Invalid integer: {value}", param=key)
+            out.setdefault(m.group(1), []).append((m.group(2) or "eq", int(value)))
+        return out
+
+    def expansions(self, query, allowed):
+        wanted = {v for k, v in parse_qsl(query, keep_blank_values=True) if re.fullmatch(r"expand(\[\d*\])?", k)}
+        for w in sorted(wanted):
+            if w not in allowed:
+                raise v1_error(400, f"This property cannot be expanded ({w}); the emulator expands only "
+                                    f"{', '.join(allowed)}.", param="expand")
+        return wanted
+
+    def render_subscription(self, sub, expand_invoice):
+        out = copy.deepcopy(sub)
+        if expand_invoice and out["latest_invoice"] in self.state.invoices:
+            out["latest_invoice"] = copy.deepcopy(self.state.invoices[out["latest_invoice"]])
+        return out
+
+    def list_subscriptions(self, headers, query, path):
+        self.check_api_key(headers)
+        self.public_fault()
+        q = self.validate_query(self.params["subscriptions_list"], query, path)
+        ranges = self.range_filters(query, path)
+        expand = self.expansions(query, ("data.latest_invoice",))
+        limit = q.get("limit", 10)
+        if not 1 <= limit <= 100:
+            raise v1_error(400, "limit must be between 1 and 100", param="limit")
+        if "starting_after" in q and "ending_before" in q:
+            raise v1_error(400, "You may only specify one of these parameters: ending_before, starting_after.")
+        status = q.get("status")
+        ops = {"eq": lambda a, b: a == b, "gt": lambda a, b: a > b, "gte": lambda a, b: a >= b,
+               "lt": lambda a, b: a < b, "lte": lambda a, b: a <= b}
+
+        def keep(sub):
+            item = sub["items"]["data"][0]
+            if "customer" in q and sub["customer"] != q["customer"]:
+                return False
+            if "price" in q and all(i["price"]["id"] != q["price"] for i in sub["items"]["data"]):
+                return False
+            if status is None and sub["status"] in ENDED_STATUSES:
+                return False
+            if status == "ended" and sub["status"] not in ENDED_STATUSES:
+                return False
+            if status not in (None, "all", "ended") and sub["status"] != status:
+                return False
+            if "collection_method" in q and sub["collection_method"] != q["collection_method"]:
+                return False
+            for name in ("customer_account", "test_clock"):
+                if name in q and sub[name] != q[name]:
+                    return False
+            if "automatic_tax" in q and (q["automatic_tax"] == "true") != sub["automatic_tax"]["enabled"]:
+                return False
+            for name, conds in ranges.items():
+                have = sub["created"] if name == "created" else item[name]
+                if not all(ops[op](have, n) for op, n in conds):
+                    return False
+            return True
+
+        with self.state.lock:
+            subs = self.state.subscriptions
+            cursor = None
+            for param in ("starting_after", "ending_before"):
+                if param in q:
+                    c = subs.get(q[param])
+                    if c is None:
+                        raise v1_error(400, f"No such subscription: '{q[param]}'", code="resource_missing",
+                                       param=param)
+                    cursor = (c["created"], c["id"])
+            matched = sorted((x for x in subs.values() if keep(x)), key=lambda x: (x["created"], x["id"]),
+                             reverse=True)
+            if "starting_after" in q:
+                rest = [x for x in matched if (x["created"], x["id"]) < cursor]
+                page = rest[:limit]
+            elif "ending_before" in q:
+                rest = [x for x in matched if (x["created"], x["id"]) > cursor]
+                page = rest[-limit:]
+            else:
+                rest = matched
+                page = rest[:limit]
+            data = [self.render_subscription(x, "data.latest_invoice" in expand) for x in page]
+        raise Reply(200, {"object": "list", "data": data, "has_more": len(rest) > limit, "url": "/v1/subscriptions"},
+                    schema=("subscription_list",))
+
+    def get_subscription(self, headers, sid, query, path):
+        self.check_api_key(headers)
+        self.public_fault()
+        self.validate_query(self.params["subscription_get"], query, path)
+        expand = self.expansions(query, ("latest_invoice",))
+        with self.state.lock:
+            sub = self.state.subscriptions.get(sid)
+            if sub is None:
+                raise v1_error(404, f"No such subscription: '{sid}'", code="resource_missing", param="id")
+            out = self.render_subscription(sub, "latest_invoice" in expand)
+        raise Reply(200, out, schema=("subscription_get",))
+
+    # -- subscriptions (lifecycle, events, webhooks) -------------------------------------------------------------
+
+    def check_object(self, schema, obj, where):
+        """Appends to response_schema_errors when obj does not match Stripe's schema (call with the lock held)."""
+        err = first_error(self.resp[schema], obj)
+        if err:
+            self.state.response_schema_errors.append(
+                {"path": where, "schema": schema, "where": err[0], "message": err[1]})
+
+    def emit(self, etype, obj, previous=None):
+        """Records an event about obj (a snapshot, lock held) and returns its id. The body is serialized here,
+        once: every delivery signs and sends exactly these bytes."""
+        st = self.state
+        eid = st.new_id("evt")
+        data = {"object": copy.deepcopy(obj)}
+        if previous is not None:
+            data["previous_attributes"] = copy.deepcopy(previous)
+        event = {"id": eid, "object": "event", "api_version": API_VERSION, "created": int(time.time()),
+                 "data": data, "livemode": False, "pending_webhooks": 1 if st.webhook["url"] else 0,
+                 "request": {"id": None, "idempotency_key": None}, "type": etype}
+        where = f"event {eid} ({etype})"
+        self.check_object("event", event, where)
+        self.check_object(obj["object"], obj, where + " data.object")
+        st.webhook_events.append(event)
+        st.event_types[eid] = etype
+        st.event_bodies[eid] = json.dumps(event, indent=2).encode("utf-8")
+        return eid
+
+    def open_invoice(self, sub):
+        st = self.state
+        latest = st.invoices.get(sub["latest_invoice"])
+        if latest is not None and latest["status"] == "open":
+            return latest
+        opened = [i for i in st.invoices.values()
+                  if i["status"] == "open" and i["parent"]["subscription_details"]["subscription"] == sub["id"]]
+        return opened[-1] if opened else None
+
+    def sub_price(self, sub, doc, now):
+        price = self.state.find_price(doc.get("price"))
+        if price is None:
+            raise control_error(400, f"No such price: '{doc.get('price')}'")
+        if sub["status"] in ENDED_STATUSES:
+            raise control_error(400, f"subscription {sub['id']} is {sub['status']}: its price cannot change")
+        old_items = copy.deepcopy(sub["items"])
+        for item in sub["items"]["data"]:
+            item["price"] = copy.deepcopy(price)
+        return [self.emit("customer.subscription.updated", sub, {"items": old_items})]
+
+    def sub_fail_payment(self, sub, doc, now):
+        st = self.state
+        if sub["status"] in ENDED_STATUSES:
+            raise control_error(400, f"subscription {sub['id']} is {sub['status']}: it does not renew")
+        previous = {"items": copy.deepcopy(sub["items"]), "latest_invoice": sub["latest_invoice"]}
+        if sub["status"] != "past_due":
+            previous["status"] = sub["status"]
+        period_start = sub["items"]["data"][0]["current_period_start"]
+        for item in sub["items"]["data"]:
+            item["current_period_start"] = now
+            item["current_period_end"] = now + PERIOD_S
+        invoice = st.make_invoice(sub, "subscription_cycle", False, period_start, now, now)
+        st.invoices[invoice["id"]] = invoice
+        sub["latest_invoice"] = invoice["id"]
+        sub["status"] = "past_due"
+        return [self.emit("invoice.payment_failed", invoice),
+                self.emit("customer.subscription.updated", sub, previous)]
+
+    def sub_pay(self, sub, doc, now):
+        if sub["status"] in ENDED_STATUSES:
+            raise control_error(400, f"subscription {sub['id']} is {sub['status']}")
+        invoice = self.open_invoice(sub)
+        if invoice is None:
+            raise control_error(400, f"subscription {sub['id']} has no open invoice (fail_payment makes one)")
+        invoice.update({"status": "paid", "amount_paid": invoice["amount_due"], "amount_remaining": 0,
+                        "attempt_count": invoice["attempt_count"] + 1, "attempted": True, "auto_advance": False,
+                        "next_payment_attempt": None})
+        invoice["status_transitions"]["paid_at"] = now
+        events = [self.emit("invoice.paid", invoice)]
+        if sub["status"] != "active":
+            previous = {"status": sub["status"]}
+            sub["status"] = "active"
+            events.append(self.emit("customer.subscription.updated", sub, previous))
+        return events
+
+    def sub_cancel(self, sub, doc, now):
+        if sub["status"] == "canceled":
+            raise control_error(400, f"subscription {sub['id']} is already canceled")
+        sub["status"] = "canceled"
+        sub["canceled_at"] = now
+        sub["ended_at"] = now
+        sub["cancellation_details"] = {"comment": None, "feedback": None, "reason": "cancellation_requested"}
+        return [self.emit("customer.subscription.deleted", sub)]
+
+    def sub_pause(self, sub, doc, now):
+        if sub["status"] in ENDED_STATUSES or sub["status"] == "paused":
+            raise control_error(400, f"subscription {sub['id']} is {sub['status']}: it cannot pause")
+        sub["status"] = "paused"
+        return [self.emit("customer.subscription.paused", sub)]
+
+    def sub_resume(self, sub, doc, now):
+        if sub["status"] != "paused":
+            raise control_error(400, f"subscription {sub['id']} is {sub['status']}: only a paused one resumes")
+        sub["status"] = "active"
+        return [self.emit("customer.subscription.resumed", sub)]
+
+    def sub_status(self, sub, doc, now):
+        status = doc.get("status")
+        allowed = self.schemas.components["subscription"]["properties"]["status"]["enum"]
+        if status not in allowed:
+            raise control_error(400, f"status must be one of {', '.join(allowed)}")
+        previous = {"status": sub["status"]} if status != sub["status"] else {}
+        sub["status"] = status
+        if status in ENDED_STATUSES and sub["ended_at"] is None:
+            sub["ended_at"] = now
+            previous.setdefault("ended_at", None)
+        if status == "canceled" and sub["canceled_at"] is None:
+            sub["canceled_at"] = now
+            previous.setdefault("canceled_at", None)
+        return [self.emit("customer.subscription.updated", sub, previous)]
+
+    def subscription_control(self, sid, action, doc, path):
+        st = self.state
+        mode = doc.get("deliver")
+        if mode is not None and mode not in DELIVER_MODES:
+            raise control_error(400, f"deliver must be one of {', '.join(DELIVER_MODES)}")
+        now = int(time.time())
+        with st.lock:
+            mode = mode or st.webhook["deliver"]
+            if sid is None:
+                customer = doc.get("customer")
+                if not isinstance(customer, str) or not customer:
+                    raise control_error(400, "customer (a string) is required")
+                price = st.find_price(doc.get("price"))
+                if price is None:
+                    raise control_error(400, f"No such price: '{doc.get('price')}'")
+                status = doc.get("status", "active")
+                if status not in ("active", "trialing", "incomplete"):
+                    raise control_error(400, "status must be active, trialing or incomplete")
+                sub = st.make_subscription(customer, price, status, now)
+                st.subscriptions[sub["id"]] = sub
+                invoice = None
+                if status != "trialing":
+                    invoice = st.make_invoice(sub, "subscription_create", status == "active", now, now, now)
+                    st.invoices[invoice["id"]] = invoice
+                    sub["latest_invoice"] = invoice["id"]
+                events = [self.emit("customer.subscription.created", sub)]
+                if status == "active":
+                    events.append(self.emit("invoice.paid", invoice))
+            else:
+                sub = st.subscriptions.get(sid)
+                if sub is None:
+                    raise control_error(404, f"No such subscription: '{sid}'")
+                events = getattr(self, "sub_" + action)(sub, doc, now)
+            self.check_object("subscription", sub, path)
+            answer = copy.deepcopy(sub)
+        deliveries = self.dispatch(events, mode)
+        raise Reply(200, {"subscription": answer, "events": events, "deliveries": deliveries})
+
+    def dispatch(self, event_ids, mode):
+        """Sends (now, or after delay_ms from a thread), holds or drops just-emitted events; no lock held."""
+        st = self.state
+        with st.lock:
+            if mode == "hold":
+                st.webhook_held.extend(event_ids)
+            elif mode == "drop":
+                st.webhook_dropped.extend(event_ids)
+            delay_ms, times, generation = st.webhook["delay_ms"], 1 + st.webhook["duplicates"], st.generation
+        if mode != "now":
+            return [{"event": e, "status": None, "deliver": mode} for e in event_ids]
+        plan = [e for e in event_ids for _ in range(times)]
+        if delay_ms > 0:
+            def later():
+                time.sleep(delay_ms / 1000.0)
+                for e in plan:
+                    self.send(e, "delayed", generation=generation)
+            threading.Thread(target=later, daemon=True).start()
+            return [{"event": e, "status": None, "deliver": "delayed"} for e in plan]
+        return [self.send(e, "now") for e in plan]
+
+    def send(self, eid, via, tamper=None, generation=None):
+        """One delivery attempt of an event to the configured URL, signed as Stripe signs; recorded."""
+        st = self.state
+        with st.lock:
+            if generation is not None and generation != st.generation:
+                return {"event": eid, "status": None, "deliver": via, "error": "abandoned by a reset"}
+            cfg = copy.deepcopy(st.webhook)
+            body = st.event_bodies[eid]
+            etype = st.event_types[eid]
+        out = {"event": eid, "status": None, "deliver": via}
+        if not cfg["url"]:
+            out["error"] = "no webhook url configured (POST /_emulator/webhooks)"
+            return out
+        t = int(time.time()) - (600 if tamper == "stale" else 0)
+        signed = f"{t}.".encode("ascii") + body
+        keys = [cfg["secret"]] + cfg["extra_secrets"]
+        if tamper == "signature":
+            keys = ["whsec_wrong_" + secrets.token_hex(16)]
+        signature = ",".join([f"t={t}"] + ["v1=" + hmac.new(k.encode("utf-8"), signed, hashlib.sha256).hexdigest()
+                                           for k in keys])
+        sent = tamper_body(body) if tamper == "body" else body
+        request = urllib.request.Request(cfg["url"], data=sent, method="POST", headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "User-Agent": WEBHOOK_USER_AGENT,
+            "Accept": "*/*; q=0.5, application/xml",
+            "Cache-Control": "no-cache",
+            "Stripe-Signature": signature,
+        })
+        at = time.time()
+        try:
+            with self.webhook_opener.open(request, timeout=WEBHOOK_TIMEOUT_S) as resp:
+                resp.read(1 << 16)
+                out["status"] = resp.status
+        except urllib.error.HTTPError as e:  # 3xx (not followed), 4xx, 5xx: an answer all the same
+            out["status"] = e.code
+            e.close()
+        except Exception as e:  # refused, reset, timed out, not HTTP
+            out["error"] = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        record = {"event": eid, "type": etype, "status": out["status"], "at": at, "via": via, "url": cfg["url"]}
+        if tamper:
+            record["tamper"] = tamper
+        if "error" in out:
+            record["error"] = out["error"]
+        with st.lock:
+            if generation is None or generation == st.generation:
+                st.webhook_deliveries.append(record)
+        return out
+
+    def configure_webhooks(self, doc):
+        url, secret = doc.get("url"), doc.get("secret")
+        if not isinstance(url, str) or not is_loopback_url(url):
+            raise control_error(400, "url must be an http(s) URL on a loopback address")
+        if not isinstance(secret, str) or not secret:
+            raise control_error(400, "secret (a string) is required")
+        extra = doc.get("extra_secrets", [])
+        if not isinstance(extra, list) or not all(isinstance(x, str) and x for x in extra):
+            raise control_error(400, "extra_secrets must be a list of strings")
+        deliver = doc.get("deliver", "now")
+        if deliver not in DELIVER_MODES:
+            raise control_error(400, f"deliver must be one of {', '.join(DELIVER_MODES)}")
+        duplicates, delay_ms = doc.get("duplicates", 0), doc.get("delay_ms", 0)
+        if not isinstance(duplicates, int) or isinstance(duplicates, bool) or duplicates < 0:
+            raise control_error(400, "duplicates must be a whole number >= 0")
+        if not isinstance(delay_ms, (int, float)) or isinstance(delay_ms, bool) or delay_ms < 0:
+            raise control_error(400, "delay_ms must be a number >= 0")
+        webhook = {"url": url, "secret": secret, "extra_secrets": list(extra), "deliver": deliver,
+                   "duplicates": duplicates, "delay_ms": delay_ms}
+        with self.state.lock:
+            self.state.webhook = webhook
+        raise Reply(200, {"ok": True, "webhook": {"url": url, "deliver": deliver, "duplicates": duplicates,
+                                                  "delay_ms": delay_ms, "secrets": 1 + len(extra)}})
+
+    def flush(self, doc):
+        order, duplicates = doc.get("order", "created"), doc.get("duplicates", 0)
+        if order not in ("created", "reverse"):
+            raise control_error(400, "order must be created or reverse")
+        if not isinstance(duplicates, int) or isinstance(duplicates, bool) or duplicates < 0:
+            raise control_error(400, "duplicates must be a whole number >= 0")
+        with self.state.lock:
+            held, self.state.webhook_held = self.state.webhook_held, []
+        if order == "reverse":
+            held.reverse()
+        raise Reply(200, {"deliveries": [self.send(e, "flush") for e in held for _ in range(1 + duplicates)]})
+
+    def resend(self, doc):
+        eid, tamper = doc.get("event"), doc.get("tamper")
+        if tamper not in (None, "signature", "stale", "body"):
+            raise control_error(400, "tamper must be signature, stale or body")
+        with self.state.lock:
+            known = eid in self.state.event_bodies
+        if not known:
+            raise control_error(404, f"No such event: '{eid}'")
+        out = self.send(eid, "resend", tamper=tamper)
+        raise Reply(200, {k: v for k, v in out.items() if k in ("status", "error")})
+
+    def create_price(self, doc, path):
+        for name in ("id", "lookup_key", "product", "nickname", "currency"):
+            if name in doc and doc[name] is not None and (not isinstance(doc[name], str) or not doc[name]):
+                raise control_error(400, f"{name} must be a non-empty string")
+        amount = doc.get("unit_amount", 1000)
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+            raise control_error(400, "unit_amount must be a whole number of cents >= 0")
+        st = self.state
+        with st.lock:
+            if doc.get("id") in st.prices:
+                raise control_error(400, f"price {doc['id']} already exists")
+            if doc.get("lookup_key") and any(p["lookup_key"] == doc["lookup_key"] for p in st.prices.values()):
+                raise control_error(400, f"a price already has lookup_key {doc['lookup_key']}")
+            price = st.make_price(doc)
+            st.prices[price["id"]] = price
+            self.check_object("price", price, path)
+            answer = copy.deepcopy(price)
+        raise Reply(200, answer)
+
     # -- control -------------------------------------------------------------------------------------------------
 
     def control(self, method, path, body):
@@ -720,7 +1553,25 @@ class Emulator:
         if method == "GET" and path == "/_emulator/state":
             with st.lock:
                 raise Reply(200, copy.deepcopy(st.snapshot()))
-        doc = json.loads(body or b"{}")
+        try:
+            doc = json.loads(body or b"{}")
+        except ValueError:
+            raise control_error(400, "the body is not JSON")
+        if not isinstance(doc, dict):
+            raise control_error(400, "the body must be a JSON object")
+        if method == "POST" and path == "/_emulator/prices":
+            self.create_price(doc, path)
+        if method == "POST" and path == "/_emulator/webhooks":
+            self.configure_webhooks(doc)
+        if method == "POST" and path == "/_emulator/webhooks/flush":
+            self.flush(doc)
+        if method == "POST" and path == "/_emulator/webhooks/resend":
+            self.resend(doc)
+        if method == "POST" and path == "/_emulator/subscriptions":
+            self.subscription_control(None, None, doc, path)
+        m = re.fullmatch(r"/_emulator/subscriptions/([^/]+)/(price|fail_payment|pay|cancel|pause|resume|status)", path)
+        if method == "POST" and m:
+            self.subscription_control(unquote(m.group(1)), m.group(2), doc, path)
         if method == "POST" and path == "/_emulator/faults":
             with st.lock:
                 st.faults = Faults(doc)
@@ -763,6 +1614,11 @@ class Emulator:
         m = re.fullmatch(r"/v1/billing/meters/([^/]+)/event_summaries", path)
         if method == "GET" and m:
             self.summaries(headers, unquote(m.group(1)), query, path)
+        if method == "GET" and path == "/v1/subscriptions":
+            self.list_subscriptions(headers, query, path)
+        m = re.fullmatch(r"/v1/subscriptions/([^/]+)", path)
+        if method == "GET" and m:
+            self.get_subscription(headers, unquote(m.group(1)), query, path)
         if method == "POST" and path == "/v2/billing/meter_event_session":
             self.create_session(headers, body, path)
         if method == "POST" and path == "/v2/billing/meter_event_stream":
