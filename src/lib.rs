@@ -25,6 +25,7 @@
 //! | [`quota`] | quota windows, the `QuotaStore` trait, the memory and Redis stores |
 //! | [`metering`] | usage records from the access log: spool, dedup, windows, outbox, the usage report |
 //! | [`billing`] | sealed windows to Stripe meter events exactly once: delivery, dead letters, reconcile |
+//! | [`paywall`] | Stripe drives access: signed webhooks, subscription state, the grant rules of products sold through Stripe, the resync |
 //! | [`state`] | the state store (SQLite or PostgreSQL) of run-time developers, apps and keys; the management API; the merge into the snapshot and its sync across replicas |
 //! | [`source`] | reading YAML/JSON with `${VAR}` expansion so every error names `file:line:column` |
 //! | [`util`] | the clock, poison-tolerant locks, constant-time bearer comparison |
@@ -40,6 +41,7 @@ pub mod envoy;
 pub mod identity;
 pub mod matching;
 pub mod metering;
+pub mod paywall;
 pub mod quota;
 pub mod source;
 pub mod state;

@@ -11,6 +11,9 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use tollgate::catalog::{Status, SubscriptionStatus};
 use tollgate::identity::api_key::KeyHash;
+use tollgate::paywall::model::{
+    Observation, PaidStatus, PriceItem, StripeEvent, SubscriptionState,
+};
 use tollgate::state::StateStore;
 use tollgate::state::model::{
     AppInput, Changed, Changes, Claim, DeveloperInput, NewKey, Page, Remembered,
@@ -95,6 +98,9 @@ both!(
     idempotent_answers_are_kept_once,
     only_key_hashes_are_stored,
     migrate_twice_is_harmless,
+    stripe_events_are_recorded_once_and_applied_in_any_order,
+    stripe_subscriptions_reach_replicas_through_changes_and_loads,
+    replicas_take_turns_at_the_resync,
 );
 
 fn actor() -> Actor {
@@ -721,4 +727,197 @@ async fn migrate_twice_is_harmless(db: Db) {
     again.migrate().await.unwrap();
     assert!(again.developer("a@x.example").await.unwrap().is_some());
     again.ping().await.unwrap();
+}
+
+fn paid_state(id: &str, customer: &str, status: PaidStatus, price: &str) -> SubscriptionState {
+    SubscriptionState {
+        id: id.into(),
+        customer: customer.into(),
+        status,
+        items: vec![PriceItem {
+            price: price.into(),
+            lookup_key: None,
+        }],
+        period_start: Some(T0 - 100),
+    }
+}
+
+fn stripe_event(id: &str, status: PaidStatus, created: i64) -> StripeEvent {
+    StripeEvent {
+        id: id.into(),
+        kind: "customer.subscription.updated".into(),
+        created,
+        customer: "cus_1".into(),
+        observation: Observation::State {
+            state: paid_state("sub_1", "cus_1", status, "price_a"),
+            as_of: created,
+        },
+    }
+}
+
+fn observe(event: &StripeEvent) -> Write {
+    Write::Observe {
+        customer: event.customer.clone(),
+        observation: event.observation.clone(),
+        source: event.id.clone(),
+        event: Some(event.id.clone()),
+    }
+}
+
+async fn stripe_events_are_recorded_once_and_applied_in_any_order(db: Db) {
+    let store = db.store().await;
+    let newer = stripe_event("evt_2", PaidStatus::PastDue, T0 + 20);
+    let older = stripe_event("evt_1", PaidStatus::Active, T0 + 10);
+    assert!(store.record_event(&newer, T0).await.unwrap());
+    assert!(
+        !store.record_event(&newer, T0 + 1).await.unwrap(),
+        "a second delivery is a duplicate"
+    );
+    assert!(store.record_event(&older, T0 + 2).await.unwrap());
+    let pending = store.pending_events(T0 + 10, 10).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["evt_2", "evt_1"],
+        "oldest received first, every field kept"
+    );
+    assert_eq!(pending[0], newer);
+    assert!(
+        store.pending_events(T0, 10).await.unwrap().is_empty(),
+        "received_before is exclusive"
+    );
+
+    // Delivered out of order: the newer state stays.
+    let Written::Paid(Some(due)) = write(&store, observe(&newer)).await else {
+        panic!("the first observation is stored")
+    };
+    assert_eq!(due.past_due_since, Some(T0 - 100));
+    assert_eq!(write(&store, observe(&older)).await, Written::Paid(None));
+    let now = store.paid_subscriptions("cus_1").await.unwrap();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].state.status, PaidStatus::PastDue);
+    assert_eq!(now[0].source, "evt_2");
+    assert!(
+        store.pending_events(T0 + 100, 10).await.unwrap().is_empty(),
+        "both events are applied, the older one with no change"
+    );
+    // An invoice of an unknown subscription changes nothing; a paid invoice heals a known one.
+    let invoice = |sub: &str, paid: bool, as_of: i64| Write::Observe {
+        customer: "cus_1".into(),
+        observation: Observation::Invoice {
+            subscription: sub.into(),
+            paid,
+            period_end: None,
+            as_of,
+        },
+        source: "evt_inv".into(),
+        event: None,
+    };
+    assert_eq!(
+        write(&store, invoice("sub_unknown", true, T0 + 30)).await,
+        Written::Paid(None)
+    );
+    let Written::Paid(Some(healed)) = write(&store, invoice("sub_1", true, T0 + 30)).await else {
+        panic!("paid invoice heals")
+    };
+    assert_eq!(
+        (healed.state.status, healed.past_due_since),
+        (PaidStatus::Active, None)
+    );
+    // Applied events are pruned with the changes; pending ones stay.
+    let late = stripe_event("evt_3", PaidStatus::Canceled, T0 + 40);
+    assert!(store.record_event(&late, T0 + 3).await.unwrap());
+    store.prune(T0 + 1_000, T0).await.unwrap();
+    let left = store.pending_events(T0 + 1_000, 10).await.unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["evt_3"]
+    );
+    assert!(
+        store.record_event(&newer, T0 + 4).await.unwrap(),
+        "a pruned id is new again (Stripe stops retrying after 3 days; events are kept 7)"
+    );
+}
+
+async fn stripe_subscriptions_reach_replicas_through_changes_and_loads(db: Db) {
+    let store = db.store().await;
+    let cursor = match store.changes(0, 1000).await.unwrap() {
+        Changes::Since { through, .. } => through,
+        Changes::TooOld => panic!("fresh store"),
+    };
+    let seen = |state: SubscriptionState, as_of: i64, source: &str| Write::Observe {
+        customer: state.customer.clone(),
+        observation: Observation::State { state, as_of },
+        source: source.into(),
+        event: None,
+    };
+    write(
+        &store,
+        seen(
+            paid_state("sub_a", "cus_1", PaidStatus::Active, "price_a"),
+            T0,
+            "resync",
+        ),
+    )
+    .await;
+    write(
+        &store,
+        seen(
+            paid_state("sub_b", "cus_1", PaidStatus::Trialing, "price_b"),
+            T0,
+            "resync",
+        ),
+    )
+    .await;
+    write(
+        &store,
+        seen(
+            paid_state("sub_c", "cus_2", PaidStatus::Canceled, "price_a"),
+            T0,
+            "resync",
+        ),
+    )
+    .await;
+    let Changes::Since { changed, .. } = store.changes(cursor, 1000).await.unwrap() else {
+        panic!("since")
+    };
+    let customers: BTreeMap<String, Vec<String>> = changed
+        .into_iter()
+        .filter_map(|c| match c {
+            Changed::Customer { id, now } => {
+                Some((id, now.into_iter().map(|s| s.state.id).collect()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        customers["cus_1"],
+        ["sub_a", "sub_b"],
+        "the customer as it is now"
+    );
+    assert_eq!(customers["cus_2"], ["sub_c"]);
+    let image = store.load().await.unwrap();
+    let mut ids: Vec<&str> = image.paid.iter().map(|s| s.state.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["sub_a", "sub_b", "sub_c"]);
+    let audit = store.audit(0, 100).await.unwrap();
+    assert!(
+        audit.iter().any(|a| a.action == "stripe.observe"
+            && a.target == "customer:cus_2/subscription:sub_c from resync"),
+        "{audit:?}"
+    );
+}
+
+async fn replicas_take_turns_at_the_resync(db: Db) {
+    let one = db.store().await;
+    let two = SqlStore::open(&db.url).expect("second pool");
+    assert!(
+        one.claim_resync(T0, 3600).await.unwrap(),
+        "the first turn is free"
+    );
+    assert!(
+        !two.claim_resync(T0 + 10, 3600).await.unwrap(),
+        "taken within the interval"
+    );
+    assert!(two.claim_resync(T0 + 3600, 3600).await.unwrap());
+    assert!(!one.claim_resync(T0 + 3601, 3600).await.unwrap());
 }

@@ -501,6 +501,15 @@ impl Config {
             on_store_error: self.quota.on_store_error,
             on_store_error_by_api: self.quota.on_store_error_by_api.clone(),
             bearer: self.identity.jwt.is_some(),
+            stripe_grace: i64::try_from(
+                self.billing
+                    .as_ref()
+                    .map_or(crate::billing::config::DEFAULT_GRACE_PERIOD, |b| {
+                        b.stripe.grace_period
+                    })
+                    .as_secs(),
+            )
+            .unwrap_or(i64::MAX),
         }
     }
 }

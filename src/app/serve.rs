@@ -25,6 +25,8 @@ use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::metering::{Metering, MeteringError};
+use crate::paywall::Paywall;
+use crate::paywall::metrics::PaywallMetrics;
 use crate::quota::QuotaStore;
 use crate::quota::memory::MemoryStore;
 use crate::quota::persist;
@@ -164,6 +166,17 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
     };
 
+    let paywall = match &config.billing {
+        Some(billing) => Some(Paywall::new(
+            &billing.stripe,
+            Arc::new(store.clone()),
+            handle.clone(),
+            syncer.waker(),
+            PaywallMetrics::register(&metrics.registry)?,
+        )?),
+        None => None,
+    };
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut persister = None;
     let quota: Arc<dyn QuotaStore> = match config.quota.store {
@@ -270,13 +283,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 signalled(shutdown_rx.clone()),
             )),
         };
-    let management = state::api::router(ManagementState {
+    let mut management = state::api::router(ManagementState {
         store: Arc::new(store.clone()),
         snapshot: Arc::clone(&snapshot),
         syncer: Arc::clone(&syncer),
         metrics: state_metrics,
         actor: state::api::actor(config.admin_token.as_deref()),
     });
+    if let Some(paywall) = &paywall {
+        management = management.merge(paywall.admin_routes());
+    }
     let admin_router = admin::router(
         AdminState {
             metrics: metrics.clone(),
@@ -289,6 +305,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         },
         Some(management),
     );
+    // The webhook needs no admin token: the Stripe-Signature authenticates it.
+    let admin_router = match paywall.as_ref().and_then(Paywall::webhook_routes) {
+        Some(webhook) => admin_router.merge(webhook),
+        None => admin_router,
+    };
     let admin = http::serve(
         admin_listener,
         admin_tls.map_or(Acceptor::Plain, Acceptor::Tls),
@@ -301,6 +322,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         store.clone(),
         Arc::clone(&syncer),
         config.state.sync_interval,
+        paywall,
         shutdown_rx.clone(),
     ));
     let watcher = tokio::spawn(catalog_watch::run(
@@ -373,11 +395,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// Migrates the state store and reads it in full (retrying while it is down: Checks serve the catalog file
-/// meanwhile and `/readyz` says why), then follows its changes until shutdown.
+/// meanwhile and `/readyz` says why), starts the paywall's applier and resync on it, then follows its
+/// changes until shutdown.
 async fn follow_state(
     store: SqlStore,
     syncer: Arc<Syncer>,
     interval: Duration,
+    paywall: Option<Paywall>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -398,6 +422,10 @@ async fn follow_state(
             () = signalled(shutdown.clone()) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    if let Some(paywall) = paywall {
+        tokio::spawn(paywall.clone().run_applier(shutdown.clone()));
+        tokio::spawn(paywall.run_resync(shutdown.clone()));
     }
     if store.backend() == Backend::Postgres {
         tokio::spawn(state::listen::run(

@@ -128,6 +128,29 @@ fn error_code(body: &str) -> String {
         .unwrap_or_default()
 }
 
+/// What a read of the Stripe API got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// 2xx: the body.
+    Ok(String),
+    /// 404: no such object.
+    NotFound,
+    /// No answer, 409, 429 or 5xx: try again after a backoff (at least `retry_after`).
+    Retry {
+        /// Short cause for logs and metrics.
+        reason: String,
+        /// What `Retry-After` asked for.
+        retry_after: Option<Duration>,
+    },
+    /// Refused for good (401/403: the key; another 4xx: the request).
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Stripe's message (never the key).
+        message: String,
+    },
+}
+
 /// A v2 meter event session (no `Debug`: it holds a token).
 #[derive(Clone, Deserialize)]
 pub struct Session {
@@ -336,6 +359,91 @@ impl StripeClient {
             status,
             message: format!("unreadable answer to GET {path}: {e}"),
         })
+    }
+
+    /// One `GET` of the API, classified for retries like meter events (`path` segments already escaped).
+    pub async fn read(&self, path: &str, query: &[(&str, String)]) -> Read {
+        let sent = self
+            .http
+            .get(format!("{}{}", self.api_base, path))
+            .bearer_auth(&self.api_key)
+            .header("Stripe-Version", &self.api_version)
+            .query(query)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Read::Retry {
+                    reason: if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport_error"
+                    }
+                    .into(),
+                    retry_after: None,
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = retry_after(resp.headers());
+        let body = match resp.text().await {
+            Ok(body) => body,
+            Err(_) => {
+                return Read::Retry {
+                    reason: "transport_error".into(),
+                    retry_after,
+                };
+            }
+        };
+        match status {
+            200..=299 => Read::Ok(body),
+            404 => Read::NotFound,
+            401 | 403 => Read::Refused {
+                status,
+                message: "Stripe refused the API key".into(),
+            },
+            409 | 429 | 500.. => match retry(status, retry_after) {
+                Answer::Retry {
+                    reason,
+                    retry_after,
+                    ..
+                } => Read::Retry {
+                    reason,
+                    retry_after,
+                },
+                _ => Read::Retry {
+                    reason: format!("http_{status}"),
+                    retry_after,
+                },
+            },
+            _ => Read::Refused {
+                status,
+                message: error_message(&body),
+            },
+        }
+    }
+
+    /// `GET /v1/subscriptions/{id}`.
+    pub async fn subscription(&self, id: &str) -> Read {
+        let path = format!(
+            "/v1/subscriptions/{}",
+            percent_encoding::utf8_percent_encode(id, PATH_SEGMENT)
+        );
+        self.read(&path, &[]).await
+    }
+
+    /// One page (up to 100) of `GET /v1/subscriptions?customer=…&status=all`, after `starting_after`.
+    pub async fn subscriptions(&self, customer: &str, starting_after: Option<&str>) -> Read {
+        let mut query = vec![
+            ("customer", customer.to_owned()),
+            ("status", "all".to_owned()),
+            ("limit", "100".to_owned()),
+        ];
+        if let Some(after) = starting_after {
+            query.push(("starting_after", after.to_owned()));
+        }
+        self.read("/v1/subscriptions", &query).await
     }
 
     /// Every meter (`GET /v1/billing/meters`, all pages).

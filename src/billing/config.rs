@@ -62,7 +62,19 @@ pub struct StripeConfig {
     /// How often the outbox is checked for new rows.
     #[serde(default = "default_poll_interval", deserialize_with = "duration")]
     pub poll_interval: Duration,
+    /// The webhook endpoint's signing secret (`whsec_…`, never logged); enables `POST /stripe/webhook`.
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+    /// How long a past-due subscription keeps access after the period whose payment failed.
+    #[serde(default = "default_grace_period", deserialize_with = "duration")]
+    pub grace_period: Duration,
+    /// How often every known customer's subscriptions are read again from Stripe, to heal missed webhooks.
+    #[serde(default = "default_resync_interval", deserialize_with = "duration")]
+    pub resync_interval: Duration,
 }
+
+/// Default `grace_period`: three days, Stripe's first retries of a failed renewal.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(72 * 3600);
 
 /// Stripe's public API host (the default `api_base`).
 pub const STRIPE_API_BASE: &str = "https://api.stripe.com";
@@ -97,6 +109,12 @@ fn default_give_up_after() -> Duration {
 fn default_poll_interval() -> Duration {
     Duration::from_secs(1)
 }
+fn default_grace_period() -> Duration {
+    DEFAULT_GRACE_PERIOD
+}
+fn default_resync_interval() -> Duration {
+    Duration::from_secs(3600)
+}
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
@@ -120,6 +138,9 @@ impl StripeConfig {
             request_timeout: default_request_timeout(),
             give_up_after: default_give_up_after(),
             poll_interval: default_poll_interval(),
+            webhook_secret: None,
+            grace_period: default_grace_period(),
+            resync_interval: default_resync_interval(),
         }
     }
 
@@ -164,6 +185,20 @@ impl StripeConfig {
         }
         if self.request_timeout.is_zero() || self.poll_interval.is_zero() {
             return Err("billing.stripe.request_timeout and poll_interval must be above 0".into());
+        }
+        if self
+            .webhook_secret
+            .as_ref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return Err(
+                "billing.stripe.webhook_secret is empty (is STRIPE_WEBHOOK_SECRET set?): remove the key, or set \
+                 it to the endpoint's whsec_… secret"
+                    .into(),
+            );
+        }
+        if self.resync_interval < Duration::from_secs(1) {
+            return Err("billing.stripe.resync_interval must be at least 1s".into());
         }
         if self.give_up_after > MAX_GIVE_UP_AFTER {
             return Err(format!(
@@ -212,6 +247,12 @@ impl fmt::Debug for StripeConfig {
             .field("request_timeout", &self.request_timeout)
             .field("give_up_after", &self.give_up_after)
             .field("poll_interval", &self.poll_interval)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("grace_period", &self.grace_period)
+            .field("resync_interval", &self.resync_interval)
             .finish()
     }
 }
@@ -233,6 +274,17 @@ mod tests {
         assert_eq!(s.mode, StripeMode::V2Stream);
         assert!(s.validate().is_ok());
         assert!(!format!("{s:?}").contains("sk_test_secret"));
+        assert_eq!(s.grace_period, DEFAULT_GRACE_PERIOD);
+        assert_eq!(s.resync_interval, Duration::from_secs(3600));
+        let hooked: BillingConfig = serde_yaml_ng::from_str(
+            "stripe: {api_key: k, webhook_secret: whsec_shh, grace_period: 5s, resync_interval: 10m}",
+        )
+        .unwrap();
+        assert!(!format!("{:?}", hooked.stripe).contains("whsec_shh"));
+        assert_eq!(hooked.stripe.grace_period, Duration::from_secs(5));
+        let mut blank = hooked.stripe.clone();
+        blank.webhook_secret = Some(" ".into());
+        assert!(blank.validate().unwrap_err().contains("webhook_secret"));
 
         let bad = serde_yaml_ng::from_str::<BillingConfig>("stripe: {api_key: k, retries: 3}");
         assert!(bad.unwrap_err().to_string().contains("retries"));

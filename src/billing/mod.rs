@@ -51,7 +51,9 @@ use tokio::sync::watch;
 
 use crate::metering::UsageOutbox;
 
-pub use client::{Answer, StripeClient};
+pub(crate) use shared::backoff;
+
+pub use client::{Answer, Read, StripeClient};
 pub use config::{BillingConfig, StripeConfig, StripeMode};
 pub use dead_letter::{DeadLetter, DeadLetterKind, DeadLetters, Requeue, RequeueOutcome};
 pub use reconcile::{ReconcileReport, ReconcileRow, reconcile};

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::identity::api_key::KeyHash;
 use crate::matching::path::PathPattern;
+use crate::paywall::access::PriceRef;
 use crate::quota::{Limit, Unit};
 use crate::source::{PathSeg, Source, SourceError};
 
@@ -55,6 +56,8 @@ struct RawProduct {
     #[serde(default)]
     operations: Vec<RawOperation>,
     meter: Option<RawMeter>,
+    #[serde(default)]
+    stripe_prices: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -188,9 +191,13 @@ impl Builder<'_> {
             }
             products.push(product);
         }
+        let sold = (0..products.len())
+            .filter(|&i| !products[i].stripe_prices.is_empty())
+            .collect();
         let mut catalog = Catalog {
             products: Arc::new(products),
             products_by_name: Arc::new(products_by_name),
+            sold: Arc::new(sold),
             ..Catalog::default()
         };
 
@@ -263,6 +270,20 @@ impl Builder<'_> {
             Some(m) => Some(self.meter(&[at[0], at[1], PathSeg::Key("meter")], m)?),
             None => None,
         };
+        let mut stripe_prices = Vec::with_capacity(p.stripe_prices.len());
+        for (i, text) in p.stripe_prices.iter().enumerate() {
+            let here = [
+                at[0],
+                at[1],
+                PathSeg::Key("stripe_prices"),
+                PathSeg::Index(i),
+            ];
+            let price = PriceRef::parse(text).map_err(|e| self.err(&here, e))?;
+            if stripe_prices.contains(&price) {
+                return Err(self.err(&here, format!("{text:?} is listed twice")));
+            }
+            stripe_prices.push(price);
+        }
         Ok(Product {
             name,
             display_name: p.display_name,
@@ -272,6 +293,7 @@ impl Builder<'_> {
             quota,
             operations,
             meter,
+            stripe_prices,
         })
     }
 

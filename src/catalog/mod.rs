@@ -16,6 +16,8 @@ use arc_swap::ArcSwap;
 
 use crate::identity::api_key::KeyHash;
 use crate::matching::path::PathPattern;
+use crate::paywall::access::PriceRef;
+use crate::paywall::model::PaidSubscription;
 use crate::quota::Limit;
 use keys::KeyTable;
 
@@ -49,6 +51,14 @@ pub enum SubscriptionStatus {
     Pending,
     /// Withdrawn: calls are refused (403).
     Revoked,
+    /// Sold through Stripe, and its subscription is past due beyond the grace period, unpaid or incomplete
+    /// (402). Only the Check sets it, from Stripe's state; it is never written or stored.
+    #[serde(skip)]
+    PaymentRequired,
+    /// Sold through Stripe, and no subscription of the customer is in force for it (403). Only the Check sets
+    /// it.
+    #[serde(skip)]
+    Unsubscribed,
 }
 
 impl SubscriptionStatus {
@@ -58,6 +68,8 @@ impl SubscriptionStatus {
             SubscriptionStatus::Approved => "approved",
             SubscriptionStatus::Pending => "pending",
             SubscriptionStatus::Revoked => "revoked",
+            SubscriptionStatus::PaymentRequired => "payment_required",
+            SubscriptionStatus::Unsubscribed => "unsubscribed",
         }
     }
 }
@@ -135,6 +147,8 @@ pub struct Product {
     pub operations: Vec<Operation>,
     /// Billing meter, if the product is billed.
     pub meter: Option<Meter>,
+    /// Stripe prices that sell the product: a subscription to one of them grants it (CONTRACT §8).
+    pub stripe_prices: Vec<PriceRef>,
 }
 
 impl Product {
@@ -222,15 +236,48 @@ pub struct Key {
 pub struct Catalog {
     products: Arc<Vec<Product>>,
     products_by_name: Arc<HashMap<String, ProductId>>,
+    /// Products with `stripe_prices`, in catalog order.
+    sold: Arc<Vec<ProductId>>,
     developers: imbl::HashMap<DeveloperId, Arc<Developer>>,
     apps: imbl::HashMap<AppId, Arc<App>>,
     keys: KeyTable,
     apps_by_name: imbl::HashMap<String, AppId>,
     apps_by_client_id: imbl::HashMap<String, AppId>,
     developers_by_email: imbl::HashMap<String, DeveloperId>,
+    /// Stripe subscriptions by customer, from the state store.
+    customers: imbl::HashMap<String, Arc<[PaidSubscription]>>,
 }
 
 impl Catalog {
+    /// Products sold through Stripe (with `stripe_prices`), in catalog order.
+    pub fn sold_through_stripe(&self) -> &[ProductId] {
+        &self.sold
+    }
+
+    /// A Stripe customer's subscriptions as last read (empty when none are known).
+    pub fn paid_subscriptions(&self, customer: &str) -> &[PaidSubscription] {
+        self.customers.get(customer).map_or(&[], |s| &**s)
+    }
+
+    /// Every Stripe customer the catalog names: developers' and those with known subscriptions.
+    pub fn stripe_customers(&self) -> std::collections::BTreeSet<&str> {
+        self.developers
+            .values()
+            .filter_map(|d| d.stripe_customer.as_deref())
+            .chain(self.customers.keys().map(String::as_str))
+            .collect()
+    }
+
+    /// Sets a customer's subscriptions (none: forgets the customer).
+    pub fn put_customer(&mut self, customer: &str, subscriptions: Vec<PaidSubscription>) {
+        if subscriptions.is_empty() {
+            self.customers.remove(customer);
+        } else {
+            self.customers
+                .insert(customer.to_owned(), Arc::from(subscriptions));
+        }
+    }
+
     /// Every product, in catalog order.
     pub fn products(&self) -> &[Product] {
         &self.products
@@ -321,6 +368,7 @@ impl Catalog {
         Catalog {
             products: Arc::clone(&self.products),
             products_by_name: Arc::clone(&self.products_by_name),
+            sold: Arc::clone(&self.sold),
             ..Catalog::default()
         }
     }
@@ -329,6 +377,7 @@ impl Catalog {
     pub fn set_products_from(&mut self, other: &Catalog) {
         self.products = Arc::clone(&other.products);
         self.products_by_name = Arc::clone(&other.products_by_name);
+        self.sold = Arc::clone(&other.sold);
     }
 
     /// Adds or replaces the developer `id`.

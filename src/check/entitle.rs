@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use crate::catalog::{App, Catalog, Status, Subscription, SubscriptionStatus};
+use crate::catalog::{App, Catalog, ProductId, Status, Subscription, SubscriptionStatus};
 use crate::check::buckets::Owner;
 use crate::check::decision::Identity;
 use crate::check::message::missing_credential_message;
@@ -10,6 +10,7 @@ use crate::check::{Reason, Settings};
 use crate::identity::Caller;
 use crate::identity::api_key::KeyHash;
 use crate::identity::jwt::{JwtRejection, VerifiedToken};
+use crate::paywall::access::{Access, access};
 
 /// Who a request's credential resolved to in the catalog, and what it may use.
 pub(crate) struct Entitled<'a> {
@@ -19,6 +20,8 @@ pub(crate) struct Entitled<'a> {
     pub(crate) subscriptions: Cow<'a, [Subscription]>,
     /// Scopes of a token caller; `None` for API keys, which products do not scope-check.
     pub(crate) scopes: Option<&'a [String]>,
+    /// The Stripe customer whose subscriptions decide the products sold through Stripe.
+    pub(crate) customer: Option<&'a str>,
 }
 
 /// Resolves the caller to its identity and subscriptions, or says why it is refused. `known` receives the
@@ -96,19 +99,78 @@ pub(crate) fn entitle<'a>(
                         "token's app is not registered".to_owned(),
                     ));
                 }
-                (None, _) => return account(token, catalog, known),
+                (None, _) => return account(token, catalog, settings, now, known),
             }
         }
     };
     if app.status == Status::Revoked {
         return Err((Reason::AppRevoked, format!("app {} is revoked", app.name)));
     }
+    let customer = known.stripe_customer;
     Ok(Entitled {
         identity: known.clone(),
         owner: Owner::App(&app.name),
-        subscriptions: Cow::Borrowed(&app.products),
+        subscriptions: with_stripe(
+            catalog,
+            Cow::Borrowed(&app.products),
+            customer,
+            true,
+            now,
+            settings.stripe_grace,
+        ),
         scopes,
+        customer,
     })
+}
+
+/// The subscriptions as Stripe leaves them (CONTRACT §8): an approved (or, for an app, absent) subscription to
+/// a product sold through Stripe holds only while the customer's Stripe subscription to it is in force; an
+/// explicit `pending` or `revoked` one still holds or revokes. Without products sold through Stripe the list is
+/// borrowed as it is.
+fn with_stripe<'a>(
+    catalog: &'a Catalog,
+    listed: Cow<'a, [Subscription]>,
+    customer: Option<&str>,
+    add_unlisted: bool,
+    now: i64,
+    grace: i64,
+) -> Cow<'a, [Subscription]> {
+    let sold = catalog.sold_through_stripe();
+    if sold.is_empty() {
+        return listed;
+    }
+    let paid = customer.map_or(&[][..], |c| catalog.paid_subscriptions(c));
+    let status_of = |product: ProductId| {
+        let prices = catalog
+            .product(product)
+            .map_or(&[][..], |p| &p.stripe_prices);
+        match access(paid, prices, now, grace) {
+            Access::Granted(_) => SubscriptionStatus::Approved,
+            Access::PaymentRequired(_) => SubscriptionStatus::PaymentRequired,
+            Access::NotSubscribed(_) => SubscriptionStatus::Unsubscribed,
+        }
+    };
+    let mut out: Vec<Subscription> = listed
+        .iter()
+        .map(|s| match s.status {
+            SubscriptionStatus::Approved if sold.contains(&s.product) => Subscription {
+                product: s.product,
+                status: status_of(s.product),
+            },
+            _ => *s,
+        })
+        .collect();
+    if add_unlisted {
+        for &product in sold {
+            if !listed.iter().any(|s| s.product == product) {
+                out.push(Subscription {
+                    product,
+                    status: status_of(product),
+                });
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// A portal token with no catalog app: its `products` claim entitles it, and its company (else developer) owns
@@ -117,6 +179,8 @@ pub(crate) fn entitle<'a>(
 fn account<'a>(
     token: &'a VerifiedToken,
     catalog: &'a Catalog,
+    settings: &Settings,
+    now: i64,
     known: &mut Identity<'a>,
 ) -> Result<Entitled<'a>, (Reason, String)> {
     let developer = token.developer.as_deref();
@@ -153,10 +217,19 @@ fn account<'a>(
             status: SubscriptionStatus::Approved,
         })
         .collect();
+    let customer = known.stripe_customer;
     Ok(Entitled {
         identity: known.clone(),
         owner: Owner::Account(owner),
-        subscriptions: Cow::Owned(subscriptions),
+        subscriptions: with_stripe(
+            catalog,
+            Cow::Owned(subscriptions),
+            customer,
+            false,
+            now,
+            settings.stripe_grace,
+        ),
         scopes: Some(&token.scopes),
+        customer,
     })
 }

@@ -9,6 +9,7 @@ use crate::check::message::{no_product_message, quota_message};
 use crate::check::{OnStoreError, Reason, Request, Settings};
 use crate::identity::Caller;
 use crate::matching::{self, Match, Target, path};
+use crate::paywall::access::{Access, access, denial_message};
 use crate::quota::{Charge, Limit, Outcome};
 
 /// A decision that waits for the quota store.
@@ -108,6 +109,46 @@ pub fn plan<'a>(
                 );
             }
         },
+        Match::NotApproved {
+            product,
+            status:
+                status @ (SubscriptionStatus::PaymentRequired | SubscriptionStatus::Unsubscribed),
+        } => {
+            let paid = entitled
+                .customer
+                .map_or(&[][..], |c| catalog.paid_subscriptions(c));
+            let grace = settings.stripe_grace;
+            let decide = |id: usize| {
+                products
+                    .get(id)
+                    .map(|p| (p.name.as_str(), access(paid, &p.stripe_prices, now, grace)))
+            };
+            // "No subscription" to the first product says less than an ended subscription to another product
+            // that would cover the request: name the one the caller had.
+            let (name, found) = decide(product)
+                .filter(|(_, a)| !matches!(a, Access::NotSubscribed(None)))
+                .or_else(|| {
+                    entitled
+                        .subscriptions
+                        .iter()
+                        .filter(|s| s.status == SubscriptionStatus::Unsubscribed)
+                        .filter(|s| {
+                            products.get(s.product).is_some_and(|p| {
+                                p.operations.iter().any(|op| matching::covers(op, &target))
+                            })
+                        })
+                        .filter_map(|s| decide(s.product))
+                        .find(|(_, a)| matches!(a, Access::NotSubscribed(Some(_))))
+                })
+                .or_else(|| decide(product))
+                .unwrap_or(("", Access::NotSubscribed(None)));
+            let message = denial_message(name, found, grace);
+            let reason = match status {
+                SubscriptionStatus::PaymentRequired => Reason::PaymentRequired,
+                _ => Reason::NoSubscription,
+            };
+            return deny(decision, reason, message);
+        }
         Match::NotApproved { product, status } => {
             let name = products.get(product).map_or("", |p| p.name.as_str());
             let (reason, state) = match status {

@@ -37,6 +37,11 @@ pub enum Reason {
     NoApi,
     /// The path is dangerous.
     BadPath,
+    /// The product is sold through Stripe and its subscription is past due beyond the grace period, unpaid or
+    /// incomplete.
+    PaymentRequired,
+    /// The product is sold through Stripe and the caller's customer has no subscription in force for it.
+    NoSubscription,
     /// The quota is spent.
     QuotaExceeded,
     /// The quota store failed and `on_store_error` is `deny`.
@@ -45,7 +50,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Reason::Allowed,
         Reason::AllowedStoreError,
         Reason::MissingCredential,
@@ -63,6 +68,8 @@ impl Reason {
         Reason::NoProduct,
         Reason::NoApi,
         Reason::BadPath,
+        Reason::PaymentRequired,
+        Reason::NoSubscription,
         Reason::QuotaExceeded,
         Reason::StoreUnavailable,
     ];
@@ -87,6 +94,8 @@ impl Reason {
             Reason::NoProduct => "no_product",
             Reason::NoApi => "no_api",
             Reason::BadPath => "bad_path",
+            Reason::PaymentRequired => "payment_required",
+            Reason::NoSubscription => "no_subscription",
             Reason::QuotaExceeded => "quota_exceeded",
             Reason::StoreUnavailable => "store_unavailable",
         }
@@ -114,7 +123,9 @@ impl Reason {
             | Reason::ProductNotOffered
             | Reason::MissingScope
             | Reason::NoProduct
+            | Reason::NoSubscription
             | Reason::NoApi => 403,
+            Reason::PaymentRequired => 402,
             Reason::QuotaExceeded => 429,
             Reason::StoreUnavailable | Reason::KeysUnavailable => 503,
         }
@@ -124,6 +135,7 @@ impl Reason {
     pub fn error_code(self) -> &'static str {
         match self.http_status() {
             400 => "bad_request",
+            402 => "payment_required",
             401 => "unauthenticated",
             403 => "forbidden",
             429 => "quota_exceeded",

@@ -36,6 +36,8 @@ pub struct Settings {
     pub on_store_error_by_api: HashMap<String, OnStoreError>,
     /// Whether bearer tokens are accepted (JWT providers are configured).
     pub bearer: bool,
+    /// `billing.stripe.grace_period` in seconds: how long a past-due subscription keeps access.
+    pub stripe_grace: i64,
 }
 
 impl Settings {

@@ -72,6 +72,7 @@ fn world() -> World {
             on_store_error_by_api: HashMap::new(),
             bearer: false,
             upstream_identity_headers: true,
+            stripe_grace: 100,
         },
     }
 }
@@ -500,5 +501,190 @@ fn refused_tokens_say_why_without_echoing_them() {
             .reason
             .http_status(),
         503
+    );
+}
+
+const SOLD: &str = "\
+products:
+  - name: starter
+    quota: {limit: 3, unit: day}
+    stripe_prices: [price_starter]
+    operations: [{api: weather, paths: [/forecast]}]
+  - name: pro
+    quota: {limit: 100, unit: day}
+    stripe_prices: ['lookup_key:pro_monthly']
+    operations: [{api: weather, paths: [/forecast, /pro]}]
+  - name: free
+    operations: [{api: weather, paths: [/free]}]
+developers:
+  - email: payer@x
+    stripe_customer: cus_1
+    apps:
+      - {name: payer, products: [{name: free}], keys: [{hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}]}
+      - {name: held, products: [{name: pro, status: revoked}], keys: [{hash: 'sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d'}]}
+  - email: nobody@x
+    apps:
+      - {name: stranger, keys: [{hash: 'sha256:2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6'}]}
+";
+
+fn paid(
+    status: crate::paywall::model::PaidStatus,
+    price: &str,
+    since: Option<i64>,
+) -> crate::paywall::model::PaidSubscription {
+    use crate::paywall::model::{PaidSubscription, PriceItem, SubscriptionState};
+    let lookup_key = (price == "price_pro").then(|| "pro_monthly".to_owned());
+    PaidSubscription {
+        state: SubscriptionState {
+            id: "sub_1".into(),
+            customer: "cus_1".into(),
+            status,
+            items: vec![PriceItem {
+                price: price.into(),
+                lookup_key,
+            }],
+            period_start: since,
+        },
+        past_due_since: since,
+        as_of: 0,
+        source: "evt_1".into(),
+    }
+}
+
+fn sold(subscriptions: Vec<crate::paywall::model::PaidSubscription>) -> World {
+    let mut w = world();
+    w.catalog = parse(&Source::from_text("c.yaml", SOLD.to_owned())).unwrap();
+    w.catalog.put_customer("cus_1", subscriptions);
+    w
+}
+
+/// The product a request would be charged on, or the denial's reason and message.
+fn outcome(w: &World, key: &str, path: &str) -> Result<String, (Reason, String)> {
+    let caller = headers(Some(key));
+    let e = ext("weather");
+    match decide_now(w, "GET", path, &caller, &e) {
+        Plan::Charge(c) => Ok(c.charge(NOW).bucket.to_owned()),
+        Plan::Decided(d) if d.allowed() => Ok(d.identity.product.unwrap_or("").to_owned()),
+        Plan::Decided(d) => Err((d.reason, d.message)),
+    }
+}
+
+#[test]
+fn stripe_subscriptions_grant_products_sold_through_stripe() {
+    use crate::paywall::model::PaidStatus as S;
+    let none = sold(Vec::new());
+    assert_eq!(
+        outcome(&none, "abc", "/forecast"),
+        Err((
+            Reason::NoSubscription,
+            "no active subscription for product starter".into()
+        ))
+    );
+    assert_eq!(
+        outcome(&none, "abc", "/free"),
+        Ok("free".into()),
+        "products not sold through Stripe stay"
+    );
+
+    let starter = sold(vec![paid(S::Active, "price_starter", None)]);
+    assert_eq!(
+        outcome(&starter, "abc", "/forecast"),
+        Ok("payer\u{1f}starter".into())
+    );
+    // A plan change: the item moves to pro's price, and pro's quota is charged from the next Check.
+    let pro = sold(vec![paid(S::Active, "price_pro", None)]);
+    assert_eq!(
+        outcome(&pro, "abc", "/forecast"),
+        Ok("payer\u{1f}pro".into())
+    );
+    assert_eq!(
+        outcome(&pro, "b", "/pro"),
+        Err((
+            Reason::ProductRevoked,
+            "app held's subscription to product pro is revoked".into()
+        )),
+        "an explicit revocation still revokes"
+    );
+    assert_eq!(
+        outcome(&pro, "c", "/pro"),
+        Err((
+            Reason::NoSubscription,
+            "no active subscription for product pro".into()
+        )),
+        "a developer without a Stripe customer has no subscription"
+    );
+
+    let trial = sold(vec![paid(S::Trialing, "price_starter", None)]);
+    assert!(outcome(&trial, "abc", "/forecast").is_ok());
+    let grace = sold(vec![paid(S::PastDue, "price_starter", Some(NOW - 99))]);
+    assert!(
+        outcome(&grace, "abc", "/forecast").is_ok(),
+        "past due within the grace period"
+    );
+    let late = sold(vec![paid(S::PastDue, "price_starter", Some(NOW - 100))]);
+    let (reason, message) = outcome(&late, "abc", "/forecast").unwrap_err();
+    assert_eq!(
+        (reason, reason.http_status(), reason.error_code()),
+        (Reason::PaymentRequired, 402, "payment_required")
+    );
+    assert!(
+        message.starts_with("subscription sub_1 for product starter is past_due since ")
+            && message.contains("access ended"),
+        "{message}"
+    );
+    for (status, reason) in [
+        (S::Unpaid, Reason::PaymentRequired),
+        (S::Incomplete, Reason::PaymentRequired),
+        (S::Canceled, Reason::NoSubscription),
+        (S::IncompleteExpired, Reason::NoSubscription),
+        (S::Paused, Reason::NoSubscription),
+    ] {
+        let w = sold(vec![paid(status, "price_starter", None)]);
+        let (got, message) = outcome(&w, "abc", "/forecast").unwrap_err();
+        assert_eq!(got, reason, "{status:?}: {message}");
+        assert!(
+            message.contains("sub_1") && message.contains(status.as_str()),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn portal_tokens_are_held_to_their_customers_subscriptions() {
+    use crate::paywall::model::PaidStatus as S;
+    let token_of = |customer: Option<&str>| {
+        Caller::Token(Ok(std::sync::Arc::new(VerifiedToken {
+            provider: "portal".into(),
+            subject: Some("payer@x".into()),
+            developer: Some("payer@x".into()),
+            app: None,
+            company: None,
+            products: vec!["starter".into()],
+            scopes: Vec::new(),
+            stripe_customer: customer.map(str::to_owned),
+            portal: true,
+            expires_at: NOW + 60,
+        })))
+    };
+    let e = ext("weather");
+    let canceled = sold(vec![paid(S::Canceled, "price_starter", None)]);
+    let caller = token_of(None);
+    let d = decided(decide_now(&canceled, "GET", "/forecast", &caller, &e));
+    assert_eq!(d.reason, Reason::NoSubscription, "{}", d.message);
+    let active = sold(vec![paid(S::Active, "price_starter", None)]);
+    assert!(matches!(
+        decide_now(&active, "GET", "/forecast", &caller, &e),
+        Plan::Charge(_)
+    ));
+    // A token naming only starter is not granted pro by a pro subscription.
+    let pro = sold(vec![paid(S::Active, "price_pro", None)]);
+    let d = decided(decide_now(&pro, "GET", "/pro", &caller, &e));
+    assert_eq!(d.reason, Reason::NoProduct, "{}", d.message);
+    let elsewhere = token_of(Some("cus_other"));
+    let d = decided(decide_now(&active, "GET", "/forecast", &elsewhere, &e));
+    assert_eq!(
+        d.reason,
+        Reason::NoSubscription,
+        "the token's own customer decides"
     );
 }

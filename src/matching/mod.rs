@@ -86,7 +86,16 @@ pub fn select(
             continue;
         }
         if sub.status != SubscriptionStatus::Approved {
-            if !matches!(fallback, Match::NotApproved { .. }) {
+            // "No subscription" to one Stripe product says less than any other refusal: a pending approval
+            // or a payment due elsewhere is what the caller can act on.
+            let replaces = match fallback {
+                Match::NotApproved { status, .. } => {
+                    status == SubscriptionStatus::Unsubscribed
+                        && sub.status != SubscriptionStatus::Unsubscribed
+                }
+                _ => true,
+            };
+            if replaces {
                 fallback = Match::NotApproved {
                     product: sub.product,
                     status: sub.status,

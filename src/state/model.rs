@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::catalog::{Status, SubscriptionStatus};
 use crate::identity::api_key::KeyHash;
+use crate::paywall::model::{Observation, PaidSubscription};
 
 /// Free-form name/value pairs a portal keeps on a developer or an app (Apigee's custom attributes).
 pub type Attributes = BTreeMap<String, String>;
@@ -192,6 +193,18 @@ pub enum Write {
         /// The key's id.
         id: String,
     },
+    /// Folds what Stripe said of a subscription into the stored one (an older observation changes nothing),
+    /// and marks the webhook event it came from applied.
+    Observe {
+        /// The subscription's customer.
+        customer: String,
+        /// What was seen.
+        observation: Observation,
+        /// Where it was learned: an event id, `fetch` or `resync`.
+        source: String,
+        /// The webhook event to mark applied.
+        event: Option<String>,
+    },
 }
 
 impl Write {
@@ -206,6 +219,7 @@ impl Write {
             Write::CreateKey { .. } => "key.create",
             Write::RotateKey { .. } => "key.rotate",
             Write::RevokeKey { .. } => "key.revoke",
+            Write::Observe { .. } => "stripe.observe",
         }
     }
 
@@ -222,6 +236,15 @@ impl Write {
                 format!("app:{app}/key:{old}->{}", key.id)
             }
             Write::RevokeKey { app, id } => format!("app:{app}/key:{id}"),
+            Write::Observe {
+                customer,
+                observation,
+                source,
+                ..
+            } => format!(
+                "customer:{customer}/subscription:{} from {source}",
+                observation.subscription()
+            ),
         }
     }
 }
@@ -247,6 +270,8 @@ pub enum Written {
     Key(KeyRecord),
     /// The entity is gone.
     Deleted,
+    /// A Stripe subscription as it now stands, when the observation changed it.
+    Paid(Option<PaidSubscription>),
 }
 
 /// One entity a change names, as it is now (`None`: it no longer exists).
@@ -272,6 +297,13 @@ pub enum Changed {
         hash: KeyHash,
         /// The key now.
         now: Option<StoredKey>,
+    },
+    /// A Stripe customer's subscriptions.
+    Customer {
+        /// `cus_…`.
+        id: String,
+        /// Every subscription of the customer now.
+        now: Vec<PaidSubscription>,
     },
 }
 
@@ -300,6 +332,8 @@ pub struct Image {
     pub apps: Vec<AppRecord>,
     /// Every key.
     pub keys: Vec<StoredKey>,
+    /// Every Stripe subscription.
+    pub paid: Vec<PaidSubscription>,
 }
 
 /// One row of the audit table.

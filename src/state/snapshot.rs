@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::catalog::metrics::CatalogMetrics;
 use crate::catalog::{App, Catalog, CatalogHandle, Developer, Key, Subscription};
+use crate::paywall::model::PaidSubscription;
 use crate::state::model::{AppRecord, Changed, DeveloperRecord, Image, StoredKey};
 use crate::util::sync::lock;
 
@@ -107,6 +108,16 @@ impl Snapshot {
             apps.insert(a.id, Arc::new(a.clone()));
         }
         store.put_keys(image.keys.iter().map(key));
+        let mut customers: HashMap<&str, Vec<PaidSubscription>> = HashMap::new();
+        for p in &image.paid {
+            customers
+                .entry(p.state.customer.as_str())
+                .or_default()
+                .push(p.clone());
+        }
+        for (customer, subscriptions) in customers {
+            store.put_customer(customer, subscriptions);
+        }
         inner.store = store;
         inner.apps = apps;
         self.publish(&inner);
@@ -170,6 +181,8 @@ fn shadowed(change: &Changed, file: &Catalog) -> bool {
                     .is_some_and(|c| file.app_by_client_id(c).is_some())
         }
         Changed::Key { hash, .. } => file.key(hash).is_some(),
+        // Subscriptions come only from the store.
+        Changed::Customer { .. } => false,
     }
 }
 
@@ -195,6 +208,7 @@ fn apply_one(catalog: &mut Catalog, change: &Changed, file: &Catalog) {
             Some(k) => catalog.put_key(key(k)),
             None => catalog.remove_key(hash),
         },
+        Changed::Customer { id, now } => catalog.put_customer(id, now.clone()),
     }
 }
 
@@ -335,6 +349,7 @@ mod tests {
                 status: Status::Approved,
                 expires_at: None,
             }],
+            paid: Vec::new(),
         }
     }
 

@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 
 use crate::catalog::{Status, SubscriptionStatus};
 use crate::identity::api_key::KeyHash;
+use crate::paywall::model::{self as paid, Observation, PaidSubscription, StripeEvent};
 use crate::state::model::{
     AppInput, AppRecord, Attributes, AuditRecord, Changed, Changes, Claim, DeveloperInput,
     DeveloperRecord, Image, KeyRecord, NewKey, Page, Remembered, StoredKey, SubscriptionRecord,
@@ -156,6 +157,15 @@ impl StateStore for SqlStore {
                 key,
             } => w.rotate_key(app, old, *old_expires_at, key).await,
             Write::RevokeKey { app, id } => w.revoke_key(app, id).await,
+            Write::Observe {
+                customer,
+                observation,
+                source,
+                event,
+            } => {
+                w.observe(customer, observation, source, event.as_deref())
+                    .await
+            }
         }
         .map_err(unique_is_conflict)?;
         sqlx::query(
@@ -344,6 +354,10 @@ impl StateStore for SqlStore {
                         now: now.as_ref().map(stored_key_row).transpose()?,
                     }
                 }
+                "customer" => {
+                    let now = customer_subscriptions(&mut conn, &name).await?;
+                    Changed::Customer { id: name, now }
+                }
                 other => return Err(StoreError::Corrupt(format!("change kind {other:?}"))),
             });
         }
@@ -392,11 +406,18 @@ impl StateStore for SqlStore {
                 keys.push(stored_key_row(&row?)?);
             }
         }
+        let paid = sqlx::query(PAID_COLUMNS)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(paid_row)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Image {
             seq,
             developers,
             apps,
             keys,
+            paid,
         })
     }
 
@@ -422,8 +443,71 @@ impl StateStore for SqlStore {
             .bind(answers_before)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM stripe_events WHERE received_at < $1 AND applied_at IS NOT NULL")
+            .bind(changes_before)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn record_event(&self, event: &StripeEvent, now: i64) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(event)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
+        let inserted = sqlx::query(
+            "INSERT INTO stripe_events (id, kind, customer, event, received_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&event.id)
+        .bind(&event.kind)
+        .bind(&event.customer)
+        .bind(json)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn pending_events(
+        &self,
+        received_before: i64,
+        limit: u32,
+    ) -> Result<Vec<StripeEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, event FROM stripe_events WHERE applied_at IS NULL AND received_at < $1 \
+             ORDER BY received_at, id LIMIT $2",
+        )
+        .bind(received_before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let text: String = row.try_get("event")?;
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("stripe_events row {id}: {e}")))
+            })
+            .collect()
+    }
+
+    async fn paid_subscriptions(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<PaidSubscription>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        customer_subscriptions(&mut conn, customer).await
+    }
+
+    async fn claim_resync(&self, now: i64, every: i64) -> Result<bool, StoreError> {
+        let claimed = sqlx::query(
+            "UPDATE stripe_resync SET started_at = $1 WHERE singleton = 1 AND started_at <= $2",
+        )
+        .bind(now)
+        .bind(now.saturating_sub(every))
+        .execute(&self.pool)
+        .await?;
+        Ok(claimed.rows_affected() == 1)
     }
 
     async fn claim(
@@ -508,6 +592,7 @@ const DEVELOPER_COLUMNS: &str = "SELECT id, email, company, stripe_customer, att
 const APP_COLUMNS: &str = "SELECT a.id, a.name, a.developer_id, d.email AS developer, a.client_id, a.status, \
      a.attributes, a.created_at, a.updated_at FROM apps a JOIN developers d ON d.id = a.developer_id";
 const STORED_KEY_COLUMNS: &str = "SELECT hash, app_id, status, expires_at FROM api_keys";
+const PAID_COLUMNS: &str = "SELECT id, state FROM stripe_subscriptions";
 
 /// One write's transaction, its sequence number and its time.
 struct Tx<'t, 'c> {
@@ -848,6 +933,60 @@ impl Tx<'_, '_> {
         Ok(Written::Key(key))
     }
 
+    async fn observe(
+        &mut self,
+        customer: &str,
+        observation: &Observation,
+        source: &str,
+        event: Option<&str>,
+    ) -> Result<Written, StoreError> {
+        let id = observation.subscription();
+        let stored = sqlx::query(&format!("{PAID_COLUMNS} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&mut **self.tx)
+            .await?
+            .as_ref()
+            .map(paid_row)
+            .transpose()?;
+        let next = paid::fold(stored.as_ref(), observation, source);
+        if let Some(next) = &next {
+            let json = serde_json::to_string(next)
+                .map_err(|e| StoreError::Corrupt(format!("subscription {id}: {e}")))?;
+            sqlx::query(
+                "INSERT INTO stripe_subscriptions (id, customer, state, as_of, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET customer = excluded.customer, \
+                 state = excluded.state, as_of = excluded.as_of, updated_at = excluded.updated_at",
+            )
+            .bind(id)
+            .bind(&next.state.customer)
+            .bind(json)
+            .bind(next.as_of)
+            .bind(self.now)
+            .execute(&mut **self.tx)
+            .await?;
+            self.changed("customer", &next.state.customer).await?;
+            if let Some(old) = stored.filter(|s| s.state.customer != next.state.customer) {
+                self.changed("customer", &old.state.customer).await?;
+            }
+        } else if stored.is_none() {
+            tracing::debug!(
+                subscription = id,
+                customer,
+                "invoice of a subscription not seen yet"
+            );
+        }
+        if let Some(event) = event {
+            sqlx::query(
+                "UPDATE stripe_events SET applied_at = $1 WHERE id = $2 AND applied_at IS NULL",
+            )
+            .bind(self.now)
+            .bind(event)
+            .execute(&mut **self.tx)
+            .await?;
+        }
+        Ok(Written::Paid(next))
+    }
+
     async fn app_id(&mut self, name: &str) -> Result<i64, StoreError> {
         let id: Option<i64> = sqlx::query_scalar("SELECT id FROM apps WHERE name = $1")
             .bind(name)
@@ -884,6 +1023,26 @@ async fn subscriptions(
         .iter()
         .map(subscription_row)
         .collect()
+}
+
+async fn customer_subscriptions(
+    conn: &mut sqlx::AnyConnection,
+    customer: &str,
+) -> Result<Vec<PaidSubscription>, StoreError> {
+    sqlx::query(&format!("{PAID_COLUMNS} WHERE customer = $1 ORDER BY id"))
+        .bind(customer)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(paid_row)
+        .collect()
+}
+
+fn paid_row(row: &AnyRow) -> Result<PaidSubscription, StoreError> {
+    let id: String = row.try_get("id")?;
+    let text: String = row.try_get("state")?;
+    serde_json::from_str(&text)
+        .map_err(|e| StoreError::Corrupt(format!("stripe_subscriptions row {id}: {e}")))
 }
 
 /// A unique-constraint violation (two replicas racing for one name) is a conflict, not an outage.

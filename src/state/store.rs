@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 
+use crate::paywall::model::{PaidSubscription, StripeEvent};
 use crate::state::model::{
     AppRecord, AuditRecord, Changes, Claim, DeveloperRecord, Image, KeyRecord, Page, Remembered,
     Write, Written,
@@ -71,8 +72,8 @@ pub trait StateStore: Send + Sync {
     /// Everything, for a replica's first read or one that fell behind the retained changes.
     async fn load(&self) -> Result<Image, StoreError>;
 
-    /// Drops changes older than `changes_before` (replicas behind them reload everything) and idempotent
-    /// answers older than `answers_before` (Unix seconds).
+    /// Drops changes and applied webhook events older than `changes_before` (replicas behind them reload
+    /// everything) and idempotent answers older than `answers_before` (Unix seconds).
     async fn prune(&self, changes_before: i64, answers_before: i64) -> Result<(), StoreError>;
 
     /// Claims an idempotency key (already hashed with the caller's token id) for `request`, about to run at
@@ -88,6 +89,23 @@ pub trait StateStore: Send + Sync {
 
     /// Stores the answer to a claimed key, or drops the claim (`None`: the request may run again).
     async fn settle(&self, key: &[u8; 32], answer: Option<&Remembered>) -> Result<(), StoreError>;
+
+    /// Records a verified webhook event: `true` when its id is new, `false` for a delivery seen before.
+    async fn record_event(&self, event: &StripeEvent, now: i64) -> Result<bool, StoreError>;
+
+    /// Recorded events not applied yet that arrived before `received_before`, oldest first.
+    async fn pending_events(
+        &self,
+        received_before: i64,
+        limit: u32,
+    ) -> Result<Vec<StripeEvent>, StoreError>;
+
+    /// A customer's Stripe subscriptions.
+    async fn paid_subscriptions(&self, customer: &str)
+    -> Result<Vec<PaidSubscription>, StoreError>;
+
+    /// Takes the turn of the full Stripe re-read when none started in the last `every` seconds.
+    async fn claim_resync(&self, now: i64, every: i64) -> Result<bool, StoreError>;
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -36,14 +36,46 @@ pub fn envoy_config(authz_port: u16, upstream_port: u16) -> String {
 
 /// [`envoy_config`] with several tollgate replicas behind the ext_authz and access-log cluster (round robin).
 pub fn envoy_config_replicas(authz_ports: &[u16], upstream_port: u16) -> String {
-    let authz_endpoints: String = authz_ports
-        .iter()
-        .map(|port| {
+    envoy_config_webhook(authz_ports, &[], upstream_port)
+}
+
+/// [`envoy_config_replicas`] that also exposes `POST /stripe/webhook` of the replicas' admin listeners
+/// (`admin_ports`), and nothing else of them, with ext_authz off on that route: the Stripe signature is its
+/// authentication, as the README tells operators to set it up.
+pub fn envoy_config_webhook(
+    authz_ports: &[u16],
+    admin_ports: &[u16],
+    upstream_port: u16,
+) -> String {
+    let endpoints = |ports: &[u16]| -> String {
+        ports
+            .iter()
+            .map(|port| {
+                format!(
+                    "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+                )
+            })
+            .collect()
+    };
+    let authz_endpoints = endpoints(authz_ports);
+    let (webhook_route, admin_cluster) = if admin_ports.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            r#"              - match: { path: "/stripe/webhook", headers: [{ name: ":method", string_match: { exact: POST } }] }
+                route: { cluster: tollgate_admin, timeout: 10s }
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    disabled: true
+"#
+            .to_owned(),
             format!(
-                "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
-            )
-        })
-        .collect();
+                "  - name: tollgate_admin\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: tollgate_admin\n      endpoints:\n      - lb_endpoints:\n{}",
+                endpoints(admin_ports)
+            ),
+        )
+    };
     format!(
         r#"admin:
   address:
@@ -85,7 +117,7 @@ static_resources:
             - name: api_from_context_extension
               domains: ["*"]
               routes:
-              - match: {{ prefix: "/" }}
+{webhook_route}              - match: {{ prefix: "/" }}
                 route: {{ cluster: upstream }}
                 typed_per_filter_config:
                   envoy.filters.http.ext_authz:
@@ -128,7 +160,7 @@ static_resources:
       cluster_name: tollgate_grpc
       endpoints:
       - lb_endpoints:
-{authz_endpoints}"#
+{authz_endpoints}{admin_cluster}"#
     )
 }
 

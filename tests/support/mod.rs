@@ -17,7 +17,7 @@ mod tollgate;
 
 pub use access_log::{authz_entry, http_message, text};
 pub use echo::{EchoUpstream, Recorded};
-pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas};
+pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas, envoy_config_webhook};
 pub use postgres::PostgresServer;
 pub use raw::{RawResponse, raw_request};
 pub use redis::{RedisConfig, RedisServer};
