@@ -222,6 +222,9 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- if $cfg.billing }}
 {{- $stripe := default (dict) $cfg.billing.stripe }}
 {{- $_ := set $stripe "api_key" "${STRIPE_API_KEY}" }}
+{{- if $v.secrets.stripeWebhookSecret.name }}
+{{- $_ := set $stripe "webhook_secret" "${STRIPE_WEBHOOK_SECRET}" }}
+{{- end }}
 {{- $_ := set $cfg.billing "stripe" $stripe }}
 {{- else }}
 {{- $_ := unset $cfg "billing" }}
@@ -251,6 +254,13 @@ them, so `helm template` and `helm install` fail with one clear sentence.
     secretKeyRef:
       name: {{ $v.secrets.stripeApiKey.name }}
       key: {{ $v.secrets.stripeApiKey.key }}
+{{- end }}
+{{- if and $v.secrets.stripeWebhookSecret.name (include "tollgate.billingOn" .) }}
+- name: STRIPE_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.secrets.stripeWebhookSecret.name }}
+      key: {{ $v.secrets.stripeWebhookSecret.key }}
 {{- end }}
 {{- if $v.secrets.adminToken.name }}
 - name: TOLLGATE_ADMIN_TOKEN
