@@ -352,8 +352,29 @@ fn check(config_path: &Path) -> anyhow::Result<()> {
         tollgate::state::sql::redacted(config.state_url()),
         humantime::format_duration(config.state.sync_interval),
     );
+    if let Some(billing) = &config.billing {
+        let stripe = &billing.stripe;
+        let _ = writeln!(
+            out,
+            "        Stripe webhook {} (grace {}, resync every {})",
+            if stripe.webhook_secret().is_some() {
+                "on: POST /stripe/webhook"
+            } else {
+                "off (no webhook_secret)"
+            },
+            humantime::format_duration(stripe.grace_period),
+            humantime::format_duration(stripe.resync_interval),
+        );
+    }
     let _ = writeln!(out, "catalog {}: ok", config.catalog.path.display());
     summarize(&mut out, &catalog);
+    if config.billing.is_none() && !catalog.sold_through_stripe().is_empty() {
+        let _ = writeln!(
+            out,
+            "warning: products have stripe_prices but billing.stripe is not configured: tollgate never learns of \
+             a subscription, so every call to them is refused (403)"
+        );
+    }
     emit(&out)
 }
 
@@ -394,9 +415,16 @@ fn summarize(out: &mut String, catalog: &Catalog) {
             })
             .collect::<Vec<_>>()
             .join(" + ");
+        let sold = match p.stripe_prices.len() {
+            0 => String::new(),
+            n => format!(
+                ", sold through Stripe ({n} price{})",
+                if n == 1 { "" } else { "s" }
+            ),
+        };
         let _ = writeln!(
             out,
-            "    {:<24} {} operation{}, quota {}, environments {}",
+            "    {:<24} {} operation{}, quota {}, environments {}{sold}",
             p.name,
             ops,
             if ops == 1 { "" } else { "s" },

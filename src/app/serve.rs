@@ -174,8 +174,21 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             syncer.waker(),
             PaywallMetrics::register(&metrics.registry)?,
         )?),
-        None => None,
+        None => {
+            if !handle.snapshot().sold_through_stripe().is_empty() {
+                tracing::warn!(
+                    "products have stripe_prices but billing.stripe is not configured: every call to them is refused"
+                );
+            }
+            None
+        }
     };
+    if let Some(paywall) = &paywall {
+        tracing::info!(
+            webhook = paywall.takes_webhooks(),
+            "Stripe drives access to products with stripe_prices"
+        );
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut persister = None;

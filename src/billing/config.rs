@@ -62,7 +62,8 @@ pub struct StripeConfig {
     /// How often the outbox is checked for new rows.
     #[serde(default = "default_poll_interval", deserialize_with = "duration")]
     pub poll_interval: Duration,
-    /// The webhook endpoint's signing secret (`whsec_…`, never logged); enables `POST /stripe/webhook`.
+    /// The webhook endpoint's signing secret (`whsec_…`, never logged); enables `POST /stripe/webhook`. Empty
+    /// (`${STRIPE_WEBHOOK_SECRET:-}` unset) means no webhook, like an empty `admin_token`.
     #[serde(default)]
     pub webhook_secret: Option<String>,
     /// How long a past-due subscription keeps access after the period whose payment failed.
@@ -186,17 +187,6 @@ impl StripeConfig {
         if self.request_timeout.is_zero() || self.poll_interval.is_zero() {
             return Err("billing.stripe.request_timeout and poll_interval must be above 0".into());
         }
-        if self
-            .webhook_secret
-            .as_ref()
-            .is_some_and(|s| s.trim().is_empty())
-        {
-            return Err(
-                "billing.stripe.webhook_secret is empty (is STRIPE_WEBHOOK_SECRET set?): remove the key, or set \
-                 it to the endpoint's whsec_… secret"
-                    .into(),
-            );
-        }
         if self.resync_interval < Duration::from_secs(1) {
             return Err("billing.stripe.resync_interval must be at least 1s".into());
         }
@@ -209,6 +199,14 @@ impl StripeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The webhook secret, when one is set and not blank.
+    pub fn webhook_secret(&self) -> Option<&str> {
+        self.webhook_secret
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
     }
 
     /// Where the v2 stream is served.
@@ -282,9 +280,11 @@ mod tests {
         .unwrap();
         assert!(!format!("{:?}", hooked.stripe).contains("whsec_shh"));
         assert_eq!(hooked.stripe.grace_period, Duration::from_secs(5));
+        assert_eq!(hooked.stripe.webhook_secret(), Some("whsec_shh"));
         let mut blank = hooked.stripe.clone();
         blank.webhook_secret = Some(" ".into());
-        assert!(blank.validate().unwrap_err().contains("webhook_secret"));
+        assert!(blank.validate().is_ok());
+        assert_eq!(blank.webhook_secret(), None, "blank means no webhook");
 
         let bad = serde_yaml_ng::from_str::<BillingConfig>("stripe: {api_key: k, retries: 3}");
         assert!(bad.unwrap_err().to_string().contains("retries"));

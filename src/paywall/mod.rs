@@ -91,7 +91,7 @@ impl Paywall {
             inner: Arc::new(Inner {
                 store,
                 client: StripeClient::new(config)?,
-                secret: config.webhook_secret.clone(),
+                secret: config.webhook_secret().map(str::to_owned),
                 grace: i64::try_from(config.grace_period.as_secs()).unwrap_or(i64::MAX),
                 resync_every: config.resync_interval,
                 initial_backoff: config.initial_backoff,
@@ -104,9 +104,16 @@ impl Paywall {
         })
     }
 
+    /// Whether a `webhook_secret` is configured, so `POST /stripe/webhook` is served.
+    pub fn takes_webhooks(&self) -> bool {
+        self.inner.secret.is_some()
+    }
+
     /// `POST /stripe/webhook` (open: the signature authenticates it), when a `webhook_secret` is configured.
     pub fn webhook_routes(&self) -> Option<Router> {
-        self.inner.secret.as_ref()?;
+        if !self.takes_webhooks() {
+            return None;
+        }
         Some(
             Router::new()
                 .route("/stripe/webhook", post(webhook::handler))
