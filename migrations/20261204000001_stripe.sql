@@ -24,6 +24,8 @@ CREATE TABLE stripe_events (
     applied_at BIGINT
 );
 CREATE INDEX stripe_events_by_receipt ON stripe_events (received_at);
+-- Every replica looks for events left pending every few seconds: only the pending ones are indexed.
+CREATE INDEX stripe_events_pending ON stripe_events (received_at) WHERE applied_at IS NULL;
 
 -- When the last full re-read of subscriptions from Stripe started: replicas take turns through it.
 CREATE TABLE stripe_resync (

@@ -153,6 +153,15 @@ async fn believed(t: &Tollgate, customer: &str) -> Value {
     resp.json().await.expect("JSON")
 }
 
+/// Points the emulator's webhooks at Envoy's `/stripe/webhook`, delivered `now` or held (`hold`).
+async fn deliver_through(emulator: &StripeEmulator, envoy: &Envoy, deliver: &str) {
+    emulator
+        .webhooks(
+            json!({"url": envoy.url("/stripe/webhook"), "secret": SECRET, "deliver": deliver}),
+        )
+        .await;
+}
+
 fn delivered(answer: &Value) -> Vec<u64> {
     answer["deliveries"]
         .as_array()
@@ -190,9 +199,7 @@ async fn subscription_state_drives_access_through_envoy() {
     ))
     .await;
     let client = http_client();
-    emulator
-        .webhooks(json!({"url": envoy.url("/stripe/webhook"), "secret": SECRET}))
-        .await;
+    deliver_through(&emulator, &envoy, "now").await;
 
     // No subscription: 403, and the message names the product.
     let answer = call(&client, &envoy, PAYER_KEY).await;
@@ -351,9 +358,7 @@ async fn subscription_state_drives_access_through_envoy() {
     );
 
     // Out of order: three events held, then delivered newest first; the newest state wins.
-    emulator
-        .webhooks(json!({"url": envoy.url("/stripe/webhook"), "secret": SECRET, "deliver": "hold"}))
-        .await;
+    deliver_through(&emulator, &envoy, "hold").await;
     let other = sub_id(
         &emulator
             .subscribe("cus_Other", "price_pro", json!({}))
@@ -405,9 +410,7 @@ async fn two_replicas_on_postgres_agree_and_the_resync_heals_a_missed_webhook() 
     ))
     .await;
     let client = http_client();
-    emulator
-        .webhooks(json!({"url": envoy.url("/stripe/webhook"), "secret": SECRET}))
-        .await;
+    deliver_through(&emulator, &envoy, "now").await;
 
     // One replica receives the webhook; Envoy round-robins the Checks over both, which agree in the bound.
     let sub = sub_id(

@@ -850,33 +850,17 @@ async fn stripe_subscriptions_reach_replicas_through_changes_and_loads(db: Db) {
         source: source.into(),
         event: None,
     };
-    write(
-        &store,
-        seen(
-            paid_state("sub_a", "cus_1", PaidStatus::Active, "price_a"),
-            T0,
-            "resync",
-        ),
-    )
-    .await;
-    write(
-        &store,
-        seen(
-            paid_state("sub_b", "cus_1", PaidStatus::Trialing, "price_b"),
-            T0,
-            "resync",
-        ),
-    )
-    .await;
-    write(
-        &store,
-        seen(
-            paid_state("sub_c", "cus_2", PaidStatus::Canceled, "price_a"),
-            T0,
-            "resync",
-        ),
-    )
-    .await;
+    for (id, customer, status, price) in [
+        ("sub_a", "cus_1", PaidStatus::Active, "price_a"),
+        ("sub_b", "cus_1", PaidStatus::Trialing, "price_b"),
+        ("sub_c", "cus_2", PaidStatus::Canceled, "price_a"),
+    ] {
+        write(
+            &store,
+            seen(paid_state(id, customer, status, price), T0, "resync"),
+        )
+        .await;
+    }
     let Changes::Since { changed, .. } = store.changes(cursor, 1000).await.unwrap() else {
         panic!("since")
     };

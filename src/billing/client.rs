@@ -328,17 +328,21 @@ impl StripeClient {
         }
     }
 
+    fn get_request(&self, path: &str, query: &[(&str, String)]) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{}", self.api_base, path))
+            .bearer_auth(&self.api_key)
+            .header("Stripe-Version", &self.api_version)
+            .query(query)
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, BillingError> {
         let resp = self
-            .http
-            .get(format!("{}{}", self.api_base, path))
-            .bearer_auth(&self.api_key)
-            .header("Stripe-Version", &self.api_version)
-            .query(query)
+            .get_request(path, query)
             .send()
             .await
             .map_err(|e| BillingError::Http(e.without_url().to_string()))?;
@@ -363,14 +367,7 @@ impl StripeClient {
 
     /// One `GET` of the API, classified for retries like meter events (`path` segments already escaped).
     pub async fn read(&self, path: &str, query: &[(&str, String)]) -> Read {
-        let sent = self
-            .http
-            .get(format!("{}{}", self.api_base, path))
-            .bearer_auth(&self.api_key)
-            .header("Stripe-Version", &self.api_version)
-            .query(query)
-            .send()
-            .await;
+        let sent = self.get_request(path, query).send().await;
         let resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
