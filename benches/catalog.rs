@@ -247,6 +247,98 @@ fn bench_plan(c: &mut Criterion, catalog: &Catalog) {
     });
 }
 
+/// The price of selling through Stripe on the Check: the same small catalog (an app whose developer's customer
+/// holds an active subscription; the request covered by the second product) with and without `stripe_prices`.
+fn bench_plan_sold(c: &mut Criterion) {
+    use tollgate::paywall::model::{PaidStatus, PaidSubscription, PriceItem, SubscriptionState};
+    let key = "tg_test_bench_paid_key";
+    let yaml = |sold: bool| {
+        let prices = |p: &str| {
+            if sold {
+                format!("    stripe_prices: [price_{p}]\n")
+            } else {
+                String::new()
+            }
+        };
+        let subscriptions = if sold {
+            String::new()
+        } else {
+            "        products: [{name: starter}, {name: pro}]\n".to_owned()
+        };
+        format!(
+            "products:\n  - name: free\n    operations: [{{api: a, paths: [/free]}}]\n\
+             \x20 - name: starter\n{}    quota: {{limit: 1000000000, unit: day}}\n    operations: [{{api: a, paths: [/s/**]}}]\n\
+             \x20 - name: pro\n{}    quota: {{limit: 1000000000, unit: day}}\n    operations: [{{api: a, paths: [/v1/**]}}]\n\
+             developers:\n  - email: d@bench.example\n    stripe_customer: cus_bench\n    apps:\n\
+             \x20     - name: paid\n{subscriptions}        keys: [{{hash: '{}'}}]\n",
+            prices("starter"),
+            prices("pro"),
+            KeyHash::of(key)
+        )
+    };
+    let settings = Settings {
+        api_context_extension: Some("tollgate_api".to_owned()),
+        stripe_grace: 3600,
+        ..Default::default()
+    };
+    let headers: HashMap<String, String> =
+        HashMap::from([("x-api-key".to_owned(), key.to_owned())]);
+    let extensions = HashMap::from([("tollgate_api".to_owned(), "a".to_owned())]);
+    let request = Request {
+        method: "GET",
+        path: "/v1/items/42",
+        authority: "bench.example.test",
+        headers: &headers,
+        context_extensions: &extensions,
+    };
+    let caller = Caller::ApiKey { key: key.into() };
+    let now = 1_790_000_000;
+    let mut g = c.benchmark_group("decision_plan_stripe");
+    for sold in [false, true] {
+        let mut catalog =
+            parse(&Source::from_text("sold.yaml", yaml(sold))).expect("the bench catalog is valid"); // invariant: built above
+        catalog.put_customer(
+            "cus_bench",
+            vec![PaidSubscription {
+                state: SubscriptionState {
+                    id: "sub_bench".into(),
+                    customer: "cus_bench".into(),
+                    status: PaidStatus::Active,
+                    items: vec![PriceItem {
+                        price: "price_pro".into(),
+                        lookup_key: None,
+                    }],
+                    period_start: Some(now),
+                },
+                past_due_since: None,
+                as_of: now,
+                source: "bench".into(),
+            }],
+        );
+        assert!(matches!(
+            check::plan(&request, &caller, &catalog, &settings, now),
+            Plan::Charge(_)
+        ));
+        let name = if sold {
+            "sold_through_stripe"
+        } else {
+            "subscribed_in_catalog"
+        };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(check::plan(
+                    black_box(&request),
+                    &caller,
+                    &catalog,
+                    &settings,
+                    now,
+                ))
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_windows(c: &mut Criterion) {
     let mut g = c.benchmark_group("window_at");
     let now = 1_790_000_000i64;
@@ -270,6 +362,7 @@ fn benches(c: &mut Criterion) {
     bench_keys(c, &catalog);
     bench_select(c, &catalog);
     bench_plan(c, &catalog);
+    bench_plan_sold(c);
     bench_windows(c);
 }
 

@@ -21,6 +21,8 @@ CREATE TABLE stripe_events (
     customer TEXT NOT NULL,
     event TEXT NOT NULL,
     received_at BIGINT NOT NULL,
+    -- Set by the replica that takes a pending event in its sweep, so replicas do not all apply the same one.
+    claimed_at BIGINT,
     applied_at BIGINT
 );
 CREATE INDEX stripe_events_by_receipt ON stripe_events (received_at);

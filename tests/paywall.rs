@@ -82,11 +82,12 @@ async fn silent_subscription(emulator: &StripeEmulator) -> String {
         .to_owned()
 }
 
-fn event(id: &str, subscription: &str, status: PaidStatus, created: i64) -> StripeEvent {
+/// An event created at `created_ms` (Unix milliseconds, as observations count time).
+fn event(id: &str, subscription: &str, status: PaidStatus, created_ms: i64) -> StripeEvent {
     StripeEvent {
         id: id.into(),
         kind: "customer.subscription.updated".into(),
-        created,
+        created: created_ms / 1000,
         customer: "cus_Payer".into(),
         observation: Observation::State {
             state: SubscriptionState {
@@ -97,9 +98,9 @@ fn event(id: &str, subscription: &str, status: PaidStatus, created: i64) -> Stri
                     price: "price_pro".into(),
                     lookup_key: None,
                 }],
-                period_start: Some(created),
+                period_start: Some(created_ms / 1000),
             },
-            as_of: created,
+            as_of: created_ms,
         },
     }
 }
@@ -109,7 +110,12 @@ async fn an_event_left_pending_by_a_crash_is_applied_at_start_from_stripes_curre
     let w = world().await;
     let sub = silent_subscription(&w.emulator).await;
     // The replica that received it recorded it, answered 200 and died before applying it.
-    let stale = event("evt_pending", &sub, PaidStatus::Incomplete, unix_now() - 60);
+    let stale = event(
+        "evt_pending",
+        &sub,
+        PaidStatus::Incomplete,
+        (unix_now() - 60) * 1000,
+    );
     assert!(w.store.record_event(&stale, unix_now() - 60).await.unwrap());
 
     let (stop, shutdown) = watch::channel(false);
@@ -134,7 +140,7 @@ async fn an_event_left_pending_by_a_crash_is_applied_at_start_from_stripes_curre
     }
     assert!(
         w.store
-            .pending_events(unix_now() + 1, 10)
+            .claim_events(unix_now() + 120, unix_now() + 1, 10)
             .await
             .unwrap()
             .is_empty()
@@ -149,21 +155,21 @@ async fn when_stripe_cannot_be_read_the_payload_stands_but_never_over_a_newer_st
     let sub = silent_subscription(&w.emulator).await;
     w.emulator.faults(json!({"rate_500": 1.0})).await;
     let now = unix_now();
-    let canceled = event("evt_cancel", &sub, PaidStatus::Canceled, now - 10);
+    let canceled = event("evt_cancel", &sub, PaidStatus::Canceled, (now - 10) * 1000);
     w.store.record_event(&canceled, now).await.unwrap();
     w.paywall.apply(canceled).await;
     let stored = w.store.paid_subscriptions("cus_Payer").await.unwrap();
     assert_eq!(stored[0].state.status, PaidStatus::Canceled);
     assert_eq!(stored[0].source, "evt_cancel");
     // An older event delivered late, with Stripe still down, changes nothing.
-    let older = event("evt_older", &sub, PaidStatus::Active, now - 20);
+    let older = event("evt_older", &sub, PaidStatus::Active, (now - 20) * 1000);
     w.store.record_event(&older, now).await.unwrap();
     w.paywall.apply(older).await;
     let stored = w.store.paid_subscriptions("cus_Payer").await.unwrap();
     assert_eq!(stored[0].state.status, PaidStatus::Canceled);
     assert!(
         w.store
-            .pending_events(now + 1, 10)
+            .claim_events(now + 120, now + 1, 10)
             .await
             .unwrap()
             .is_empty(),

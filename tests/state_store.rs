@@ -774,7 +774,15 @@ async fn stripe_events_are_recorded_once_and_applied_in_any_order(db: Db) {
         "a second delivery is a duplicate"
     );
     assert!(store.record_event(&older, T0 + 2).await.unwrap());
-    let pending = store.pending_events(T0 + 10, 10).await.unwrap();
+    assert!(
+        store
+            .claim_events(T0 + 10, T0, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "received_before is exclusive"
+    );
+    let pending = store.claim_events(T0 + 10, T0 + 10, 10).await.unwrap();
     assert_eq!(
         pending.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["evt_2", "evt_1"],
@@ -782,8 +790,12 @@ async fn stripe_events_are_recorded_once_and_applied_in_any_order(db: Db) {
     );
     assert_eq!(pending[0], newer);
     assert!(
-        store.pending_events(T0, 10).await.unwrap().is_empty(),
-        "received_before is exclusive"
+        store
+            .claim_events(T0 + 20, T0 + 10, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "claimed: another replica does not take them within a minute"
     );
 
     // Delivered out of order: the newer state stays.
@@ -797,7 +809,11 @@ async fn stripe_events_are_recorded_once_and_applied_in_any_order(db: Db) {
     assert_eq!(now[0].state.status, PaidStatus::PastDue);
     assert_eq!(now[0].source, "evt_2");
     assert!(
-        store.pending_events(T0 + 100, 10).await.unwrap().is_empty(),
+        store
+            .claim_events(T0 + 100, T0 + 100, 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "both events are applied, the older one with no change"
     );
     // An invoice of an unknown subscription changes nothing; a paid invoice heals a known one.
@@ -827,7 +843,10 @@ async fn stripe_events_are_recorded_once_and_applied_in_any_order(db: Db) {
     let late = stripe_event("evt_3", PaidStatus::Canceled, T0 + 40);
     assert!(store.record_event(&late, T0 + 3).await.unwrap());
     store.prune(T0 + 1_000, T0).await.unwrap();
-    let left = store.pending_events(T0 + 1_000, 10).await.unwrap();
+    let left = store
+        .claim_events(T0 + 1_000, T0 + 1_000, 10)
+        .await
+        .unwrap();
     assert_eq!(
         left.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["evt_3"]

@@ -509,18 +509,21 @@ products:
   - name: starter
     quota: {limit: 3, unit: day}
     stripe_prices: [price_starter]
-    operations: [{api: weather, paths: [/forecast]}]
+    operations: [{api: weather, paths: [/forecast, /regional]}]
   - name: pro
     quota: {limit: 100, unit: day}
     stripe_prices: ['lookup_key:pro_monthly']
     operations: [{api: weather, paths: [/forecast, /pro]}]
   - name: free
     operations: [{api: weather, paths: [/free]}]
+  - name: prodonly
+    environments: [prod]
+    operations: [{api: weather, paths: [/regional]}]
 developers:
   - email: payer@x
     stripe_customer: cus_1
     apps:
-      - {name: payer, products: [{name: free}], keys: [{hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}]}
+      - {name: payer, products: [{name: free}, {name: prodonly}], keys: [{hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}]}
       - {name: held, products: [{name: pro, status: revoked}], keys: [{hash: 'sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d'}]}
   - email: nobody@x
     apps:
@@ -584,6 +587,11 @@ fn stripe_subscriptions_grant_products_sold_through_stripe() {
         outcome(&none, "abc", "/free"),
         Ok("free".into()),
         "products not sold through Stripe stay"
+    );
+    assert_eq!(
+        outcome(&none, "abc", "/regional").unwrap_err().0,
+        Reason::ProductNotOffered,
+        "the app's own refusal says more than no subscription to a product every app is offered"
     );
 
     let starter = sold(vec![paid(S::Active, "price_starter", None)]);

@@ -59,6 +59,11 @@ pub fn select(
     target: &Target<'_>,
 ) -> Match {
     let mut fallback = Match::Uncovered;
+    let mut refuse = |refusal: Match| {
+        if rank(refusal) > rank(fallback) {
+            fallback = refusal;
+        }
+    };
     for sub in subscriptions {
         let Some(product) = products.get(sub.product) else {
             continue;
@@ -67,40 +72,25 @@ pub fn select(
             continue;
         };
         if !product.offered_in(environment) {
-            if fallback == Match::Uncovered {
-                fallback = Match::NotOffered {
-                    product: sub.product,
-                };
-            }
+            refuse(Match::NotOffered {
+                product: sub.product,
+            });
             continue;
         }
         if let Some(scopes) = scopes
             && !product.scopes.is_empty()
             && !product.scopes.iter().any(|s| scopes.contains(s))
         {
-            if matches!(fallback, Match::Uncovered | Match::NotOffered { .. }) {
-                fallback = Match::MissingScope {
-                    product: sub.product,
-                };
-            }
+            refuse(Match::MissingScope {
+                product: sub.product,
+            });
             continue;
         }
         if sub.status != SubscriptionStatus::Approved {
-            // "No subscription" to one Stripe product says less than any other refusal: a pending approval
-            // or a payment due elsewhere is what the caller can act on.
-            let replaces = match fallback {
-                Match::NotApproved { status, .. } => {
-                    status == SubscriptionStatus::Unsubscribed
-                        && sub.status != SubscriptionStatus::Unsubscribed
-                }
-                _ => true,
-            };
-            if replaces {
-                fallback = Match::NotApproved {
-                    product: sub.product,
-                    status: sub.status,
-                };
-            }
+            refuse(Match::NotApproved {
+                product: sub.product,
+                status: sub.status,
+            });
             continue;
         }
         return Match::Covered {
@@ -109,6 +99,22 @@ pub fn select(
         };
     }
     fallback
+}
+
+/// Which refusal the 403 names when several products would cover the request; the first of the highest rank
+/// wins. "No subscription" to a product sold through Stripe says least: every app is offered every such
+/// product, so any refusal of the app's own products is what the caller can act on.
+fn rank(refusal: Match) -> u8 {
+    match refusal {
+        Match::Uncovered | Match::Covered { .. } => 0,
+        Match::NotApproved {
+            status: SubscriptionStatus::Unsubscribed,
+            ..
+        } => 1,
+        Match::NotOffered { .. } => 2,
+        Match::MissingScope { .. } => 3,
+        Match::NotApproved { .. } => 4,
+    }
 }
 
 /// Whether an operation covers the API, method and path.

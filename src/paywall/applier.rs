@@ -11,7 +11,7 @@ use crate::paywall::event;
 use crate::paywall::model::{Observation, StripeEvent, SubscriptionState};
 use crate::state::model::{Write, Written};
 use crate::state::store::Actor;
-use crate::util::clock::unix_now;
+use crate::util::clock::{now_ms, unix_now};
 
 /// Reads of one subscription before the event's payload is used instead.
 const FETCH_ATTEMPTS: u32 = 3;
@@ -22,8 +22,8 @@ const LEFT_TO_RECEIVER_SECS: i64 = 30;
 
 /// What a read of one subscription found.
 pub(crate) enum Fetched {
-    /// The subscription as it is now.
-    Now(SubscriptionState),
+    /// The subscription as it is now, and when the read that returned it was sent (Unix milliseconds).
+    Now(SubscriptionState, i64),
     /// Stripe could not be read (or refused): the caller decides what stands.
     Failed(String),
 }
@@ -32,15 +32,8 @@ impl Paywall {
     /// Applies one recorded event.
     pub async fn apply(&self, event: StripeEvent) {
         let inner = &self.inner;
-        let fetched_at = unix_now();
         let (observation, source) = match self.fetch(event.observation.subscription()).await {
-            Fetched::Now(state) => (
-                Observation::State {
-                    state,
-                    as_of: fetched_at,
-                },
-                "fetch".to_owned(),
-            ),
+            Fetched::Now(state, as_of) => (Observation::State { state, as_of }, "fetch".to_owned()),
             Fetched::Failed(why) => {
                 tracing::warn!(event = %event.id, reason = %why,
                     "subscription not read from Stripe; the event's payload stands until the next read");
@@ -75,6 +68,8 @@ impl Paywall {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // The state read is at least as new as the moment the request left.
+            let sent_at = now_ms();
             let read = inner.client.subscription(id).await;
             let result = match &read {
                 Read::Ok(_) => "ok",
@@ -86,7 +81,7 @@ impl Paywall {
             match read {
                 Read::Ok(body) => {
                     return match event::subscription(&body) {
-                        Ok(state) => Fetched::Now(state),
+                        Ok(state) => Fetched::Now(state, sent_at),
                         Err(e) => Fetched::Failed(e.to_string()),
                     };
                 }
@@ -128,10 +123,11 @@ impl Paywall {
                 now - LEFT_TO_RECEIVER_SECS
             };
             first = false;
-            match self.inner.store.pending_events(before, 100).await {
+            match self.inner.store.claim_events(now, before, 100).await {
                 Ok(events) => {
                     for event in events {
                         self.apply(event).await;
+                        tokio::time::sleep(self.inner.pace).await;
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "pending Stripe events not read"),

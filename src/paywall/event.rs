@@ -183,22 +183,22 @@ pub fn parse(body: &[u8]) -> Result<Parsed, EventError> {
             message: e.to_string(),
         }
     };
-    let event: RawEvent = serde_json::from_slice(body).map_err(bad("event"))?;
+    let mut event: RawEvent = serde_json::from_slice(body).map_err(bad("event"))?;
     let ignored = |event: RawEvent| Parsed::Ignored {
         id: event.id,
         kind: event.kind,
     };
-    let as_of = event.created;
+    let as_of = event.created.saturating_mul(1000);
     let (customer, observation) = match event.kind.as_str() {
         kind if kind.starts_with("customer.subscription.") && HANDLED.contains(&kind) => {
             let raw: RawSubscription =
-                serde_json::from_value(event.data.object.clone()).map_err(bad("subscription"))?;
+                serde_json::from_value(event.data.object.take()).map_err(bad("subscription"))?;
             let state = raw.state()?;
             (state.customer.clone(), Observation::State { state, as_of })
         }
         "invoice.paid" | "invoice.payment_failed" => {
             let raw: RawInvoice =
-                serde_json::from_value(event.data.object.clone()).map_err(bad("invoice"))?;
+                serde_json::from_value(event.data.object.take()).map_err(bad("invoice"))?;
             let subscription = raw
                 .parent
                 .and_then(|p| p.subscription_details)
@@ -263,7 +263,7 @@ mod tests {
         let Observation::State { state, as_of } = e.observation else {
             panic!("state")
         };
-        assert_eq!(as_of, 1234);
+        assert_eq!(as_of, 1_234_000, "milliseconds");
         assert_eq!(state.status, PaidStatus::PastDue);
         assert_eq!(state.period_start, Some(100));
         assert_eq!(state.items[0].lookup_key.as_deref(), Some("starter"));
@@ -283,7 +283,7 @@ mod tests {
                 subscription: "sub_1".into(),
                 paid: false,
                 period_end: Some(300),
-                as_of: 1234
+                as_of: 1_234_000
             }
         );
         let one_off = serde_json::json!({"id": "in_2", "customer": "cus_1", "parent": null});

@@ -4,7 +4,7 @@
 //! ```text
 //! Stripe ─POST /stripe/webhook─> webhook.rs: Stripe-Signature verified (signature.rs), body read (event.rs)
 //!        ─> StateStore::record_event (de-duplicated by event id) ─> 200, within Stripe's timeout
-//!        ─> applier.rs (right after the answer; any replica, for events left pending by a crash):
+//!        ─> applier.rs (right after the answer, bounded; else a sweep on any replica, by claim):
 //!           GET /v1/subscriptions/{id} ─> Write::Observe (fold into the stored subscription, model.rs)
 //!        ─> changes row `customer` ─> every replica's sync ─> Catalog::paid_subscriptions
 //!        ─> the next Check: access.rs decides each product sold through Stripe
@@ -12,18 +12,22 @@
 //!
 //! # Order
 //! Stripe delivers events at least once and in no particular order. Every stored subscription carries the
-//! time of the observation it comes from (`as_of`), and an older observation never replaces a newer one
-//! ([`model::fold`]). Event times have a resolution of one second, and two events of one subscription often
-//! share a second, so the applier does not trust the payload alone: after acknowledging it reads the
-//! subscription from Stripe, which is at least as new as the event, and stores that as of the time of the
-//! read. Only when Stripe cannot be read does the payload stand (as of the event's `created`), until the next
-//! event or the resync corrects it.
-//!
+//! time of the observation it comes from (`as_of`, Unix milliseconds), and an observation that is not newer
+//! never replaces it ([`model::fold`]; on a tie the stored one stays, and the same state seen later is stored
+//! as confirmed so that an older payload arriving afterwards cannot win). Event times have a resolution of one
+//! second, and two events of one subscription often share a second, so the applier does not trust the payload
+//! alone: after acknowledging it reads the subscription from Stripe, which is at least as new as the event,
+//! and stores that as of the moment the read was sent. Only when Stripe cannot be read does the payload stand
+//! (as of the event's `created`), until the next read or the resync corrects it. The two clocks (Stripe's for
+//! payloads, tollgate's for reads) may differ by seconds: a payload-only observation can then lose to, or win
+//! over, a read made within that skew; the next read settles it.
+
 //! # Healing
 //! Webhooks can be missed (an endpoint down longer than Stripe's three days of retries, a filter set wrong).
-//! At start and every `resync_interval`, one replica (they take turns through the store) lists every known
-//! customer's subscriptions (`GET /v1/subscriptions?customer=…&status=all`, paginated, with the meter
-//! events' retry and backoff rules) and stores what differs ([`resync`]).
+//! Once per `resync_interval` for the fleet (a replica takes the turn through the store when none was taken
+//! within the interval: at start, unless another replica just did), every known customer's subscriptions are
+//! listed (`GET /v1/subscriptions?customer=…&status=all`, paginated, with the meter events' retry and backoff
+//! rules) and folded into the store ([`resync`]).
 //!
 //! # Access
 //! A product with `stripe_prices` is granted by a subscription of the owner's Stripe customer with an item at
@@ -48,12 +52,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::billing::{BillingError, StripeClient, StripeConfig};
 use crate::catalog::CatalogHandle;
 use crate::paywall::metrics::PaywallMetrics;
 use crate::state::StateStore;
+
+/// Most applies (each a read of Stripe) running at once after webhook answers.
+const MAX_APPLYING: usize = 16;
 
 /// Everything the webhook, the applier and the resync share; cheap to clone.
 #[derive(Clone)]
@@ -75,6 +82,9 @@ struct Inner {
     catalog: Arc<CatalogHandle>,
     /// Wakes this replica's state sync after a write, so its own snapshot does not wait for the poll.
     sync: Arc<Notify>,
+    /// Applies running right after their webhook's answer; past the bound an event waits for the sweep, so a
+    /// burst of webhooks cannot become a burst of reads of Stripe.
+    applying: Arc<Semaphore>,
     metrics: PaywallMetrics,
 }
 
@@ -99,6 +109,11 @@ impl Paywall {
                 pace: Duration::from_secs(1) / config.rate_limit.get(),
                 catalog,
                 sync,
+                applying: Arc::new(Semaphore::new(
+                    usize::try_from(config.rate_limit.get() / 2)
+                        .unwrap_or(MAX_APPLYING)
+                        .clamp(1, MAX_APPLYING),
+                )),
                 metrics,
             }),
         })

@@ -80,8 +80,8 @@ pub struct PaidSubscription {
     /// When the period whose payment failed ended (Unix seconds); set while `past_due`.
     #[serde(default)]
     pub past_due_since: Option<i64>,
-    /// The time of the observation this state comes from (an event's `created`, or when Stripe was read):
-    /// an older observation never replaces it.
+    /// The time of the observation this state comes from, Unix milliseconds (an event's `created`, or when the
+    /// read of Stripe that returned it was sent): an observation that is not newer never replaces it.
     pub as_of: i64,
     /// Where it was learned: an event id, `fetch` (read from Stripe after an event) or `resync`.
     pub source: String,
@@ -90,7 +90,7 @@ pub struct PaidSubscription {
 /// A new observation of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Observation {
-    /// The whole subscription, as of `as_of`.
+    /// The whole subscription, as of `as_of` (Unix milliseconds).
     State {
         /// The subscription.
         state: SubscriptionState,
@@ -106,7 +106,7 @@ pub enum Observation {
         paid: bool,
         /// End of the billed period (Unix seconds).
         period_end: Option<i64>,
-        /// The event's `created`.
+        /// The event's `created`, in milliseconds.
         as_of: i64,
     },
 }
@@ -120,7 +120,7 @@ impl Observation {
         }
     }
 
-    /// When the observation was true.
+    /// When the observation was true (Unix milliseconds).
     pub fn as_of(&self) -> i64 {
         match self {
             Observation::State { as_of, .. } | Observation::Invoice { as_of, .. } => *as_of,
@@ -128,16 +128,23 @@ impl Observation {
     }
 }
 
-/// Folds `seen` (learned from `source`) into `stored`: the new state, or `None` when nothing changes: the
-/// observation is older than what is stored (Stripe does not deliver events in order), changes nothing, or is
-/// an invoice of a subscription not known yet (its subscription event, or the next read, brings it).
-pub fn fold(
-    stored: Option<&PaidSubscription>,
-    seen: &Observation,
-    source: &str,
-) -> Option<PaidSubscription> {
-    if stored.is_some_and(|s| s.as_of > seen.as_of()) {
-        return None;
+/// What folding an observation into the stored subscription comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Folded {
+    /// The subscription changed: store it and tell the replicas.
+    Changed(PaidSubscription),
+    /// Newer, but the same state: store the newer `as_of` (so an older observation arriving later cannot
+    /// win), nothing else changes.
+    Confirmed(PaidSubscription),
+    /// Not newer than what is stored (Stripe does not deliver events in order; on a tie the stored one stays),
+    /// or an invoice of a subscription not known yet (its subscription event, or the next read, brings it).
+    Stale,
+}
+
+/// Folds `seen` (learned from `source`) into `stored`.
+pub fn fold(stored: Option<&PaidSubscription>, seen: &Observation, source: &str) -> Folded {
+    if stored.is_some_and(|s| s.as_of >= seen.as_of()) {
+        return Folded::Stale;
     }
     let next = match seen {
         Observation::State { state, as_of } => {
@@ -146,7 +153,7 @@ pub fn fold(
                     .filter(|s| s.state.status == PaidStatus::PastDue)
                     .and_then(|s| s.past_due_since)
                     .or(state.period_start)
-                    .unwrap_or(*as_of)
+                    .unwrap_or(*as_of / 1000)
             });
             PaidSubscription {
                 state: state.clone(),
@@ -161,7 +168,9 @@ pub fn fold(
             as_of,
             ..
         } => {
-            let stored = stored?;
+            let Some(stored) = stored else {
+                return Folded::Stale;
+            };
             let status = stored.state.status;
             let (status, past_due_since) = match (paid, status) {
                 (true, PaidStatus::PastDue | PaidStatus::Unpaid | PaidStatus::Incomplete) => {
@@ -169,7 +178,11 @@ pub fn fold(
                 }
                 (false, PaidStatus::Active | PaidStatus::Trialing) => (
                     PaidStatus::PastDue,
-                    Some(period_end.or(stored.state.period_start).unwrap_or(*as_of)),
+                    Some(
+                        period_end
+                            .or(stored.state.period_start)
+                            .unwrap_or(*as_of / 1000),
+                    ),
                 ),
                 _ => (status, stored.past_due_since),
             };
@@ -184,9 +197,15 @@ pub fn fold(
             }
         }
     };
-    let same =
-        stored.is_some_and(|s| s.state == next.state && s.past_due_since == next.past_due_since);
-    (!same).then_some(next)
+    match stored {
+        Some(s) if s.state == next.state && s.past_due_since == next.past_due_since => {
+            Folded::Confirmed(PaidSubscription {
+                source: s.source.clone(),
+                ..next
+            })
+        }
+        _ => Folded::Changed(next),
+    }
 }
 
 /// A verified webhook event tollgate acts on, reduced to what it needs.
@@ -221,6 +240,13 @@ mod tests {
         }
     }
 
+    fn changed(folded: Folded) -> PaidSubscription {
+        match folded {
+            Folded::Changed(s) => s,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
     fn seen(status: PaidStatus, period_start: i64, as_of: i64) -> Observation {
         Observation::State {
             state: state(status, period_start),
@@ -230,36 +256,50 @@ mod tests {
 
     #[test]
     fn an_older_observation_never_replaces_a_newer_one() {
-        let active = fold(None, &seen(PaidStatus::Active, 100, 10), "evt_a").unwrap();
-        let canceled = fold(Some(&active), &seen(PaidStatus::Canceled, 100, 20), "evt_c").unwrap();
+        let active = changed(fold(None, &seen(PaidStatus::Active, 100, 10), "evt_a"));
+        let canceled = changed(fold(
+            Some(&active),
+            &seen(PaidStatus::Canceled, 100, 20),
+            "evt_c",
+        ));
         assert_eq!(canceled.state.status, PaidStatus::Canceled);
+        let older = seen(PaidStatus::Active, 100, 15);
+        assert_eq!(fold(Some(&canceled), &older, "evt_b"), Folded::Stale);
+        let tie = seen(PaidStatus::Active, 100, 20);
         assert_eq!(
-            fold(Some(&canceled), &seen(PaidStatus::Active, 100, 15), "evt_b"),
-            None
+            fold(Some(&canceled), &tie, "evt_b"),
+            Folded::Stale,
+            "on a tie the stored state stays"
         );
+        let again = seen(PaidStatus::Canceled, 100, 30);
+        let Folded::Confirmed(confirmed) = fold(Some(&canceled), &again, "resync") else {
+            panic!("the same state, newer, is a confirmation")
+        };
+        assert_eq!((confirmed.as_of, confirmed.source.as_str()), (30, "evt_c"));
+        let late = seen(PaidStatus::Active, 100, 25);
         assert_eq!(
-            fold(
-                Some(&canceled),
-                &seen(PaidStatus::Canceled, 100, 30),
-                "resync"
-            ),
-            None,
-            "the same state again changes nothing"
+            fold(Some(&confirmed), &late, "evt_late"),
+            Folded::Stale,
+            "once confirmed at 30, an observation from 25 cannot win"
         );
     }
 
     #[test]
     fn past_due_keeps_the_time_it_started() {
-        let active = fold(None, &seen(PaidStatus::Active, 100, 10), "e1").unwrap();
-        let due = fold(Some(&active), &seen(PaidStatus::PastDue, 200, 210), "e2").unwrap();
+        let active = changed(fold(None, &seen(PaidStatus::Active, 100, 10), "e1"));
+        let due = changed(fold(
+            Some(&active),
+            &seen(PaidStatus::PastDue, 200, 210),
+            "e2",
+        ));
         assert_eq!(due.past_due_since, Some(200));
-        let still = fold(Some(&due), &seen(PaidStatus::PastDue, 300, 400), "e3").unwrap();
+        let still = changed(fold(Some(&due), &seen(PaidStatus::PastDue, 300, 400), "e3"));
         assert_eq!(
             still.past_due_since,
             Some(200),
             "a later past_due read keeps the first failure's time"
         );
-        let paid = fold(Some(&due), &seen(PaidStatus::Active, 200, 500), "e4").unwrap();
+        let paid = changed(fold(Some(&due), &seen(PaidStatus::Active, 200, 500), "e4"));
         assert_eq!(paid.past_due_since, None);
     }
 
@@ -273,19 +313,23 @@ mod tests {
         };
         assert_eq!(
             fold(None, &paid(true, 5), "e"),
-            None,
+            Folded::Stale,
             "unknown subscription"
         );
-        let active = fold(None, &seen(PaidStatus::Active, 100, 10), "e1").unwrap();
-        let failed = fold(Some(&active), &paid(false, 20), "e2").unwrap();
+        let active = changed(fold(None, &seen(PaidStatus::Active, 100, 10), "e1"));
+        let failed = changed(fold(Some(&active), &paid(false, 20), "e2"));
         assert_eq!(failed.state.status, PaidStatus::PastDue);
         assert_eq!(failed.past_due_since, Some(250));
-        let healed = fold(Some(&failed), &paid(true, 30), "e3").unwrap();
+        let healed = changed(fold(Some(&failed), &paid(true, 30), "e3"));
         assert_eq!(healed.state.status, PaidStatus::Active);
-        let canceled = fold(Some(&healed), &seen(PaidStatus::Canceled, 100, 40), "e4").unwrap();
-        assert_eq!(
-            fold(Some(&canceled), &paid(true, 50), "e5"),
-            None,
+        let canceled = changed(fold(
+            Some(&healed),
+            &seen(PaidStatus::Canceled, 100, 40),
+            "e4",
+        ));
+        assert!(
+            matches!(fold(Some(&canceled), &paid(true, 50), "e5"),
+                Folded::Confirmed(c) if c.state.status == PaidStatus::Canceled),
             "paying does not revive a canceled one"
         );
     }

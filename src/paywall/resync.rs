@@ -13,10 +13,12 @@ use crate::paywall::event;
 use crate::paywall::model::{Observation, SubscriptionState};
 use crate::state::model::Write;
 use crate::state::store::Actor;
-use crate::util::clock::unix_now;
+use crate::util::clock::{now_ms, unix_now};
 
-/// Attempts at one page before the round stops (Stripe is down: the next round starts over).
+/// Attempts at one page before the round stops (Stripe is down: the round is retried).
 const PAGE_ATTEMPTS: u32 = 6;
+/// First wait before a failed round is retried; it doubles up to `resync_interval`.
+const RETRY_FIRST: Duration = Duration::from_secs(30);
 
 /// Why a resync round stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +48,10 @@ pub struct ResyncReport {
 }
 
 impl Paywall {
-    /// One full round: lists every customer the catalog knows and stores what differs, as of the round's start.
+    /// One full round: lists every customer the catalog knows and folds each listed subscription into the store,
+    /// as of the moment its page was requested (a change counts as healed; the same state is confirmed).
     pub async fn resync(&self) -> Result<ResyncReport, ResyncError> {
         let inner = &self.inner;
-        let started = unix_now();
         let catalog = inner.catalog.snapshot();
         let customers: Vec<String> = catalog
             .stripe_customers()
@@ -61,21 +63,10 @@ impl Paywall {
             let listed = self.list(&customer).await?;
             report.customers += 1;
             report.subscriptions += listed.len();
-            let believed = inner.catalog.snapshot();
-            for state in listed {
-                let known = believed
-                    .paid_subscriptions(&customer)
-                    .iter()
-                    .find(|s| s.state.id == state.id);
-                if known.is_some_and(|k| k.state == state) {
-                    continue;
-                }
+            for (state, as_of) in listed {
                 let write = Write::Observe {
                     customer: customer.clone(),
-                    observation: Observation::State {
-                        state,
-                        as_of: started,
-                    },
+                    observation: Observation::State { state, as_of },
                     source: "resync".into(),
                     event: None,
                 };
@@ -97,14 +88,16 @@ impl Paywall {
         Ok(report)
     }
 
-    /// Every subscription of `customer`, page by page, with retries.
-    async fn list(&self, customer: &str) -> Result<Vec<SubscriptionState>, ResyncError> {
+    /// Every subscription of `customer`, page by page, with retries; each with the time its page was requested
+    /// (Unix milliseconds).
+    async fn list(&self, customer: &str) -> Result<Vec<(SubscriptionState, i64)>, ResyncError> {
         let inner = &self.inner;
-        let mut out: Vec<SubscriptionState> = Vec::new();
+        let mut out: Vec<(SubscriptionState, i64)> = Vec::new();
         let mut attempt = 0;
         loop {
             tokio::time::sleep(inner.pace).await;
-            let after = out.last().map(|s| s.id.clone());
+            let after = out.last().map(|(s, _)| s.id.clone());
+            let sent_at = now_ms();
             let read = inner.client.subscriptions(customer, after.as_deref()).await;
             let failed = |why: String| ResyncError::Stripe {
                 customer: customer.to_owned(),
@@ -117,7 +110,7 @@ impl Paywall {
                     let (page, more) =
                         event::subscription_page(&body).map_err(|e| failed(e.to_string()))?;
                     let empty = page.is_empty();
-                    out.extend(page);
+                    out.extend(page.into_iter().map(|s| (s, sent_at)));
                     if !more || empty {
                         return Ok(out);
                     }
@@ -157,43 +150,84 @@ impl Paywall {
         }
     }
 
-    /// Runs a round at start and every `resync_interval` when it is this replica's turn, until `shutdown`.
+    /// Takes the fleet's turn when none was taken in the last `resync_interval` (so at start, unless another
+    /// replica ran one within the interval) and checks again every interval, until `shutdown`. A round that
+    /// fails (Stripe down) is retried by the replica that holds the turn, sooner than the next interval.
     pub async fn run_resync(self, mut shutdown: watch::Receiver<bool>) {
-        let every = self.inner.resync_every;
+        let every = self.inner.resync_every.max(Duration::from_secs(1));
         let every_secs = i64::try_from(every.as_secs()).unwrap_or(i64::MAX);
         loop {
-            let result = match self.inner.store.claim_resync(unix_now(), every_secs).await {
-                Ok(true) => match self.resync().await {
-                    Ok(report) => {
-                        self.inner.metrics.last_resync.set(unix_now());
-                        tracing::info!(
-                            customers = report.customers,
-                            subscriptions = report.subscriptions,
-                            changed = report.changed,
-                            "Stripe subscriptions resynced"
-                        );
-                        "ok"
+            let turn = tokio::time::Instant::now();
+            match self.inner.store.claim_resync(unix_now(), every_secs).await {
+                Ok(true) => {
+                    let mut retry_in = RETRY_FIRST.min(every);
+                    loop {
+                        let ok = self.round().await;
+                        if ok || turn.elapsed() + retry_in >= every {
+                            break;
+                        }
+                        if sleep_or_stop(retry_in, &mut shutdown).await {
+                            return;
+                        }
+                        retry_in = (retry_in * 2).min(every);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Stripe resync stopped; the next round starts over");
-                        "error"
-                    }
-                },
-                Ok(false) => "skipped",
-                Err(e) => {
-                    tracing::warn!(error = %e, "Stripe resync turn not taken");
-                    "error"
                 }
-            };
-            self.inner
-                .metrics
-                .resyncs
-                .with_label_values(&[result])
-                .inc();
-            tokio::select! {
-                () = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
-                changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return },
+                Ok(false) => self
+                    .inner
+                    .metrics
+                    .resyncs
+                    .with_label_values(&["skipped"])
+                    .inc(),
+                Err(e) => {
+                    self.inner
+                        .metrics
+                        .resyncs
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::warn!(error = %e, "Stripe resync turn not taken");
+                }
+            }
+            let left = every.saturating_sub(turn.elapsed());
+            if sleep_or_stop(left.max(Duration::from_secs(1)), &mut shutdown).await {
+                return;
             }
         }
+    }
+
+    /// One counted, logged round; whether it read every customer.
+    async fn round(&self) -> bool {
+        match self.resync().await {
+            Ok(report) => {
+                self.inner.metrics.last_resync.set(unix_now());
+                self.inner.metrics.resyncs.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    customers = report.customers,
+                    subscriptions = report.subscriptions,
+                    changed = report.changed,
+                    "Stripe subscriptions resynced"
+                );
+                true
+            }
+            Err(e) => {
+                self.inner
+                    .metrics
+                    .resyncs
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::warn!(error = %e, "Stripe resync stopped; retried soon");
+                false
+            }
+        }
+    }
+}
+
+/// Sleeps `wait`; `true` when told to stop first.
+async fn sleep_or_stop(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(wait) => false,
+        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
     }
 }

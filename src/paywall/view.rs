@@ -106,7 +106,7 @@ impl Paywall {
                 past_due_since: s.past_due_since.map(day),
                 access_ends_at: access_ends(s, grace).map(day),
                 learned_from: s.source.clone(),
-                as_of: day(s.as_of),
+                as_of: day(s.as_of / 1000),
             })
             .collect();
         let products = catalog

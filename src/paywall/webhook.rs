@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
 
 use crate::paywall::Paywall;
 use crate::paywall::event::{self, Parsed};
@@ -25,7 +26,8 @@ pub enum Receipt {
     Ignored(String),
     /// The signature is missing, wrong or stale: nothing changes.
     BadSignature(String),
-    /// Signed, but not an event tollgate can read.
+    /// Signed, but not an event tollgate can read: acknowledged (a 4xx would have Stripe retry it for days and
+    /// may disable the endpoint), logged and counted; the resync brings what it was about.
     Invalid(String),
     /// The state store could not record it: Stripe will deliver it again.
     Unavailable,
@@ -62,8 +64,18 @@ impl Paywall {
             Ok(true) => {
                 tracing::info!(event = %event.id, kind = %event.kind, customer = %event.customer,
                     subscription = event.observation.subscription(), "Stripe event received");
-                let paywall = self.clone();
-                tokio::spawn(async move { paywall.apply(event).await });
+                match Arc::clone(&inner.applying).try_acquire_owned() {
+                    Ok(permit) => {
+                        let paywall = self.clone();
+                        tokio::spawn(async move {
+                            paywall.apply(event).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::debug!(event = %event.id, "applies saturated; left to the sweep")
+                    }
+                }
                 Receipt::Recorded
             }
             Ok(false) => {
@@ -101,8 +113,8 @@ pub async fn handler(State(paywall): State<Paywall>, headers: HeaderMap, body: B
             serde_json::json!({"error": "bad_signature", "message": why}),
         ),
         Receipt::Invalid(why) => answer(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "invalid", "message": why}),
+            StatusCode::OK,
+            serde_json::json!({"received": true, "unreadable": why}),
         ),
         Receipt::Unavailable => answer(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -30,6 +30,8 @@ pub const CHANNEL: &str = "tollgate_state";
 
 /// How long a call waits for a pooled connection: past it the store counts as down (503).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a replica's claim on a pending Stripe event holds before another replica may take it.
+const CLAIM_SECS: i64 = 60;
 /// How long SQLite waits for another connection's write lock.
 const SQLITE_BUSY_MS: u32 = 5_000;
 
@@ -168,6 +170,12 @@ impl StateStore for SqlStore {
             }
         }
         .map_err(unique_is_conflict)?;
+        // An observation that changed nothing (stale, or confirming what is stored) is no management change:
+        // no audit row, nothing for replicas to read. Its sequence number stays unused.
+        if written == Written::Paid(None) {
+            tx.commit().await?;
+            return Ok(written);
+        }
         sqlx::query(
             "INSERT INTO audit (seq, at, actor, action, target) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -468,27 +476,39 @@ impl StateStore for SqlStore {
         Ok(inserted.rows_affected() == 1)
     }
 
-    async fn pending_events(
+    async fn claim_events(
         &self,
+        now: i64,
         received_before: i64,
         limit: u32,
     ) -> Result<Vec<StripeEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, event FROM stripe_events WHERE applied_at IS NULL AND received_at < $1 \
-             ORDER BY received_at, id LIMIT $2",
+            "UPDATE stripe_events SET claimed_at = $1 WHERE id IN (SELECT id FROM stripe_events \
+             WHERE applied_at IS NULL AND received_at < $2 AND (claimed_at IS NULL OR claimed_at <= $3) \
+             ORDER BY received_at, id LIMIT $4) RETURNING id, received_at, event",
         )
+        .bind(now)
         .bind(received_before)
+        .bind(now.saturating_sub(CLAIM_SECS))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                let text: String = row.try_get("event")?;
-                serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Corrupt(format!("stripe_events row {id}: {e}")))
-            })
-            .collect()
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let received: i64 = row.try_get("received_at")?;
+            let text: String = row.try_get("event")?;
+            // One row this version cannot read must not hold back the others.
+            match serde_json::from_str::<StripeEvent>(&text) {
+                Ok(event) => events.push((received, event)),
+                Err(e) => {
+                    tracing::warn!(event = %id, error = %e, "unreadable pending Stripe event skipped")
+                }
+            }
+        }
+        // RETURNING gives no order.
+        events.sort_by(|a, b| (a.0, &a.1.id).cmp(&(b.0, &b.1.id)));
+        Ok(events.into_iter().map(|(_, e)| e).collect())
     }
 
     async fn paid_subscriptions(
@@ -948,8 +968,21 @@ impl Tx<'_, '_> {
             .as_ref()
             .map(paid_row)
             .transpose()?;
-        let next = paid::fold(stored.as_ref(), observation, source);
-        if let Some(next) = &next {
+        let folded = paid::fold(stored.as_ref(), observation, source);
+        let (row, changed) = match folded {
+            paid::Folded::Changed(next) => (Some(next), true),
+            paid::Folded::Confirmed(next) => (Some(next), false),
+            paid::Folded::Stale => {
+                tracing::debug!(
+                    subscription = id,
+                    customer,
+                    source,
+                    "observation not newer than the stored one, or of a subscription not seen yet"
+                );
+                (None, false)
+            }
+        };
+        if let Some(next) = &row {
             let json = serde_json::to_string(next)
                 .map_err(|e| StoreError::Corrupt(format!("subscription {id}: {e}")))?;
             sqlx::query(
@@ -964,16 +997,12 @@ impl Tx<'_, '_> {
             .bind(self.now)
             .execute(&mut **self.tx)
             .await?;
+        }
+        if let Some(next) = row.as_ref().filter(|_| changed) {
             self.changed("customer", &next.state.customer).await?;
             if let Some(old) = stored.filter(|s| s.state.customer != next.state.customer) {
                 self.changed("customer", &old.state.customer).await?;
             }
-        } else if stored.is_none() {
-            tracing::debug!(
-                subscription = id,
-                customer,
-                "invoice of a subscription not seen yet"
-            );
         }
         if let Some(event) = event {
             sqlx::query(
@@ -984,7 +1013,7 @@ impl Tx<'_, '_> {
             .execute(&mut **self.tx)
             .await?;
         }
-        Ok(Written::Paid(next))
+        Ok(Written::Paid(row.filter(|_| changed)))
     }
 
     async fn app_id(&mut self, name: &str) -> Result<i64, StoreError> {

@@ -93,9 +93,11 @@ pub trait StateStore: Send + Sync {
     /// Records a verified webhook event: `true` when its id is new, `false` for a delivery seen before.
     async fn record_event(&self, event: &StripeEvent, now: i64) -> Result<bool, StoreError>;
 
-    /// Recorded events not applied yet that arrived before `received_before`, oldest first.
-    async fn pending_events(
+    /// Claims, at `now`, up to `limit` recorded events not applied yet that arrived before `received_before`
+    /// and that no replica claimed in the last minute; oldest first.
+    async fn claim_events(
         &self,
+        now: i64,
         received_before: i64,
         limit: u32,
     ) -> Result<Vec<StripeEvent>, StoreError>;
