@@ -47,6 +47,7 @@ pub mod view;
 pub mod webhook;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use axum::Router;
@@ -85,6 +86,8 @@ struct Inner {
     /// Applies running right after their webhook's answer; past the bound an event waits for the sweep, so a
     /// burst of webhooks cannot become a burst of reads of Stripe.
     applying: Arc<Semaphore>,
+    /// Second of the last bad-signature log line: forged requests are counted each, logged once a second.
+    last_refusal_log: AtomicI64,
     metrics: PaywallMetrics,
 }
 
@@ -114,6 +117,7 @@ impl Paywall {
                         .unwrap_or(MAX_APPLYING)
                         .clamp(1, MAX_APPLYING),
                 )),
+                last_refusal_log: AtomicI64::new(i64::MIN),
                 metrics,
             }),
         })

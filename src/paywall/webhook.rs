@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::paywall::Paywall;
 use crate::paywall::event::{self, Parsed};
@@ -43,7 +44,21 @@ impl Paywall {
         };
         if let Err(e) = signature::verify(signature, body, secret, now) {
             count("bad_signature");
-            tracing::warn!(error = %e, "Stripe webhook refused");
+            let last = inner.last_refusal_log.load(Ordering::Relaxed);
+            if now > last
+                && inner
+                    .last_refusal_log
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let refused = inner
+                    .metrics
+                    .webhooks
+                    .with_label_values(&["bad_signature"])
+                    .get();
+                tracing::warn!(error = %e, refused_so_far = refused,
+                    "Stripe webhook refused (logged at most once a second; the metric counts each)");
+            }
             return Receipt::BadSignature(e.to_string());
         }
         count("verified");
