@@ -1,7 +1,6 @@
 //! The Check path with its I/O: verify a token, take a catalog snapshot, plan, ask the quota store, finish.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use crate::catalog::{Catalog, CatalogHandle};
@@ -14,6 +13,7 @@ use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
 use crate::quota::{QuotaStore, StoreError};
 use crate::util::clock::unix_now;
+use crate::util::throttle::OncePerSecond;
 
 /// Everything a Check needs, shared by all requests.
 pub struct Authorizer {
@@ -22,8 +22,8 @@ pub struct Authorizer {
     /// Counts requests let through while the quota store fails under `on_store_error: allow`, so each
     /// replica still applies the limits on its own, from the store's last word, until the store is back.
     fallback: Fallback,
-    /// Second of the last store-failure log line.
-    last_store_warning: AtomicI64,
+    /// Store failures are logged once a second.
+    last_store_warning: OncePerSecond,
     jwt: Option<JwtVerifier>,
     settings: Settings,
     /// The `www-authenticate` value of every 401, fixed by the settings.
@@ -47,7 +47,7 @@ impl Authorizer {
             catalog,
             quota,
             fallback: Fallback::new(),
-            last_store_warning: AtomicI64::new(i64::MIN),
+            last_store_warning: OncePerSecond::default(),
             jwt,
             settings,
             metrics,
@@ -136,13 +136,7 @@ impl Authorizer {
     /// Logs a quota store failure at most once a second, with how many failed since the last line: a dead
     /// store fails every Check, and a log line per Check would flood stderr on the hot path.
     fn warn_store_failure(&self, error: &StoreError, policy: OnStoreError, now: i64) {
-        let last = self.last_store_warning.load(Ordering::Relaxed);
-        if now > last
-            && self
-                .last_store_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.last_store_warning.allow(now) {
             let failed = self.metrics.quota_store_errors.get();
             tracing::warn!(%error, ?policy, failed_so_far = failed, "quota store failed");
         }

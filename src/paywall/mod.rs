@@ -47,7 +47,6 @@ pub mod view;
 pub mod webhook;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use axum::Router;
@@ -59,6 +58,7 @@ use crate::billing::{BillingError, StripeClient, StripeConfig};
 use crate::catalog::CatalogHandle;
 use crate::paywall::metrics::PaywallMetrics;
 use crate::state::StateStore;
+use crate::util::throttle::OncePerSecond;
 
 /// Most applies (each a read of Stripe) running at once after webhook answers.
 const MAX_APPLYING: usize = 16;
@@ -86,8 +86,8 @@ struct Inner {
     /// Applies running right after their webhook's answer; past the bound an event waits for the sweep, so a
     /// burst of webhooks cannot become a burst of reads of Stripe.
     applying: Arc<Semaphore>,
-    /// Second of the last bad-signature log line: forged requests are counted each, logged once a second.
-    last_refusal_log: AtomicI64,
+    /// Forged or broken deliveries are counted each and logged once a second.
+    refusal_log: OncePerSecond,
     metrics: PaywallMetrics,
 }
 
@@ -117,7 +117,7 @@ impl Paywall {
                         .unwrap_or(MAX_APPLYING)
                         .clamp(1, MAX_APPLYING),
                 )),
-                last_refusal_log: AtomicI64::new(i64::MIN),
+                refusal_log: OncePerSecond::default(),
                 metrics,
             }),
         })

@@ -172,18 +172,9 @@ impl Paywall {
                         retry_in = (retry_in * 2).min(every);
                     }
                 }
-                Ok(false) => self
-                    .inner
-                    .metrics
-                    .resyncs
-                    .with_label_values(&["skipped"])
-                    .inc(),
+                Ok(false) => self.count("skipped"),
                 Err(e) => {
-                    self.inner
-                        .metrics
-                        .resyncs
-                        .with_label_values(&["error"])
-                        .inc();
+                    self.count("error");
                     tracing::warn!(error = %e, "Stripe resync turn not taken");
                 }
             }
@@ -194,12 +185,20 @@ impl Paywall {
         }
     }
 
+    fn count(&self, result: &str) {
+        self.inner
+            .metrics
+            .resyncs
+            .with_label_values(&[result])
+            .inc();
+    }
+
     /// One counted, logged round; whether it read every customer.
     async fn round(&self) -> bool {
         match self.resync().await {
             Ok(report) => {
                 self.inner.metrics.last_resync.set(unix_now());
-                self.inner.metrics.resyncs.with_label_values(&["ok"]).inc();
+                self.count("ok");
                 tracing::info!(
                     customers = report.customers,
                     subscriptions = report.subscriptions,
@@ -209,11 +208,7 @@ impl Paywall {
                 true
             }
             Err(e) => {
-                self.inner
-                    .metrics
-                    .resyncs
-                    .with_label_values(&["error"])
-                    .inc();
+                self.count("error");
                 tracing::warn!(error = %e, "Stripe resync stopped; retried soon");
                 false
             }

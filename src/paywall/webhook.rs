@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::paywall::Paywall;
 use crate::paywall::event::{self, Parsed};
@@ -44,13 +43,7 @@ impl Paywall {
         };
         if let Err(e) = signature::verify(signature, body, secret, now) {
             count("bad_signature");
-            let last = inner.last_refusal_log.load(Ordering::Relaxed);
-            if now > last
-                && inner
-                    .last_refusal_log
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
+            if inner.refusal_log.allow(now) {
                 let refused = inner
                     .metrics
                     .webhooks

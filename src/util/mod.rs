@@ -1,6 +1,7 @@
-//! Small helpers every path shares: the wall clock, poison-tolerant locks, bearer-token comparison.
+//! Small helpers every path shares: the wall clock, poison-tolerant locks, bearer-token comparison, log throttling.
 
 pub mod bearer;
 pub mod clock;
 pub mod durable;
 pub mod sync;
+pub mod throttle;
