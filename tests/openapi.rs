@@ -22,13 +22,19 @@ use serde_json::{Value, json};
 
 use tollgate::app::admin::{self, AdminState};
 use tollgate::app::metrics::Metrics;
+use tollgate::billing::StripeConfig;
 use tollgate::catalog::CatalogHandle;
 use tollgate::metering::{Metering, MeteringOptions};
+use tollgate::paywall::Paywall;
+use tollgate::paywall::metrics::PaywallMetrics;
+use tollgate::paywall::model::{Observation, PaidStatus, PriceItem, SubscriptionState};
 use tollgate::quota::memory::MemoryStore;
 use tollgate::source::Source;
 use tollgate::state::api::{self, MAX_BODY_BYTES, ManagementState, OPENAPI, ROUTES};
 use tollgate::state::metrics::StateMetrics;
+use tollgate::state::model::Write;
 use tollgate::state::sql::SqlStore;
+use tollgate::state::store::Actor;
 use tollgate::state::sync::Syncer;
 use tollgate::state::{Snapshot, StateStore};
 
@@ -210,7 +216,8 @@ struct Answer {
 const EMPTY: Value = Value::Null;
 
 impl Api {
-    async fn start() -> Api {
+    /// The admin router over a fresh store; `paywall`: with `billing.stripe` configured (Stripe drives access).
+    async fn start(paywall: bool) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let source = Source::from_text("catalog.yaml", CATALOG.to_owned());
         let catalog = tollgate::catalog::parse(&source).expect("catalog");
@@ -225,12 +232,25 @@ impl Api {
         let syncer = Syncer::new(Arc::clone(&shared), Arc::clone(&snapshot), metrics.clone());
         let syncer = Arc::new(syncer);
         syncer.catch_up().await.unwrap();
+        let paywall = paywall.then(|| {
+            let config = StripeConfig::new("http://127.0.0.1:9", "sk_test_never_called");
+            let metrics = PaywallMetrics::register(&registry).unwrap();
+            Paywall::new(
+                &config,
+                Arc::clone(&shared),
+                Arc::clone(&handle),
+                Arc::new(tokio::sync::Notify::new()),
+                metrics,
+            )
+            .unwrap()
+        });
         let management = api::router(ManagementState {
             store: shared,
             snapshot,
             syncer: Arc::clone(&syncer),
             metrics,
             actor: api::actor(Some(TOKEN)),
+            paywall,
         });
         let window = Duration::from_secs(60);
         let options = MeteringOptions::with_spool_producer(dir.path().join("m"), window, window);
@@ -384,11 +404,15 @@ fn route_of(method: &str, path: &str) -> &'static str {
 
 /// An instance of each route, parameters filled in.
 fn instance(route: &str) -> String {
-    route
+    let path = route
         .replace("{email}", "ada@example.com")
         .replace("{app}", "ada-app")
         .replace("{product}", "weather_free")
-        .replace("{id}", "key_none")
+        .replace("{id}", "key_none");
+    match route {
+        "/v1/subscriptions" => format!("{path}?customer=cus_Ada"),
+        _ => path,
+    }
 }
 
 /// `field` of each item of a list answer.
@@ -399,7 +423,7 @@ fn each<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
 
 #[tokio::test]
 async fn every_answer_is_documented_and_every_documented_status_happens() {
-    let mut api = Api::start().await;
+    let mut api = Api::start(true).await;
     let doc = api.doc.clone();
     let big = json!({"company": "x".repeat(MAX_BODY_BYTES)});
 
@@ -789,6 +813,47 @@ async fn every_answer_is_documented_and_every_documented_status_happens() {
     let catalog_dev = "DELETE /v1/developers/ntesla@theremin.com";
     api.expect(catalog_dev, EMPTY, 409, "defined_in_catalog")
         .await;
+
+    // Stripe subscriptions: what tollgate believes of a customer; 404 where Stripe does not drive access.
+    let seen = Observation::State {
+        state: SubscriptionState {
+            id: "sub_Ada".into(),
+            customer: "cus_Ada".into(),
+            status: PaidStatus::PastDue,
+            items: vec![PriceItem {
+                price: "price_gold".into(),
+                lookup_key: Some("gold_monthly".into()),
+            }],
+            period_start: Some(1_795_000_000),
+        },
+        as_of: 1_795_000_000_000,
+    };
+    let observe = Write::Observe {
+        customer: "cus_Ada".into(),
+        observation: seen,
+        source: "evt_test".into(),
+        event: None,
+    };
+    api.store
+        .write(&observe, &Actor("test".into()), 1_795_000_000)
+        .await
+        .unwrap();
+    let believed = api
+        .expect("GET /v1/subscriptions?customer=cus_Ada", EMPTY, 200, "")
+        .await;
+    assert_eq!(believed["subscriptions"][0]["status"], "past_due");
+    assert!(believed["subscriptions"][0]["access_ends_at"].is_string());
+    api.expect("GET /v1/subscriptions", EMPTY, 400, "invalid")
+        .await;
+    let mut bare = Api::start(false).await;
+    bare.expect(
+        "GET /v1/subscriptions?customer=cus_Ada",
+        EMPTY,
+        404,
+        "not_found",
+    )
+    .await;
+    api.seen.extend(bare.seen);
 
     // The store goes away: every operation that reads or writes it answers 503.
     api.store.close().await;

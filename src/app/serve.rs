@@ -296,16 +296,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 signalled(shutdown_rx.clone()),
             )),
         };
-    let mut management = state::api::router(ManagementState {
+    let management = state::api::router(ManagementState {
         store: Arc::new(store.clone()),
         snapshot: Arc::clone(&snapshot),
         syncer: Arc::clone(&syncer),
         metrics: state_metrics,
         actor: state::api::actor(config.admin_token.as_deref()),
+        paywall: paywall.clone(),
     });
-    if let Some(paywall) = &paywall {
-        management = management.merge(paywall.admin_routes());
-    }
     let admin_router = admin::router(
         AdminState {
             metrics: metrics.clone(),

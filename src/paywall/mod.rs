@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::post;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::billing::{BillingError, StripeClient, StripeConfig};
@@ -139,12 +139,5 @@ impl Paywall {
                 .layer(DefaultBodyLimit::max(webhook::MAX_BODY_BYTES))
                 .with_state(self.clone()),
         )
-    }
-
-    /// `GET /v1/subscriptions` (behind the admin token).
-    pub fn admin_routes(&self) -> Router {
-        Router::new()
-            .route("/v1/subscriptions", get(view::handler))
-            .with_state(self.clone())
     }
 }

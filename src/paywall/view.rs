@@ -2,14 +2,13 @@
 //! each product sold through Stripe is granted or refused.
 
 use axum::Json;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::paywall::Paywall;
 use crate::paywall::access::{Access, access, access_ends, day, denial_message};
 use crate::paywall::model::PaidSubscription;
+use crate::state::api::ApiError;
 use crate::util::clock::unix_now;
 
 /// The query.
@@ -156,27 +155,13 @@ impl Paywall {
     }
 }
 
-/// The axum handler of `GET /v1/subscriptions`.
-pub async fn handler(
-    State(paywall): State<Paywall>,
-    Query(query): Query<CustomerQuery>,
-) -> Response {
+/// The answer to `GET /v1/subscriptions` (served by the management API, behind the admin token).
+pub async fn answer(paywall: &Paywall, query: CustomerQuery) -> Response {
     let Some(customer) = query.customer.filter(|c| !c.trim().is_empty()) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"error": "invalid", "message": "customer: the query needs ?customer=cus_…"})),
-        )
-            .into_response();
+        return ApiError::invalid("customer", "the query needs ?customer=cus_…").into_response();
     };
     match paywall.believed(&customer, unix_now()).await {
         Ok(view) => Json(view).into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "subscriptions not read");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"error": "unavailable", "message": "the state store is unavailable"})),
-            )
-                .into_response()
-        }
+        Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -15,12 +15,14 @@ mod validate;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, delete, get, post, put};
 use sha2::{Digest, Sha256};
 
+use crate::paywall::Paywall;
+use crate::paywall::view::{self, CustomerQuery};
 use crate::state::metrics::StateMetrics;
 use crate::state::snapshot::Snapshot;
 use crate::state::store::{Actor, StateStore};
@@ -47,6 +49,8 @@ pub struct ManagementState {
     pub metrics: StateMetrics,
     /// Who writes, for the audit table: the admin token's id, or `anonymous` without a token.
     pub actor: Actor,
+    /// Answers `GET /v1/subscriptions` when Stripe drives access (`billing.stripe` configured).
+    pub paywall: Option<Paywall>,
 }
 
 /// The audit name of a caller holding `admin_token` (`None`: no token, an open loopback listener): a
@@ -77,6 +81,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/apps/{app}/keys/{id}/rotate"),
     ("POST", "/v1/apps/{app}/keys/{id}/revoke"),
     ("GET", "/v1/audit"),
+    ("GET", "/v1/subscriptions"),
     ("GET", "/v1/openapi.json"),
 ];
 
@@ -97,6 +102,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<ManagementState> {
         ("POST", "/v1/apps/{app}/keys/{id}/rotate") => post(e::rotate_key),
         ("POST", "/v1/apps/{app}/keys/{id}/revoke") => post(e::revoke_key),
         ("GET", "/v1/audit") => get(e::audit),
+        ("GET", "/v1/subscriptions") => get(subscriptions),
         ("GET", "/v1/openapi.json") => get(openapi),
         // Not reached for entries of ROUTES: tests/openapi.rs calls every one.
         _ => any(|| async { ApiError::not_found("no such route") }),
@@ -115,6 +121,20 @@ pub fn router(state: ManagementState) -> Router {
         .layer(middleware::from_fn(error::json_rejections))
         .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(state)
+}
+
+/// What tollgate believes of a customer's Stripe subscriptions ([`crate::paywall::view`]).
+async fn subscriptions(
+    State(state): State<ManagementState>,
+    query: Query<CustomerQuery>,
+) -> Response {
+    match &state.paywall {
+        Some(paywall) => view::answer(paywall, query.0).await,
+        None => ApiError::not_found(
+            "Stripe does not drive access here: billing.stripe is not configured",
+        )
+        .into_response(),
+    }
 }
 
 /// Counts each answer by status class.
