@@ -62,7 +62,7 @@ struct World {
 
 fn world() -> World {
     World {
-        catalog: parse(&Source::from_text("c.yaml", CATALOG.to_owned())).unwrap(),
+        catalog: parse(&Source::from_text("c.yaml", CATALOG.to_owned())).unwrap(), // invariant: test-only module, fixed catalog
         settings: Settings {
             environment: Some("test".into()),
             api_context_extension: Some("tollgate_api".into()),
@@ -251,7 +251,7 @@ fn an_allowed_request_carries_identity_and_a_charge() {
 #[test]
 fn app_quotas_name_exactly_the_buckets_that_calls_charge() {
     let w = world();
-    let app = w.catalog.app_by_name("weatherapp").expect("weatherapp");
+    let app = w.catalog.app_by_name("weatherapp").expect("weatherapp"); // invariant: test-only module
     let quotas = app_quotas(&w.catalog, app);
     let listed: Vec<(&str, Option<&str>, &str, u64)> = quotas
         .iter()
@@ -556,7 +556,7 @@ fn paid(
 
 fn sold(subscriptions: Vec<crate::paywall::model::PaidSubscription>) -> World {
     let mut w = world();
-    w.catalog = parse(&Source::from_text("c.yaml", SOLD.to_owned())).unwrap();
+    w.catalog = parse(&Source::from_text("c.yaml", SOLD.to_owned())).unwrap(); // invariant: test-only module, fixed catalog
     w.catalog.put_customer("cus_1", subscriptions);
     w
 }
