@@ -36,6 +36,7 @@
 pub mod app;
 pub mod billing;
 pub mod catalog;
+pub mod credits;
 pub mod check;
 pub mod envoy;
 pub mod identity;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer};
 use crate::app::tls::{self, Alpn, TlsFiles};
 use crate::billing::BillingConfig;
 use crate::check::{OnStoreError, Settings};
+use crate::credits::CreditOptions;
 use crate::identity::ApiKeyConfig;
 use crate::identity::jwt::JwtConfig;
 use crate::metering::MeteringOptions;
@@ -67,6 +68,9 @@ pub struct Config {
     /// The state store of run-time developers, apps and keys (CONTRACT §7).
     #[serde(default)]
     pub state: StateConfig,
+    /// Prepaid credits: how replicas lease from the ledger in the state store (CONTRACT §9).
+    #[serde(default)]
+    pub credits: CreditsConfig,
     /// The config file's folder: relative paths (catalog, metering dir, JWT key files) start there.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -212,6 +216,65 @@ impl Default for StateConfig {
             sync_interval: default_sync_interval(),
         }
     }
+}
+
+/// `credits:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsConfig {
+    /// Largest block of credits a replica leases beyond the call that asked (0: a ledger call per prepaid
+    /// Check). Also what a crash of a replica can cost each owner it held a lease for.
+    #[serde(default = "default_credit_lease")]
+    pub max_lease: u64,
+    /// Balances below this are low: listed by `GET /v1/credits?below=` by default, logged once when crossed.
+    #[serde(default = "default_low_balance")]
+    pub low_balance: u64,
+    /// After the ledger found a balance exhausted, how long a replica refuses that owner without asking again:
+    /// the bound on how late a grant made through another replica becomes spendable here.
+    #[serde(default = "default_exhausted_for", deserialize_with = "duration")]
+    pub exhausted_for: Duration,
+    /// Bound of one ledger call made for a Check; past it the call is refused with 503.
+    #[serde(default = "default_ledger_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for CreditsConfig {
+    fn default() -> Self {
+        CreditsConfig {
+            max_lease: default_credit_lease(),
+            low_balance: default_low_balance(),
+            exhausted_for: default_exhausted_for(),
+            timeout: default_ledger_timeout(),
+        }
+    }
+}
+
+impl CreditsConfig {
+    /// The spend engine's options.
+    pub fn options(&self) -> CreditOptions {
+        CreditOptions {
+            max_lease: self.max_lease,
+            low_balance: self.low_balance,
+            exhausted_for: self.exhausted_for,
+            timeout: self.timeout,
+        }
+    }
+}
+
+fn default_credit_lease() -> u64 {
+    100
+}
+
+fn default_low_balance() -> u64 {
+    100
+}
+
+fn default_exhausted_for() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_ledger_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_sync_interval() -> Duration {

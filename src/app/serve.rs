@@ -35,6 +35,7 @@ use crate::quota::redis::{RedisOptions, RedisStore, RedisStoreError};
 use crate::source::SourceError;
 use crate::state::api::ManagementState;
 use crate::state::metrics::StateMetrics;
+use crate::credits::{CreditMetrics, Credits};
 use crate::state::sql::{Backend, SqlStore};
 use crate::state::sync::Syncer;
 use crate::state::{self, Snapshot, StoreError};
@@ -191,6 +192,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let replica = replica::load_or_create(&config.metering.dir)?;
+    let credits = Arc::new(Credits::start(
+        Arc::new(store.clone()),
+        replica.id.clone(),
+        config.credits.options(),
+        CreditMetrics::new(&metrics.registry)?,
+    ));
     let mut persister = None;
     let quota: Arc<dyn QuotaStore> = match config.quota.store {
         StoreKind::Memory => {
@@ -217,7 +225,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 cluster: config.quota.redis_cluster,
                 timeout: config.quota.timeout,
                 max_lease: config.quota.max_lease,
-                replica: Some(replica::load_or_create(&config.metering.dir)?),
+                replica: Some(replica),
             };
             Arc::new(RedisStore::connect(options, &metrics.registry).await?)
         }
@@ -229,13 +237,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
         None => None,
     };
-    let authorizer = Arc::new(Authorizer::new(
-        handle.clone(),
-        quota.clone(),
-        jwt,
-        config.settings(),
-        metrics.check.clone(),
-    ));
+    let authorizer = Arc::new(
+        Authorizer::new(
+            handle.clone(),
+            quota.clone(),
+            jwt,
+            config.settings(),
+            metrics.check.clone(),
+        )
+        .with_credits(Arc::clone(&credits)),
+    );
 
     let grpc_tls = load_tls("grpc_tls", config.grpc_tls.as_ref(), Alpn::H2)?;
     let admin_tls = load_tls("admin_tls", config.admin_tls.as_ref(), Alpn::Http11)?;
@@ -303,6 +314,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics: state_metrics,
         actor: state::api::actor(config.admin_token.as_deref()),
         paywall: paywall.clone(),
+        credits: Some(Arc::clone(&credits)),
     });
     let admin_router = admin::router(
         AdminState {
@@ -332,6 +344,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let state_sync = tokio::spawn(follow_state(
         store.clone(),
         Arc::clone(&syncer),
+        Arc::clone(&credits),
         config.state.sync_interval,
         paywall,
         shutdown_rx.clone(),
@@ -382,8 +395,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             Err(error) => tracing::warn!(%error, "quota counter save task failed"),
         }
     }
-    // Hands leased quota units back to a shared store so other replicas can use them at once.
+    // Hands leased quota units back to a shared store so other replicas can use them at once, and reports
+    // every served credit (a lease kept at exit would count as spent at the next start).
     authorizer.sweep(i64::MAX).await;
+    if let Err(error) = credits.flush(unix_now()).await {
+        tracing::warn!(%error, "credit leases not returned at shutdown: they stay spent");
+    }
     if let Err(e) = sealer.await {
         tracing::warn!(error = %e, "metering task ended abnormally");
     }
@@ -411,6 +428,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 async fn follow_state(
     store: SqlStore,
     syncer: Arc<Syncer>,
+    credits: Arc<Credits>,
     interval: Duration,
     paywall: Option<Paywall>,
     shutdown: watch::Receiver<bool>,
@@ -418,7 +436,10 @@ async fn follow_state(
     let mut backoff = Duration::from_millis(200);
     loop {
         let ready = match store.migrate().await {
-            Ok(()) => syncer.catch_up().await,
+            Ok(()) => match credits.recover().await {
+                Ok(()) => syncer.catch_up().await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match ready {

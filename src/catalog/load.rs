@@ -17,6 +17,7 @@ use super::{
 };
 use crate::identity::api_key::KeyHash;
 use crate::matching::path::PathPattern;
+use crate::credits::{Prepaid, RefillPolicy};
 use crate::paywall::access::PriceRef;
 use crate::quota::{Limit, Unit};
 use crate::source::{PathSeg, Source, SourceError};
@@ -58,6 +59,29 @@ struct RawProduct {
     meter: Option<RawMeter>,
     #[serde(default)]
     stripe_prices: Vec<String>,
+    prepaid: Option<RawPrepaid>,
+    #[serde(default)]
+    stripe_credit_prices: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrepaid {
+    cost: Option<u64>,
+    refill: Option<RawRefill>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefill {
+    amount: u64,
+    every: Unit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperationPrepaid {
+    cost: u64,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +105,7 @@ struct RawOperation {
     quota: Option<OneOrMany<RawLimit>>,
     #[serde(default = "one_u64")]
     cost: u64,
+    prepaid: Option<RawOperationPrepaid>,
 }
 
 #[derive(Deserialize)]
@@ -194,10 +219,22 @@ impl Builder<'_> {
         let sold = (0..products.len())
             .filter(|&i| !products[i].stripe_prices.is_empty())
             .collect();
+        let mut credit_prices: HashMap<String, u64> = HashMap::new();
+        for (i, product) in products.iter().enumerate() {
+            for (price, credits) in &product.credit_prices {
+                if credit_prices.insert(price.clone(), *credits).is_some_and(|c| c != *credits) {
+                    return Err(self.err(
+                        &[PathSeg::Key("products"), PathSeg::Index(i), PathSeg::Key("stripe_credit_prices")],
+                        format!("price {price} adds a different number of credits in another product"),
+                    ));
+                }
+            }
+        }
         let mut catalog = Catalog {
             products: Arc::new(products),
             products_by_name: Arc::new(products_by_name),
             sold: Arc::new(sold),
+            credit_prices: Arc::new(credit_prices),
             ..Catalog::default()
         };
 
@@ -284,6 +321,32 @@ impl Builder<'_> {
             }
             stripe_prices.push(price);
         }
+        let prepaid = match p.prepaid {
+            Some(raw) => Some(self.prepaid(&[at[0], at[1], PathSeg::Key("prepaid")], raw)?),
+            None => None,
+        };
+        if prepaid.is_none() {
+            if let Some(o) = operations.iter().position(|op| op.prepaid_cost.is_some()) {
+                return Err(self.err(
+                    &[at[0], at[1], PathSeg::Key("operations"), PathSeg::Index(o), PathSeg::Key("prepaid")],
+                    format!("product {name:?} is not prepaid: give it `prepaid: {{cost: …}}` first"),
+                ));
+            }
+        }
+        let mut credit_prices = Vec::with_capacity(p.stripe_credit_prices.len());
+        for (price, credits) in p.stripe_credit_prices {
+            let here = [at[0], at[1], PathSeg::Key("stripe_credit_prices")];
+            if !price.starts_with("price_") || price.len() > 255 {
+                return Err(self.err(
+                    &here,
+                    format!("{price:?} is not a Stripe price id (price_…): top-ups are matched by the invoice line's price id"),
+                ));
+            }
+            if credits == 0 {
+                return Err(self.err(&here, format!("price {price} adds no credits: give it at least 1")));
+            }
+            credit_prices.push((price, credits));
+        }
         Ok(Product {
             name,
             display_name: p.display_name,
@@ -294,7 +357,39 @@ impl Builder<'_> {
             operations,
             meter,
             stripe_prices,
+            prepaid,
+            credit_prices,
         })
+    }
+
+    fn prepaid(&self, at: &[PathSeg<'_>; 3], raw: RawPrepaid) -> Result<Prepaid, SourceError> {
+        let cost = raw.cost.unwrap_or(1);
+        if cost == 0 {
+            return Err(self.err(
+                &[at[0], at[1], at[2], PathSeg::Key("cost")],
+                "prepaid cost must be at least 1 (an operation may set 0 to be free)",
+            ));
+        }
+        let refill = match raw.refill {
+            Some(r) => {
+                let here = [at[0], at[1], at[2], PathSeg::Key("refill")];
+                if r.amount == 0 {
+                    return Err(self.err(&here, "refill amount must be at least 1"));
+                }
+                if matches!(r.every, Unit::Second | Unit::Minute) {
+                    return Err(self.err(
+                        &here,
+                        "refill every must be hour, day, week or month",
+                    ));
+                }
+                Some(RefillPolicy {
+                    amount: r.amount,
+                    every: r.every,
+                })
+            }
+            None => None,
+        };
+        Ok(Prepaid { cost, refill })
     }
 
     fn limits(
@@ -405,6 +500,7 @@ impl Builder<'_> {
             methods,
             quota,
             cost: op.cost,
+            prepaid_cost: op.prepaid.map(|p| p.cost),
         })
     }
 

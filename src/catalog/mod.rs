@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::credits::Prepaid;
 use crate::identity::api_key::KeyHash;
 use crate::matching::path::PathPattern;
 use crate::paywall::access::PriceRef;
@@ -149,6 +150,10 @@ pub struct Product {
     pub meter: Option<Meter>,
     /// Stripe prices that sell the product: a subscription to one of them grants it (CONTRACT §8).
     pub stripe_prices: Vec<PriceRef>,
+    /// Calls spend credits of the owner's prepaid balance (CONTRACT §9).
+    pub prepaid: Option<Prepaid>,
+    /// Stripe price ids whose paid invoice lines add this many credits per unit.
+    pub credit_prices: Vec<(String, u64)>,
 }
 
 impl Product {
@@ -175,6 +180,8 @@ pub struct Operation {
     pub quota: Option<Vec<Limit>>,
     /// Units one call spends.
     pub cost: u64,
+    /// Credits one call spends, overriding the product's `prepaid.cost`.
+    pub prepaid_cost: Option<u64>,
 }
 
 /// A developer (a person or a company account) who owns apps.
@@ -238,6 +245,8 @@ pub struct Catalog {
     products_by_name: Arc<HashMap<String, ProductId>>,
     /// Products with `stripe_prices`, in catalog order.
     sold: Arc<Vec<ProductId>>,
+    /// Credits per unit of every `stripe_credit_prices` price, catalog-wide.
+    credit_prices: Arc<HashMap<String, u64>>,
     developers: imbl::HashMap<DeveloperId, Arc<Developer>>,
     apps: imbl::HashMap<AppId, Arc<App>>,
     keys: KeyTable,
@@ -252,6 +261,11 @@ impl Catalog {
     /// Products sold through Stripe (with `stripe_prices`), in catalog order.
     pub fn sold_through_stripe(&self) -> &[ProductId] {
         &self.sold
+    }
+
+    /// Credits one unit of a Stripe price tops a balance up by, when some product lists it.
+    pub fn credit_price(&self, price: &str) -> Option<u64> {
+        self.credit_prices.get(price).copied()
     }
 
     /// A Stripe customer's subscriptions as last read (empty when none are known).
@@ -369,6 +383,7 @@ impl Catalog {
             products: Arc::clone(&self.products),
             products_by_name: Arc::clone(&self.products_by_name),
             sold: Arc::clone(&self.sold),
+            credit_prices: Arc::clone(&self.credit_prices),
             ..Catalog::default()
         }
     }
@@ -378,6 +393,7 @@ impl Catalog {
         self.products = Arc::clone(&other.products);
         self.products_by_name = Arc::clone(&other.products_by_name);
         self.sold = Arc::clone(&other.sold);
+        self.credit_prices = Arc::clone(&other.credit_prices);
     }
 
     /// Adds or replaces the developer `id`.

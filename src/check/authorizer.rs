@@ -6,7 +6,8 @@ use std::time::Instant;
 use crate::catalog::{Catalog, CatalogHandle};
 use crate::check::fallback::Fallback;
 use crate::check::metrics::CheckMetrics;
-use crate::check::plan::{self, Plan};
+use crate::check::plan::{self, Pending, Plan};
+use crate::credits::{Credits, Spend, SpendError};
 use crate::check::verdict::www_authenticate;
 use crate::check::{Decision, OnStoreError, QuotaAnswer, Request, Settings, Verdict};
 use crate::identity::jwt::JwtVerifier;
@@ -19,6 +20,10 @@ use crate::util::throttle::OncePerSecond;
 pub struct Authorizer {
     catalog: Arc<CatalogHandle>,
     quota: Arc<dyn QuotaStore>,
+    /// Prepaid balances; `None` refuses prepaid products (503) rather than serving them free.
+    credits: Option<Arc<Credits>>,
+    /// Credit ledger failures are logged once a second.
+    last_ledger_warning: OncePerSecond,
     /// Counts requests let through while the quota store fails under `on_store_error: allow`, so each
     /// replica still applies the limits on its own, from the store's last word, until the store is back.
     fallback: Fallback,
@@ -46,12 +51,20 @@ impl Authorizer {
             challenge: www_authenticate(&settings),
             catalog,
             quota,
+            credits: None,
+            last_ledger_warning: OncePerSecond::default(),
             fallback: Fallback::new(),
             last_store_warning: OncePerSecond::default(),
             jwt,
             settings,
             metrics,
         }
+    }
+
+    /// Spends prepaid products' credits through `credits` (without it they are refused with 503).
+    pub fn with_credits(mut self, credits: Arc<Credits>) -> Self {
+        self.credits = Some(credits);
+        self
     }
 
     /// Decides one request: the only call the Envoy adapter makes.
@@ -104,33 +117,69 @@ impl Authorizer {
         let now = unix_now();
         let decision = match plan::plan(request, caller, catalog, &self.settings, now) {
             Plan::Decided(decision) => decision,
-            Plan::Charge(pending) => {
-                let charge = pending.charge(now);
-                let policy = pending.on_store_error(&self.settings);
-                let answer = match self.quota.charge(&charge).await {
-                    Ok(outcome) => {
-                        if policy == OnStoreError::Allow {
-                            self.fallback.observe(&charge, &outcome);
-                        }
-                        QuotaAnswer::Store(outcome)
-                    }
-                    Err(e) => {
-                        self.metrics.quota_store_errors.inc();
-                        self.warn_store_failure(&e, policy, now);
-                        match policy {
-                            OnStoreError::Deny => QuotaAnswer::Unavailable,
-                            OnStoreError::Allow => {
-                                self.metrics.quota_fallbacks.inc();
-                                QuotaAnswer::Fallback(self.fallback.charge(&charge).await)
-                            }
-                        }
-                    }
-                };
-                pending.finish(answer)
-            }
+            Plan::Charge(pending) => self.charge(pending, now).await,
         };
         self.metrics.record_decision(decision.reason);
         decision
+    }
+
+    /// Holds the call's credits, charges its quota, and completes the decision: credits are committed only
+    /// when the call is allowed, so a refusal by either spends neither.
+    async fn charge<'a>(&'a self, pending: Pending<'a>, now: i64) -> Decision<'a> {
+        let hold = match pending.credits() {
+            None => None,
+            Some(c) => {
+                let spent = match &self.credits {
+                    Some(credits) => credits.take(c.owner, c.cost, c.refill, now).await,
+                    None => Err(SpendError::NotConfigured),
+                };
+                match spent {
+                    Ok(Spend::Held(hold)) => Some(hold),
+                    Ok(Spend::Exhausted { balance }) => return pending.credits_exhausted(balance),
+                    Err(e) => {
+                        if self.last_ledger_warning.allow(now) {
+                            tracing::warn!(error = %e, "prepaid call refused: credit ledger unavailable");
+                        }
+                        return pending.credits_unavailable();
+                    }
+                }
+            }
+        };
+        let answer = if pending.has_quota() {
+            self.charge_quota(&pending, now).await
+        } else {
+            QuotaAnswer::NoQuota
+        };
+        let mut decision = pending.finish(answer);
+        if let (true, Some(hold), Some(credits)) = (decision.allowed(), hold, &self.credits) {
+            decision.credits_remaining = Some(credits.commit(hold));
+        }
+        decision
+    }
+
+    /// Asks the quota store, or the local fallback when it fails and the API's policy allows.
+    async fn charge_quota(&self, pending: &Pending<'_>, now: i64) -> QuotaAnswer {
+        let charge = pending.charge(now);
+        let policy = pending.on_store_error(&self.settings);
+        match self.quota.charge(&charge).await {
+            Ok(outcome) => {
+                if policy == OnStoreError::Allow {
+                    self.fallback.observe(&charge, &outcome);
+                }
+                QuotaAnswer::Store(outcome)
+            }
+            Err(e) => {
+                self.metrics.quota_store_errors.inc();
+                self.warn_store_failure(&e, policy, now);
+                match policy {
+                    OnStoreError::Deny => QuotaAnswer::Unavailable,
+                    OnStoreError::Allow => {
+                        self.metrics.quota_fallbacks.inc();
+                        QuotaAnswer::Fallback(self.fallback.charge(&charge).await)
+                    }
+                }
+            }
+        }
     }
 
     /// Logs a quota store failure at most once a second, with how many failed since the last line: a dead

@@ -37,6 +37,8 @@ pub struct Decision<'a> {
     pub ratelimit: Option<LimitState>,
     /// For a 429: seconds until the exhausted limit's window ends (`retry-after`).
     pub retry_after: Option<u64>,
+    /// On an allowed prepaid call: the owner's balance left (`tollgate-credits-remaining`).
+    pub credits_remaining: Option<u64>,
 }
 
 impl Decision<'_> {
@@ -55,4 +57,6 @@ pub enum QuotaAnswer {
     Fallback(Outcome),
     /// The store failed and `on_store_error` is `deny`.
     Unavailable,
+    /// The call has no quota to charge (a prepaid product without one).
+    NoQuota,
 }

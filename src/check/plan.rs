@@ -1,7 +1,9 @@
 //! The decision as a pure function: [`plan`] decides or says what to charge, [`Pending::finish`] completes
 //! it with the quota store's answer. Neither does I/O, so the whole decision table is unit-tested.
 
-use crate::catalog::{Catalog, SubscriptionStatus};
+use crate::catalog::{Catalog, Product, SubscriptionStatus};
+use crate::credits::catalog::owner as credit_owner;
+use crate::credits::ledger::Refill;
 use crate::check::buckets::bucket_key;
 use crate::check::decision::{Decision, Identity, QuotaAnswer};
 use crate::check::entitle::entitle;
@@ -12,15 +14,27 @@ use crate::matching::{self, Match, Target, path};
 use crate::paywall::access::{Access, access, denial_message};
 use crate::quota::{Charge, Limit, Outcome};
 
-/// A decision that waits for the quota store.
+/// A decision that waits for the quota store, the credit ledger, or both.
 #[derive(Debug)]
 pub struct Pending<'a> {
     decision: Decision<'a>,
     bucket: String,
     limits: &'a [Limit],
     cost: u64,
-    product: &'a str,
+    product: &'a Product,
+    credits: Option<CreditCharge<'a>>,
     now: i64,
+}
+
+/// What a prepaid call spends: `cost` credits of `owner`'s balance, after `refill` when one is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditCharge<'a> {
+    /// The balance's owner: the company, else the developer.
+    pub owner: &'a str,
+    /// Credits the call spends.
+    pub cost: u64,
+    /// The product's free-tier refill for the current period.
+    pub refill: Option<Refill<'a>>,
 }
 
 /// The first half of a decision.
@@ -49,6 +63,7 @@ pub fn plan<'a>(
         environment: settings.environment.as_deref(),
         ratelimit: None,
         retry_after: None,
+        credits_remaining: None,
     };
     let deny = |mut d: Decision<'a>, reason: Reason, message: String| {
         d.reason = reason;
@@ -200,7 +215,30 @@ pub fn plan<'a>(
             bucket_key(owner, &product.name, None),
         ),
     };
-    if limits.is_empty() {
+    let credits = match product.prepaid {
+        Some(prepaid) => {
+            let cost = operation.prepaid_cost.unwrap_or(prepaid.cost);
+            let id = &decision.identity;
+            match credit_owner(id.company, id.developer) {
+                _ if cost == 0 => None,
+                Some(owner) => Some(CreditCharge {
+                    owner,
+                    cost,
+                    refill: prepaid.refill.map(|r| r.at(&product.name, now)),
+                }),
+                None => {
+                    let message = format!(
+                        "product {} is prepaid and {} has no developer or company to hold credits",
+                        product.name,
+                        owner.label()
+                    );
+                    return deny(decision, Reason::CreditsExhausted, message);
+                }
+            }
+        }
+        None => None,
+    };
+    if limits.is_empty() && credits.is_none() {
         return Plan::Decided(decision);
     }
     Plan::Charge(Pending {
@@ -208,12 +246,56 @@ pub fn plan<'a>(
         bucket,
         limits,
         cost: operation.cost,
-        product: &product.name,
+        product,
+        credits,
         now,
     })
 }
 
 impl<'a> Pending<'a> {
+    /// Whether the call has a quota to charge.
+    pub fn has_quota(&self) -> bool {
+        !self.limits.is_empty()
+    }
+
+    /// The credits the call spends, when its product is prepaid.
+    pub fn credits(&self) -> Option<CreditCharge<'a>> {
+        self.credits
+    }
+
+    /// Refuses the call: its owner's balance (`balance` as last seen) cannot cover it.
+    pub fn credits_exhausted(self, balance: u64) -> Decision<'a> {
+        let mut decision = self.decision;
+        let (owner, cost) = self.credits.map_or(("", 0), |c| (c.owner, c.cost));
+        let prices: Vec<&str> = self
+            .product
+            .credit_prices
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .collect();
+        let how = if prices.is_empty() {
+            "ask the API provider to grant credits".to_owned()
+        } else {
+            format!(
+                "buy a top-up (Stripe price {}) or ask the API provider to grant credits",
+                prices.join(", ")
+            )
+        };
+        decision.reason = Reason::CreditsExhausted;
+        decision.message = format!(
+            "prepaid credits of {owner} are exhausted (balance {balance}, this call costs {cost}): {how}"
+        );
+        decision
+    }
+
+    /// Refuses the call: the credit ledger cannot be asked and this replica holds too few credits.
+    pub fn credits_unavailable(self) -> Decision<'a> {
+        let mut decision = self.decision;
+        decision.reason = Reason::CreditsUnavailable;
+        decision.message = "credit service is unavailable, try again shortly".into();
+        decision
+    }
+
     /// What to ask the quota store.
     pub fn charge(&self, now: i64) -> Charge<'_> {
         Charge {
@@ -240,6 +322,7 @@ impl<'a> Pending<'a> {
                 decision.message = "quota service is unavailable, try again shortly".into();
                 return decision;
             }
+            QuotaAnswer::NoQuota => return decision,
         };
         match outcome {
             Outcome::Allowed(state) => {
@@ -261,7 +344,7 @@ impl<'a> Pending<'a> {
                     .or_else(|| self.limits.iter().find(|l| l.limit == state.limit))
                     .copied();
                 decision.reason = Reason::QuotaExceeded;
-                decision.message = quota_message(self.product, limit, state);
+                decision.message = quota_message(&self.product.name, limit, state);
                 decision.ratelimit = Some(state);
                 decision.retry_after = Some(state.reset_secs);
             }

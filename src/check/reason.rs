@@ -46,11 +46,15 @@ pub enum Reason {
     QuotaExceeded,
     /// The quota store failed and `on_store_error` is `deny`.
     StoreUnavailable,
+    /// The product is prepaid and the owner's balance cannot cover the call.
+    CreditsExhausted,
+    /// The product is prepaid, this replica's lease is spent and the credit ledger does not answer.
+    CreditsUnavailable,
 }
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Allowed,
         Reason::AllowedStoreError,
         Reason::MissingCredential,
@@ -72,6 +76,8 @@ impl Reason {
         Reason::NoSubscription,
         Reason::QuotaExceeded,
         Reason::StoreUnavailable,
+        Reason::CreditsExhausted,
+        Reason::CreditsUnavailable,
     ];
 
     /// The snake_case name used in metadata and metric labels.
@@ -98,6 +104,8 @@ impl Reason {
             Reason::NoSubscription => "no_subscription",
             Reason::QuotaExceeded => "quota_exceeded",
             Reason::StoreUnavailable => "store_unavailable",
+            Reason::CreditsExhausted => "credits_exhausted",
+            Reason::CreditsUnavailable => "credits_unavailable",
         }
     }
 
@@ -125,14 +133,17 @@ impl Reason {
             | Reason::NoProduct
             | Reason::NoSubscription
             | Reason::NoApi => 403,
-            Reason::PaymentRequired => 402,
+            Reason::PaymentRequired | Reason::CreditsExhausted => 402,
             Reason::QuotaExceeded => 429,
-            Reason::StoreUnavailable | Reason::KeysUnavailable => 503,
+            Reason::StoreUnavailable | Reason::KeysUnavailable | Reason::CreditsUnavailable => 503,
         }
     }
 
     /// The `error` field of a denial's JSON body (CONTRACT §4).
     pub fn error_code(self) -> &'static str {
+        if self == Reason::CreditsExhausted {
+            return "credits_exhausted";
+        }
         match self.http_status() {
             400 => "bad_request",
             402 => "payment_required",

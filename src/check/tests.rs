@@ -35,6 +35,17 @@ products:
   - name: scoped
     scopes: [admin]
     operations: [{api: weather, paths: [/scoped]}]
+  - name: prepaid
+    prepaid: {cost: 2, refill: {amount: 50, every: month}}
+    stripe_credit_prices: {price_topup: 1000}
+    operations:
+      - {api: weather, name: dear, paths: [/credits/dear], prepaid: {cost: 5}}
+      - {api: weather, name: gratis, paths: [/credits/free], prepaid: {cost: 0}}
+      - {api: weather, name: plain, paths: [/credits/**]}
+  - name: prepaid_quota
+    prepaid: {cost: 1}
+    quota: {limit: 3, unit: minute}
+    operations: [{api: weather, paths: [/both]}]
 developers:
   - email: ntesla@theremin.com
     company: theremin
@@ -52,8 +63,13 @@ developers:
         status: revoked
         products: [{name: free}]
         keys: [{hash: 'sha256:18ac3e7343f016890c510e93f935261169d9e3f565436429830faf0934f4f8e4'}]
+  - email: solo@example.com
+    apps:
+      - name: prepaidapp
+        products: [{name: prepaid}, {name: prepaid_quota}]
+        keys: [{hash: 'sha256:3f79bb7b435b05321651daefd374cdc681dc06faa65e374e38337b88ca046dea'}]
 ";
-// Keys: "abc" (good), "b" (revoked), "c" (expired), "d" (app revoked).
+// Keys: "abc" (good), "b" (revoked), "c" (expired), "d" (app revoked), "e" (prepaid, no company).
 
 struct World {
     catalog: Catalog,
@@ -695,4 +711,78 @@ fn portal_tokens_are_held_to_their_customers_subscriptions() {
         Reason::NoSubscription,
         "the token's own customer decides"
     );
+}
+
+#[test]
+fn prepaid_products_spend_the_owners_credits_at_the_operations_cost() {
+    let w = world();
+    let e = ext("weather");
+    let caller = headers(Some("e"));
+    let charge = |path: &'static str| match decide_now(&w, "GET", path, &caller, &e) {
+        Plan::Charge(p) => p.credits(),
+        Plan::Decided(d) => panic!("expected a charge for {path}, got {d:?}"),
+    };
+    let plain = charge("/credits/x").expect("prepaid");
+    // No company: the developer owns the balance.
+    assert_eq!(plain.owner, "solo@example.com");
+    assert_eq!(plain.cost, 2);
+    let refill = plain.refill.expect("the product refills");
+    assert_eq!((refill.product, refill.amount), ("prepaid", 50));
+    assert_eq!(refill.period_start, crate::quota::window_at(NOW, crate::quota::Unit::Month, 1).start);
+    assert_eq!(charge("/credits/dear").map(|c| c.cost), Some(5));
+    // An operation of cost 0 spends nothing, and without a quota nothing is charged at all.
+    assert!(matches!(
+        decide_now(&w, "GET", "/credits/free", &caller, &e),
+        Plan::Decided(d) if d.reason == Reason::Allowed
+    ));
+    // The company owns the balance when there is one.
+    let portal = token(None, &["prepaid"], &[]);
+    let Plan::Charge(p) = decide_now(&w, "GET", "/credits/x", &portal, &e) else {
+        panic!("expected a charge");
+    };
+    assert_eq!(p.credits().map(|c| c.owner), Some("acme"));
+}
+
+#[test]
+fn an_exhausted_balance_is_a_402_that_says_how_to_top_up() {
+    let w = world();
+    let e = ext("weather");
+    let caller = headers(Some("e"));
+    let Plan::Charge(p) = decide_now(&w, "GET", "/credits/x", &caller, &e) else {
+        panic!("expected a charge");
+    };
+    assert!(!p.has_quota());
+    let d = p.credits_exhausted(1);
+    assert_eq!(d.reason, Reason::CreditsExhausted);
+    assert_eq!(d.reason.http_status(), 402);
+    assert_eq!(d.reason.error_code(), "credits_exhausted");
+    assert_eq!(
+        d.message,
+        "prepaid credits of solo@example.com are exhausted (balance 1, this call costs 2): buy a top-up \
+         (Stripe price price_topup) or ask the API provider to grant credits"
+    );
+    let Plan::Charge(p) = decide_now(&w, "GET", "/credits/x", &caller, &e) else {
+        panic!("expected a charge");
+    };
+    let d = p.credits_unavailable();
+    assert_eq!((d.reason.http_status(), d.reason.error_code()), (503, "unavailable"));
+}
+
+#[test]
+fn a_prepaid_product_with_a_quota_is_charged_both_ways() {
+    let w = world();
+    let e = ext("weather");
+    let caller = headers(Some("e"));
+    let Plan::Charge(p) = decide_now(&w, "GET", "/both", &caller, &e) else {
+        panic!("expected a charge");
+    };
+    assert!(p.has_quota());
+    assert_eq!(p.credits().map(|c| c.cost), Some(1));
+    let Plan::Charge(p) = decide_now(&w, "GET", "/credits/x", &caller, &e) else {
+        panic!("expected a charge");
+    };
+    // Without a quota the decision completes with no ratelimit headers.
+    let d = p.finish(QuotaAnswer::NoQuota);
+    assert_eq!(d.reason, Reason::Allowed);
+    assert_eq!(d.ratelimit, None);
 }

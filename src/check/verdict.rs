@@ -35,6 +35,8 @@ pub struct Verdict {
     pub ratelimit: Option<LimitState>,
     /// For a 429: seconds until the exhausted limit's window ends (`retry-after`).
     pub retry_after: Option<u64>,
+    /// On an allowed prepaid call: the owner's balance left (`tollgate-credits-remaining`).
+    pub credits_remaining: Option<u64>,
     /// For a 401: the `www-authenticate` challenge naming every accepted scheme.
     pub challenge: Option<String>,
     /// On allow: how the request is changed on its way upstream.
@@ -107,6 +109,7 @@ impl Verdict {
             environment: own(decision.environment),
             ratelimit: decision.ratelimit,
             retry_after: decision.retry_after,
+            credits_remaining: decision.credits_remaining,
             challenge: (reason.http_status() == 401).then(|| challenge.to_owned()),
             upstream,
         }
@@ -220,6 +223,7 @@ mod tests {
                 reset_secs: 30,
             }),
             retry_after: Some(30),
+            credits_remaining: None,
         }
     }
 

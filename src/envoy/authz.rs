@@ -122,8 +122,15 @@ pub fn check_response(mut verdict: Verdict) -> CheckResponse {
     }
 }
 
+/// The response header that tells a prepaid caller its balance after the call (CONTRACT §9).
+const CREDITS_REMAINING: &str = "tollgate-credits-remaining";
+
 fn ok_response(verdict: Verdict) -> OkHttpResponse {
     let upstream = verdict.upstream;
+    let mut response_headers = ratelimit_headers(verdict.ratelimit);
+    if let Some(left) = verdict.credits_remaining {
+        response_headers.push(header(CREDITS_REMAINING, left.to_string()));
+    }
     OkHttpResponse {
         headers: upstream
             .headers
@@ -131,7 +138,7 @@ fn ok_response(verdict: Verdict) -> OkHttpResponse {
             .map(|(name, value)| header(name, value))
             .collect(),
         headers_to_remove: upstream.remove_headers,
-        response_headers_to_add: ratelimit_headers(verdict.ratelimit),
+        response_headers_to_add: response_headers,
         query_parameters_to_remove: upstream.remove_query_params,
         ..Default::default()
     }
@@ -206,6 +213,7 @@ mod tests {
                 reset_secs: 30,
             }),
             retry_after: Some(30),
+            credits_remaining: None,
             challenge: (reason.http_status() == 401).then(|| "APIKey realm=\"tollgate\"".into()),
             upstream: Upstream::default(),
         }

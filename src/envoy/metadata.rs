@@ -135,6 +135,7 @@ mod tests {
             environment: Some("environment".into()),
             ratelimit: None,
             retry_after: None,
+            credits_remaining: None,
             challenge: None,
             upstream: Upstream::default(),
         };
@@ -160,6 +161,7 @@ mod tests {
             environment: None,
             ratelimit: None,
             retry_after: None,
+            credits_remaining: None,
             challenge: None,
             upstream: Upstream::default(),
         };

@@ -116,6 +116,11 @@ impl SqlStore {
         &self.url
     }
 
+    /// The connection pool, for the other ledgers kept in the same database (credits).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend

@@ -128,6 +128,12 @@ fn replay(key: &str, request: &[u8; 32], first: &Remembered) -> Response {
 }
 
 /// The store's index of an `Idempotency-Key`: scoped to the caller's token.
+/// The grant source of an `Idempotency-Key` sent by `actor`: a ledger row per key and caller, so a retry
+/// after the stored answer expired still grants once.
+pub(crate) fn source(actor: &str, key: &str) -> String {
+    format!("api:{}", hex::encode(&index(actor, key)[..16]))
+}
+
 fn index(actor: &str, key: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"tollgate idempotency index\0");

@@ -6,11 +6,11 @@
 //! caller's next request sees the change, and answers. Writes may carry an `Idempotency-Key`
 //! ([`idempotency`]).
 
-mod body;
+pub(crate) mod body;
 mod entities;
-mod error;
-mod idempotency;
-mod validate;
+pub(crate) mod error;
+pub(crate) mod idempotency;
+pub(crate) mod validate;
 
 use std::sync::Arc;
 
@@ -21,6 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, delete, get, post, put};
 use sha2::{Digest, Sha256};
 
+use crate::credits::Credits;
+use crate::credits::api as credits_api;
 use crate::paywall::Paywall;
 use crate::paywall::view::{self, CustomerQuery};
 use crate::state::metrics::StateMetrics;
@@ -51,6 +53,8 @@ pub struct ManagementState {
     pub actor: Actor,
     /// Answers `GET /v1/subscriptions` when Stripe drives access (`billing.stripe` configured).
     pub paywall: Option<Paywall>,
+    /// Answers `/v1/credits` (prepaid balances).
+    pub credits: Option<Arc<Credits>>,
 }
 
 /// The audit name of a caller holding `admin_token` (`None`: no token, an open loopback listener): a
@@ -82,6 +86,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/apps/{app}/keys/{id}/revoke"),
     ("GET", "/v1/audit"),
     ("GET", "/v1/subscriptions"),
+    ("GET", "/v1/credits"),
+    ("GET", "/v1/credits/{owner}"),
+    ("POST", "/v1/credits/{owner}"),
     ("GET", "/v1/openapi.json"),
 ];
 
@@ -103,6 +110,9 @@ fn handler(method: &str, path: &str) -> MethodRouter<ManagementState> {
         ("POST", "/v1/apps/{app}/keys/{id}/revoke") => post(e::revoke_key),
         ("GET", "/v1/audit") => get(e::audit),
         ("GET", "/v1/subscriptions") => get(subscriptions),
+        ("GET", "/v1/credits") => get(credits_api::list_credits),
+        ("GET", "/v1/credits/{owner}") => get(credits_api::get_credits),
+        ("POST", "/v1/credits/{owner}") => post(credits_api::post_credits),
         ("GET", "/v1/openapi.json") => get(openapi),
         // Not reached for entries of ROUTES: tests/openapi.rs calls every one.
         _ => any(|| async { ApiError::not_found("no such route") }),

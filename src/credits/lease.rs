@@ -1,0 +1,564 @@
+//! The spend engine: each replica spends an owner's credits from a lease it took from the ledger, so most
+//! prepaid Checks never leave memory, and the ledger never lets leases exceed the balance.
+//!
+//! Per owner, a [`Cell`] holds the local account under a plain mutex (never held across an await) and an
+//! async lock that orders the owner's ledger calls (at most one in flight, as each builds on the answer of
+//! the one before). A Check takes its cost from `left` into `pending` ([`Hold`]); the decision then commits it
+//! (served) or drops it (back to `left`), so a call refused later (quota) spends nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::credits::ledger::{CreditLedger, LeaseAnswer, LeaseCall, Refill};
+use crate::credits::metrics::CreditMetrics;
+use crate::state::StoreError;
+use crate::util::sync::lock;
+
+/// A renewal starts in the background once fewer than 1/n of the last lease is left.
+const PREFETCH_DIVISOR: u64 = 4;
+/// An owner without Checks for this long returns its lease and reports what it served.
+pub const IDLE_RETURN: Duration = Duration::from_secs(1);
+
+/// How the engine leases.
+#[derive(Debug, Clone)]
+pub struct CreditOptions {
+    /// Upper bound of the credits one lease takes beyond the call that asked (0: one ledger call per Check).
+    /// Also the bound on what a crash of this replica can cost an owner: its unserved lease stays spent.
+    pub max_lease: u64,
+    /// Balances below this are low: `GET /v1/credits?below=` lists them, and crossing logs once.
+    pub low_balance: u64,
+    /// After the ledger found a balance exhausted, this replica refuses that owner without asking again for
+    /// this long (a grant made through this replica clears it at once). The bound on how late a grant
+    /// made elsewhere becomes spendable here.
+    pub exhausted_for: Duration,
+    /// Bound of one ledger call made for a Check.
+    pub timeout: Duration,
+}
+
+impl Default for CreditOptions {
+    fn default() -> Self {
+        CreditOptions {
+            max_lease: 100,
+            low_balance: 100,
+            exhausted_for: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a Check found for its cost.
+#[derive(Debug)]
+pub enum Spend {
+    /// The cost is held; commit it once the call is allowed, or drop it to give it back.
+    Held(Hold),
+    /// The balance cannot cover the cost; nothing was taken.
+    Exhausted {
+        /// Free credits as last seen (other replicas' leases count as spent).
+        balance: u64,
+    },
+}
+
+/// Credits taken for one call, given back on drop unless committed.
+#[derive(Debug)]
+pub struct Hold {
+    cell: Arc<Cell>,
+    cost: u64,
+    remaining: u64,
+    done: bool,
+}
+
+impl Hold {
+    /// Marks the credits served; returns the balance left as this replica sees it.
+    fn commit(mut self) -> (u64, u64) {
+        self.done = true;
+        let mut a = self.cell.state();
+        a.pending -= self.cost;
+        a.served_total += self.cost;
+        (self.cost, self.remaining)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut a = self.cell.state();
+            a.pending -= self.cost;
+            a.left += self.cost;
+        }
+    }
+}
+
+/// One owner's local account.
+#[derive(Debug)]
+struct Account {
+    /// Leased credits not served and not held by a call in flight.
+    left: u64,
+    /// Credits held by calls in flight.
+    pending: u64,
+    /// Credits served since this process started, in total.
+    served_total: u64,
+    /// The part of `served_total` the ledger acknowledged.
+    reported: u64,
+    /// Size of the last lease, for the prefetch rule.
+    last_lease: u64,
+    /// Free balance at the last answer (every replica's lease counted as spent).
+    balance: u64,
+    /// When the ledger last could not cover a call.
+    exhausted_at: Option<Instant>,
+    /// The refill period this process refilled for.
+    refilled_for: Option<i64>,
+    touched: Instant,
+}
+
+impl Account {
+    /// Takes `cost` from the lease when it covers it and no refill is due.
+    fn take(&mut self, cost: u64, refill: Option<&Refill<'_>>) -> Option<u64> {
+        if refill.is_some_and(|r| self.refilled_for != Some(r.period_start)) || self.left < cost {
+            return None;
+        }
+        self.left -= cost;
+        self.pending += cost;
+        Some(self.balance.saturating_add(self.left))
+    }
+
+    fn wants_prefetch(&self) -> bool {
+        self.exhausted_at.is_none()
+            && self.left.saturating_mul(PREFETCH_DIVISOR) <= self.last_lease
+            && self.last_lease > 0
+    }
+
+    /// Owes the ledger nothing: no lease, nothing unreported.
+    fn clean(&self) -> bool {
+        self.left == 0 && self.pending == 0 && self.served_total == self.reported
+    }
+}
+
+/// One owner: the account and the lock that orders its ledger calls.
+#[derive(Debug)]
+struct Cell {
+    owner: Box<str>,
+    io: Mutex<()>,
+    state: std::sync::Mutex<Account>,
+    /// A background renewal is queued or running.
+    renewing: AtomicBool,
+}
+
+impl Cell {
+    fn new(owner: &str) -> Self {
+        Cell {
+            owner: owner.into(),
+            io: Mutex::new(()),
+            state: std::sync::Mutex::new(Account {
+                left: 0,
+                pending: 0,
+                served_total: 0,
+                reported: 0,
+                last_lease: 0,
+                balance: 0,
+                exhausted_at: None,
+                refilled_for: None,
+                touched: Instant::now(),
+            }),
+            renewing: AtomicBool::new(false),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, Account> {
+        // Bookkeeping under this lock is plain arithmetic that cannot panic half-way.
+        lock(&self.state)
+    }
+}
+
+/// Why a ledger call made for a Check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpendError {
+    /// The ledger did not answer within the timeout.
+    #[error("the credit ledger did not answer in time")]
+    Timeout,
+    /// The ledger failed.
+    #[error("the credit ledger failed: {0}")]
+    Ledger(#[from] StoreError),
+    /// This replica was started without a credit ledger.
+    #[error("prepaid credits are not configured on this replica")]
+    NotConfigured,
+}
+
+/// Which kind of ledger call, for metrics.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Lease,
+    Renew,
+    Return,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Lease => "lease",
+            Op::Renew => "renew",
+            Op::Return => "return",
+        }
+    }
+}
+
+/// The credits every replica spends; see the module docs of [`crate::credits`].
+pub struct Credits {
+    inner: Arc<Inner>,
+    returner: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    ledger: Arc<dyn CreditLedger>,
+    replica: String,
+    options: CreditOptions,
+    owners: DashMap<Box<str>, Arc<Cell>>,
+    metrics: CreditMetrics,
+    /// Set once the previous life's leases are closed: no lease call runs before.
+    recovered: OnceCell<()>,
+}
+
+impl std::fmt::Debug for Credits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credits")
+            .field("replica", &self.inner.replica)
+            .field("options", &self.inner.options)
+            .field("owners", &self.inner.owners.len())
+            .finish()
+    }
+}
+
+impl Drop for Credits {
+    fn drop(&mut self) {
+        self.returner.abort();
+    }
+}
+
+impl Credits {
+    /// Starts the engine and its idle-lease returner. What a previous life of `replica` left leased (a crash)
+    /// is closed before this life's first ledger call ([`Credits::recover`]), so nothing it may have served is
+    /// given back.
+    pub fn start(
+        ledger: Arc<dyn CreditLedger>,
+        replica: String,
+        options: CreditOptions,
+        metrics: CreditMetrics,
+    ) -> Credits {
+        let inner = Arc::new(Inner {
+            ledger,
+            replica,
+            options,
+            owners: DashMap::new(),
+            metrics,
+            recovered: OnceCell::new(),
+        });
+        let returner = tokio::spawn(return_idle(Arc::downgrade(&inner)));
+        Credits { inner, returner }
+    }
+
+    /// Closes what a previous life of this replica left leased, once (later calls answer at once); `serve`
+    /// calls it when the state store is migrated, and every ledger call waits for it.
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        self.inner.recover().await
+    }
+
+    /// Takes `cost` credits of `owner` for one call at `now` (Unix seconds), refilling first when `refill` is
+    /// due. Most calls are served from the local lease; the others make one bounded ledger call.
+    pub async fn take(
+        &self,
+        owner: &str,
+        cost: u64,
+        refill: Option<Refill<'_>>,
+        now: i64,
+    ) -> Result<Spend, SpendError> {
+        let inner = &self.inner;
+        let cell = inner.cell(owner);
+        if let Some(spend) = inner.local(&cell, cost, refill.as_ref()) {
+            return Ok(spend);
+        }
+        let asked = tokio::time::timeout(inner.options.timeout, async {
+            let _io = cell.io.lock().await;
+            // A renewal may have landed while this call waited for its turn.
+            if let Some(spend) = inner.local(&cell, cost, refill.as_ref()) {
+                return Ok(spend);
+            }
+            let need = cost.saturating_sub(cell.state().left);
+            inner
+                .call(owner, &cell, Op::Lease, need, inner.options.max_lease, refill, now)
+                .await?;
+            inner.metrics.checks.with_label_values(&["ledger"]).inc();
+            let mut a = cell.state();
+            Ok(match a.take(cost, None) {
+                Some(remaining) => Spend::Held(inner.hold(&cell, cost, remaining)),
+                None => Spend::Exhausted {
+                    balance: a.balance.saturating_add(a.left),
+                },
+            })
+        })
+        .await;
+        let result = match asked {
+            Ok(result) => result,
+            Err(_) => Err(SpendError::Timeout),
+        };
+        match &result {
+            Ok(Spend::Exhausted { .. }) => inner.metrics.checks.with_label_values(&["exhausted"]).inc(),
+            Err(_) => inner.metrics.checks.with_label_values(&["unavailable"]).inc(),
+            Ok(Spend::Held(_)) => {}
+        }
+        result
+    }
+
+    /// Marks a held call's credits served (the call was allowed); returns the balance left as this replica
+    /// sees it.
+    pub fn commit(&self, hold: Hold) -> u64 {
+        let (cost, remaining) = hold.commit();
+        self.inner.metrics.spent.inc_by(cost);
+        remaining
+    }
+
+    /// Forgets that `owner`'s balance was exhausted, so the next Check asks the ledger (after a grant).
+    pub fn granted(&self, owner: &str) {
+        if let Some(cell) = self.inner.owners.get(owner) {
+            cell.state().exhausted_at = None;
+        }
+    }
+
+    /// Reports what every owner served and returns every unserved lease (shutdown, tests).
+    pub async fn flush(&self, now: i64) -> Result<(), StoreError> {
+        let cells: Vec<(Box<str>, Arc<Cell>)> = self
+            .inner
+            .owners
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        let mut failed = None;
+        for (owner, cell) in cells {
+            let _io = cell.io.lock().await;
+            if cell.state().clean() {
+                continue;
+            }
+            if let Err(e) = self
+                .inner
+                .call(&owner, &cell, Op::Return, 0, 0, None, now)
+                .await
+            {
+                failed = Some(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// This replica's id in the ledger.
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    /// The ledger the credits are kept in.
+    pub fn ledger(&self) -> &Arc<dyn CreditLedger> {
+        &self.inner.ledger
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &CreditOptions {
+        &self.inner.options
+    }
+
+    /// The metrics, shared with the management API and the top-ups.
+    pub fn metrics(&self) -> &CreditMetrics {
+        &self.inner.metrics
+    }
+}
+
+impl Inner {
+    async fn recover(&self) -> Result<(), StoreError> {
+        self.recovered
+            .get_or_try_init(|| async {
+                let now = crate::util::clock::unix_now();
+                let closed = self.ledger.recover(&self.replica, now).await?;
+                if closed > 0 {
+                    tracing::warn!(
+                        replica = %self.replica,
+                        credits = closed,
+                        "credits this replica held leased when it last stopped without returning them are kept as spent"
+                    );
+                    self.metrics.recovered.inc_by(closed);
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn cell(&self, owner: &str) -> Arc<Cell> {
+        if let Some(cell) = self.owners.get(owner) {
+            return Arc::clone(cell.value());
+        }
+        Arc::clone(
+            self.owners
+                .entry(owner.into())
+                .or_insert_with(|| Arc::new(Cell::new(owner)))
+                .value(),
+        )
+    }
+
+    fn hold(&self, cell: &Arc<Cell>, cost: u64, remaining: u64) -> Hold {
+        Hold {
+            cell: Arc::clone(cell),
+            cost,
+            remaining,
+            done: false,
+        }
+    }
+
+    /// Serves from the lease, or refuses from a recent "exhausted" answer; `None` when the ledger must be
+    /// asked.
+    fn local(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        cost: u64,
+        refill: Option<&Refill<'_>>,
+    ) -> Option<Spend> {
+        let mut a = cell.state();
+        a.touched = Instant::now();
+        if let Some(remaining) = a.take(cost, refill) {
+            let prefetch = a.wants_prefetch();
+            drop(a);
+            self.metrics.checks.with_label_values(&["local"]).inc();
+            if prefetch && !cell.renewing.swap(true, Ordering::AcqRel) {
+                tokio::spawn(renew(Arc::clone(self), Arc::clone(cell)));
+            }
+            return Some(Spend::Held(self.hold(cell, cost, remaining)));
+        }
+        let refill_due = refill.is_some_and(|r| a.refilled_for != Some(r.period_start));
+        let exhausted = a
+            .exhausted_at
+            .is_some_and(|at| at.elapsed() < self.options.exhausted_for);
+        if exhausted && !refill_due {
+            self.metrics.checks.with_label_values(&["exhausted"]).inc();
+            return Some(Spend::Exhausted {
+                balance: a.balance.saturating_add(a.left),
+            });
+        }
+        None
+    }
+
+    /// One ledger call for `owner`, made by the holder of the cell's `io` lock: reports what was served, keeps
+    /// what is unserved, asks for `need` plus up to `max_extra`, and books the answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        owner: &str,
+        cell: &Cell,
+        op: Op,
+        need: u64,
+        max_extra: u64,
+        refill: Option<Refill<'_>>,
+        now: i64,
+    ) -> Result<LeaseAnswer, StoreError> {
+        self.recover().await?;
+        let (served_total, keep) = {
+            let mut a = cell.state();
+            if let Op::Return = op {
+                // Given up before the call: a Check racing it must not serve credits the ledger frees.
+                a.left = 0;
+            }
+            (a.served_total, a.left + a.pending)
+        };
+        let call = LeaseCall {
+            owner,
+            replica: &self.replica,
+            served_total,
+            keep,
+            need,
+            max_extra,
+            refill,
+            low_balance: self.options.low_balance,
+            now,
+        };
+        let started = Instant::now();
+        let answer = self.ledger.lease(&call).await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        let result = if answer.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .calls
+            .with_label_values(&[op.as_str(), result])
+            .inc();
+        let answer = answer?;
+        let mut a = cell.state();
+        a.reported = served_total;
+        // The ledger keeps no more than it recorded: void the difference (only after a lost answer).
+        let void = keep.saturating_sub(answer.kept);
+        a.left = a.left.saturating_sub(void);
+        a.left += answer.granted;
+        a.last_lease = answer.granted;
+        a.balance = answer.balance;
+        a.exhausted_at = (need > 0 && answer.granted == 0).then(Instant::now);
+        if let Some(r) = refill {
+            a.refilled_for = Some(r.period_start);
+        }
+        drop(a);
+        if answer.refilled > 0 {
+            self.metrics
+                .granted
+                .with_label_values(&["refill"])
+                .inc_by(answer.refilled);
+            tracing::info!(owner, credits = answer.refilled, "prepaid balance refilled");
+        }
+        if answer.crossed_low {
+            tracing::warn!(
+                owner,
+                balance = answer.balance,
+                threshold = self.options.low_balance,
+                "prepaid balance is low"
+            );
+        }
+        Ok(answer)
+    }
+}
+
+/// Tops a running-low lease up in the background while Checks spend the rest.
+async fn renew(inner: Arc<Inner>, cell: Arc<Cell>) {
+    let _io = cell.io.lock().await;
+    cell.renewing.store(false, Ordering::Release);
+    if !cell.state().wants_prefetch() {
+        return;
+    }
+    let owner = &cell.owner;
+    let now = crate::util::clock::unix_now();
+    let call = inner.call(owner, &cell, Op::Renew, 0, inner.options.max_lease, None, now);
+    if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, call).await {
+        tracing::debug!(owner = %owner, error = %e, "credit lease renewal failed");
+    }
+}
+
+/// Every quarter second: owners idle for [`IDLE_RETURN`] report what they served and return their lease.
+async fn return_idle(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(IDLE_RETURN / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let idle: Vec<(Box<str>, Arc<Cell>)> = inner
+            .owners
+            .iter()
+            .filter(|e| {
+                let a = e.value().state();
+                !a.clean() && a.pending == 0 && a.touched.elapsed() >= IDLE_RETURN
+            })
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        for (owner, cell) in idle {
+            let Ok(_io) = cell.io.try_lock() else { continue };
+            let now = crate::util::clock::unix_now();
+            let call = inner.call(&owner, &cell, Op::Return, 0, 0, None, now);
+            if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, call).await {
+                tracing::debug!(owner = %owner, error = %e, "returning an idle credit lease failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The credit ledger on the state store's database (SQLite or PostgreSQL): portable statements only.
+//!
+//! Every write starts by upserting the owner's `credit_balances` row, which takes its row lock (PostgreSQL)
+//! or the write lock (SQLite) until commit: an owner's lease calls and grants run one after another, so the
+//! arithmetic done here between statements sees what it will write over.
+
+use async_trait::async_trait;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::credits::ledger::{
+    Balance, CreditLedger, GrantInput, GrantRecord, Granted, LeaseAnswer, LeaseCall, extra_lease,
+};
+use crate::state::StoreError;
+use crate::state::sql::SqlStore;
+
+/// SQL BIGINT is signed and balances add amounts up: amounts past this are refused rather than wrapped.
+const MAX_CREDITS: u64 = i64::MAX as u64 / 4;
+
+/// The owner's row, locked for the rest of the transaction.
+#[derive(Debug, Clone, Copy)]
+struct Account {
+    granted: i64,
+    spent: i64,
+    reserved: i64,
+    low: bool,
+}
+
+impl Account {
+    fn free(&self) -> i64 {
+        self.granted - self.spent - self.reserved
+    }
+}
+
+async fn lock_account(
+    tx: &mut Transaction<'_, Any>,
+    owner: &str,
+    now: i64,
+) -> Result<Account, StoreError> {
+    let row = sqlx::query(
+        "INSERT INTO credit_balances (owner, granted, spent, reserved, low, updated_at) \
+         VALUES ($1, 0, 0, 0, 0, $2) ON CONFLICT (owner) DO UPDATE SET owner = excluded.owner \
+         RETURNING granted, spent, reserved, low",
+    )
+    .bind(owner)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Account {
+        granted: row.try_get("granted")?,
+        spent: row.try_get("spent")?,
+        reserved: row.try_get("reserved")?,
+        low: row.try_get::<i64, _>("low")? != 0,
+    })
+}
+
+async fn store_account(
+    tx: &mut Transaction<'_, Any>,
+    owner: &str,
+    a: &Account,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE credit_balances SET granted = $1, spent = $2, reserved = $3, low = $4, updated_at = $5 \
+         WHERE owner = $6",
+    )
+    .bind(a.granted)
+    .bind(a.spent)
+    .bind(a.reserved)
+    .bind(i64::from(a.low))
+    .bind(now)
+    .bind(owner)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Whether the owner was granted from `source` before.
+async fn seen(tx: &mut Transaction<'_, Any>, owner: &str, source: &str) -> Result<bool, StoreError> {
+    let id: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM credit_grants WHERE owner = $1 AND source = $2")
+            .bind(owner)
+            .bind(source)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(id.is_some())
+}
+
+/// Appends a grant row (the caller checked [`seen`] under the owner's lock).
+async fn insert_grant(
+    tx: &mut Transaction<'_, Any>,
+    owner: &str,
+    amount: i64,
+    reason: &str,
+    source: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "UPDATE credit_sequence SET seq = seq + 1 WHERE singleton = 1 RETURNING seq",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO credit_grants (id, owner, amount, reason, source, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(amount)
+    .bind(reason)
+    .bind(source)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn credits(n: u64, what: &str) -> Result<i64, StoreError> {
+    if n > MAX_CREDITS {
+        return Err(StoreError::Corrupt(format!(
+            "{what} of {n} credits is beyond what the ledger keeps"
+        )));
+    }
+    Ok(n as i64)
+}
+
+fn balance_row(row: &AnyRow) -> Result<Balance, StoreError> {
+    let granted: i64 = row.try_get("granted")?;
+    let spent: i64 = row.try_get("spent")?;
+    let reserved: i64 = row.try_get("reserved")?;
+    Ok(Balance {
+        owner: row.try_get("owner")?,
+        balance: granted - spent - reserved,
+        granted,
+        spent,
+        reserved,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// What a grant call decided under the owner's lock.
+enum Outcome {
+    New,
+    Duplicate,
+    Insufficient,
+}
+
+const BALANCE_COLUMNS: &str =
+    "SELECT owner, granted, spent, reserved, updated_at FROM credit_balances";
+
+#[async_trait]
+impl CreditLedger for SqlStore {
+    async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseAnswer, StoreError> {
+        let served_total = credits(call.served_total, "a served total")?;
+        let keep = credits(call.keep, "a kept lease")?;
+        let need = credits(call.need, "a lease")?;
+        let mut tx = self.pool().begin().await?;
+        let mut account = lock_account(&mut tx, call.owner, call.now).await?;
+        let row = sqlx::query(
+            "SELECT held, reported FROM credit_leases WHERE owner = $1 AND replica = $2",
+        )
+        .bind(call.owner)
+        .bind(call.replica)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (mut held, mut reported) = match &row {
+            Some(row) => (row.try_get::<i64, _>("held")?, row.try_get::<i64, _>("reported")?),
+            None => (0, 0),
+        };
+        // Served credits move from the lease to `spent`; a replica cannot have served more than it held.
+        let served = (served_total - reported).clamp(0, held);
+        account.spent += served;
+        account.reserved -= served;
+        held -= served;
+        reported = reported.max(served_total);
+        // Whatever the replica no longer claims goes back to the balance (a lease it gave up, or one granted
+        // by a call whose answer it never saw).
+        let kept = keep.min(held);
+        account.reserved -= held - kept;
+        held = kept;
+
+        let mut refilled = 0;
+        if let Some(refill) = &call.refill {
+            let target = credits(refill.amount, "a refill")?;
+            let add = (target - account.free()).max(0);
+            let source = format!("refill:{}:{}", refill.product, refill.period_start);
+            let reason = format!("refill of product {} to {target}", refill.product);
+            if !seen(&mut tx, call.owner, &source).await? {
+                insert_grant(&mut tx, call.owner, add, &reason, &source, call.now).await?;
+                account.granted += add;
+                refilled = add as u64;
+            }
+        }
+
+        let free = account.free().max(0) as u64;
+        let granted = if free >= call.need {
+            need as u64 + extra_lease(free, call.need, call.max_extra)
+        } else {
+            0
+        };
+        let granted_i = granted as i64;
+        held += granted_i;
+        account.reserved += granted_i;
+        let balance = account.free().max(0) as u64;
+        let low = balance < call.low_balance;
+        let crossed_low = low && !account.low;
+        account.low = low;
+        store_account(&mut tx, call.owner, &account, call.now).await?;
+        sqlx::query(
+            "INSERT INTO credit_leases (owner, replica, held, reported) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (owner, replica) DO UPDATE SET held = excluded.held, reported = excluded.reported",
+        )
+        .bind(call.owner)
+        .bind(call.replica)
+        .bind(held)
+        .bind(reported)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(LeaseAnswer {
+            kept: kept as u64,
+            granted,
+            balance,
+            crossed_low,
+            refilled,
+        })
+    }
+
+    async fn grant(&self, grant: &GrantInput<'_>) -> Result<Granted, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let mut account = lock_account(&mut tx, grant.owner, grant.now).await?;
+        let outcome = if seen(&mut tx, grant.owner, grant.source).await? {
+            Outcome::Duplicate
+        } else if grant.amount < 0 && account.free() + grant.amount < 0 {
+            Outcome::Insufficient
+        } else {
+            insert_grant(
+                &mut tx,
+                grant.owner,
+                grant.amount,
+                grant.reason,
+                grant.source,
+                grant.now,
+            )
+            .await?;
+            account.granted += grant.amount;
+            account.low = (account.free().max(0) as u64) < grant.low_balance;
+            store_account(&mut tx, grant.owner, &account, grant.now).await?;
+            Outcome::New
+        };
+        tx.commit().await?;
+        let balance = self.balance(grant.owner).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!("credit balance of {} vanished", grant.owner))
+        })?;
+        Ok(match outcome {
+            Outcome::New => Granted::New(balance),
+            Outcome::Duplicate => Granted::Duplicate(balance),
+            Outcome::Insufficient => Granted::Insufficient(balance),
+        })
+    }
+
+    async fn balance(&self, owner: &str) -> Result<Option<Balance>, StoreError> {
+        let row = sqlx::query(&format!("{BALANCE_COLUMNS} WHERE owner = $1"))
+            .bind(owner)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(balance_row).transpose()
+    }
+
+    async fn grants(&self, owner: &str, limit: u32) -> Result<Vec<GrantRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, amount, reason, source, created_at FROM credit_grants \
+             WHERE owner = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(owner)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(GrantRecord {
+                    id: row.try_get("id")?,
+                    amount: row.try_get("amount")?,
+                    reason: row.try_get("reason")?,
+                    source: row.try_get("source")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn balances(
+        &self,
+        below: Option<u64>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Balance>, StoreError> {
+        let below = match below {
+            Some(b) => credits(b, "a threshold")?,
+            None => i64::MAX,
+        };
+        let rows = sqlx::query(&format!(
+            "{BALANCE_COLUMNS} WHERE owner > $1 AND granted - spent - reserved < $2 \
+             ORDER BY owner LIMIT $3"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(below)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(balance_row).collect()
+    }
+
+    async fn recover(&self, replica: &str, now: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let rows = sqlx::query("SELECT owner, held FROM credit_leases WHERE replica = $1")
+            .bind(replica)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut closed = 0u64;
+        for row in &rows {
+            let owner: String = row.try_get("owner")?;
+            let held: i64 = row.try_get("held")?;
+            if held > 0 {
+                let mut account = lock_account(&mut tx, &owner, now).await?;
+                account.spent += held;
+                account.reserved -= held;
+                store_account(&mut tx, &owner, &account, now).await?;
+                closed = closed.saturating_add(held as u64);
+            }
+        }
+        sqlx::query("DELETE FROM credit_leases WHERE replica = $1")
+            .bind(replica)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(closed)
+    }
+}
