@@ -237,6 +237,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         }
         None => None,
     };
+    if let Some(paywall) = &paywall {
+        paywall.grant_top_ups(Arc::clone(&credits));
+    }
     let authorizer = Arc::new(
         Authorizer::new(
             handle.clone(),

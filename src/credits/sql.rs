@@ -313,7 +313,8 @@ impl CreditLedger for SqlStore {
 
     async fn recover(&self, replica: &str, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let rows = sqlx::query("SELECT owner, held FROM credit_leases WHERE replica = $1")
+        // A write first: an SQLite transaction that reads before it writes cannot wait for the write lock.
+        let rows = sqlx::query("DELETE FROM credit_leases WHERE replica = $1 RETURNING owner, held")
             .bind(replica)
             .fetch_all(&mut *tx)
             .await?;
@@ -329,10 +330,6 @@ impl CreditLedger for SqlStore {
                 closed = closed.saturating_add(held as u64);
             }
         }
-        sqlx::query("DELETE FROM credit_leases WHERE replica = $1")
-            .bind(replica)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(closed)
     }

@@ -56,13 +56,14 @@ struct RawData {
 /// An id, or the object it names when the field was expanded.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Expandable {
+pub(crate) enum Expandable {
     Id(String),
     Object { id: String },
 }
 
 impl Expandable {
-    fn id(self) -> String {
+    /// The id, whether the field was expanded or not.
+    pub(crate) fn id(self) -> String {
         match self {
             Expandable::Id(id) | Expandable::Object { id } => id,
         }

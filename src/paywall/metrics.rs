@@ -60,6 +60,8 @@ impl PaywallMetrics {
             "ignored",
             "applied",
             "unavailable",
+            "topup",
+            "unowned",
         ] {
             m.webhooks.with_label_values(&[outcome]);
         }

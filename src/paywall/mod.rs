@@ -46,7 +46,7 @@ pub mod signature;
 pub mod view;
 pub mod webhook;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -56,6 +56,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::billing::{BillingError, StripeClient, StripeConfig};
 use crate::catalog::CatalogHandle;
+use crate::credits::Credits;
 use crate::paywall::metrics::PaywallMetrics;
 use crate::state::StateStore;
 use crate::util::throttle::OncePerSecond;
@@ -89,6 +90,8 @@ struct Inner {
     /// Forged or broken deliveries are counted each and logged once a second.
     refusal_log: OncePerSecond,
     metrics: PaywallMetrics,
+    /// Where paid invoices of credit prices are granted (set once by `serve`).
+    credits: OnceLock<Arc<Credits>>,
 }
 
 impl Paywall {
@@ -119,8 +122,15 @@ impl Paywall {
                 )),
                 refusal_log: OncePerSecond::default(),
                 metrics,
+                credits: OnceLock::new(),
             }),
         })
+    }
+
+    /// Grants the credits of paid invoices whose lines carry a product's `stripe_credit_prices` into
+    /// `credits` (CONTRACT §9); a second call changes nothing.
+    pub fn grant_top_ups(&self, credits: Arc<Credits>) {
+        let _ = self.inner.credits.set(credits);
     }
 
     /// Whether a `webhook_secret` is configured, so `POST /stripe/webhook` is served.

@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
+use crate::credits::topup::{self, TopUpError};
 use crate::paywall::Paywall;
 use crate::paywall::event::{self, Parsed};
 use crate::paywall::signature;
@@ -31,6 +32,8 @@ pub enum Receipt {
     Invalid(String),
     /// The state store could not record it: Stripe will deliver it again.
     Unavailable,
+    /// It bought credits for a customer no developer has yet: Stripe delivers it again (for up to 3 days).
+    Unowned(String),
 }
 
 impl Paywall {
@@ -55,6 +58,26 @@ impl Paywall {
             return Receipt::BadSignature(e.to_string());
         }
         count("verified");
+        // Before the de-duplication below: a delivery whose grant failed is granted when it comes again, and
+        // each line grants once whatever the deliveries.
+        if let (Some(credits), Some(invoice)) = (inner.credits.get(), topup::paid_invoice(body)) {
+            let catalog = inner.catalog.snapshot();
+            match topup::grant(credits, &catalog, &invoice, now).await {
+                Ok(0) => {}
+                Ok(_) => count("topup"),
+                Err(TopUpError::NoOwner(customer)) => {
+                    count("unowned");
+                    tracing::warn!(invoice = %invoice.id, customer = %customer,
+                        "credits bought by a customer no developer has: refused so that Stripe delivers it again");
+                    return Receipt::Unowned(customer);
+                }
+                Err(TopUpError::Ledger(e)) => {
+                    count("unavailable");
+                    tracing::warn!(error = %e, invoice = %invoice.id, "credit top-up not granted; Stripe retries");
+                    return Receipt::Unavailable;
+                }
+            }
+        }
         let event = match event::parse(body) {
             Ok(Parsed::Handled(event)) => event,
             Ok(Parsed::Ignored { id, kind }) => {
@@ -123,6 +146,11 @@ pub async fn handler(State(paywall): State<Paywall>, headers: HeaderMap, body: B
         Receipt::Invalid(why) => answer(
             StatusCode::OK,
             serde_json::json!({"received": true, "unreadable": why}),
+        ),
+        Receipt::Unowned(customer) => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "unknown_customer", "message": format!(
+                "no developer has Stripe customer {customer}; deliver again once one does")}),
         ),
         Receipt::Unavailable => answer(
             StatusCode::SERVICE_UNAVAILABLE,
