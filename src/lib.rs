@@ -6,7 +6,8 @@
 //! ```text
 //! Check:  Envoy ext_authz ─> envoy::authz (CheckRequest -> check::Request)
 //!           ─> check::Authorizer::check: identity (API key | JWT) ─> entitle (catalog snapshot)
-//!              ─> matching (product, operation) ─> quota (QuotaStore: memory | Redis) ─> decide
+//!              ─> matching (product, operation) ─> credits (lease) ─> quota (QuotaStore: memory | Redis)
+//!              ─> decide
 //!           ─> check::Verdict ─> envoy::authz (Verdict -> CheckResponse + envoy::metadata)
 //!
 //! Usage:  Envoy access log ─> envoy::access_log (entry -> metering::UsageRecord)
@@ -23,6 +24,7 @@
 //! | [`matching`] | Apigee-style path patterns; the first product and operation that cover a request |
 //! | [`catalog`] | the catalog file: load, validate, the immutable snapshot, the watcher |
 //! | [`quota`] | quota windows, the `QuotaStore` trait, the memory and Redis stores |
+//! | [`credits`] | prepaid balances: the ledger on the state store, the per-replica lease engine, top-ups, `/v1/credits` |
 //! | [`metering`] | usage records from the access log: spool, dedup, windows, outbox, the usage report |
 //! | [`billing`] | sealed windows to Stripe meter events exactly once: delivery, dead letters, reconcile |
 //! | [`paywall`] | Stripe drives access: signed webhooks, subscription state, the grant rules of products sold through Stripe, the resync |
@@ -36,8 +38,8 @@
 pub mod app;
 pub mod billing;
 pub mod catalog;
-pub mod credits;
 pub mod check;
+pub mod credits;
 pub mod envoy;
 pub mod identity;
 pub mod matching;

@@ -4,7 +4,7 @@
 //! holds no lock while delivering), and the test walks a subscription through its lifecycle: prices, subscribe,
 //! plan change, failed renewal, payment, cancel; listing, pagination and the default status filter; hold and
 //! flush in reverse, drop, duplicates, delayed delivery, tampered resends; faults on the subscription
-//! endpoints. Every object the emulator answered or emitted was checked against Stripe's schemas
+//! endpoints; paid one-off invoices (credit top-ups) and their invoice.paid events. Every object the emulator answered or emitted was checked against Stripe's schemas
 //! (`response_schema_errors` stays empty).
 
 #[path = "support/stripe.rs"]
@@ -700,4 +700,160 @@ async fn subscription_endpoints_answer_faults_and_validate_queries() {
     assert_eq!(status, 400, "{body}");
     let errors = e.state().await["schema_errors"].clone();
     assert_eq!(errors.as_array().map(Vec::len), Some(2), "{errors}");
+}
+
+/// (price id, quantity, amount) of each line of an invoice.
+fn invoice_lines(invoice: &Value) -> Vec<(&str, u64, u64)> {
+    invoice["lines"]["data"]
+        .as_array()
+        .expect("invoice lines")
+        .iter()
+        .map(|l| {
+            (
+                l["pricing"]["price_details"]["price"]
+                    .as_str()
+                    .expect("line price"),
+                l["quantity"].as_u64().expect("line quantity"),
+                l["amount"].as_u64().expect("line amount"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_invoices_emit_invoice_paid_for_credit_top_ups() {
+    let rig = Rig::new().await;
+    let e = &rig.emulator;
+    let small = e
+        .price(json!({"id": "price_credits_small", "unit_amount": 500, "nickname": "500 credits"}))
+        .await;
+    assert_eq!(small["id"], "price_credits_small");
+    let large = e.create_price(None, Some("credits_large")).await;
+
+    // A one-off invoice with two lines, delivered now: one signed invoice.paid.
+    let (invoice, event) = e
+        .paid_invoice("cus_TopUp", &[("price_credits_small", 3), (&large, 2)])
+        .await;
+    assert!(invoice.starts_with("in_"), "{invoice}");
+    assert!(event.starts_with("evt_"), "{event}");
+    let got = rig.wait_for(1).await;
+    let r = &got[0];
+    assert!(r.refused.is_none(), "refused: {r:?}");
+    assert_eq!(r.v1_count, 2, "one v1 per secret: {r:?}");
+    assert_eq!(r.id(), event);
+    assert_eq!(r.kind(), "invoice.paid");
+    let body = r.event.as_ref().expect("verified");
+    let paid = &body["data"]["object"];
+    assert_eq!(paid["object"], "invoice");
+    assert_eq!(paid["id"], invoice.as_str());
+    assert_eq!(paid["customer"], "cus_TopUp");
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(
+        paid["parent"],
+        Value::Null,
+        "a one-off invoice has no parent"
+    );
+    assert_eq!(paid["amount_paid"], 3 * 500 + 2 * 1000);
+    assert_eq!(paid["amount_remaining"], 0);
+    assert_eq!(
+        invoice_lines(paid),
+        vec![("price_credits_small", 3, 1500), (large.as_str(), 2, 2000)]
+    );
+    let line_ids: Vec<&str> = paid["lines"]["data"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| l["id"].as_str().expect("line id"))
+        .collect();
+    assert!(
+        line_ids.iter().all(|id| id.starts_with("il_")),
+        "{line_ids:?}"
+    );
+    assert_ne!(line_ids[0], line_ids[1], "each line has its own id");
+
+    // A resend delivers the same event (the same bytes) again.
+    assert_eq!(e.resend(&event, None).await, 200);
+    let got = rig.wait_for(2).await;
+    assert_eq!(got[1].id(), event);
+    assert_eq!(got[1].event, got[0].event);
+
+    // With a subscription (by lookup key, held, then flushed with a duplicate): the invoice names it as the
+    // subscription's own invoices do, and the subscription is untouched.
+    let created = e.subscribe("cus_TopUp", &large, json!({})).await;
+    all_delivered(&created);
+    let sub = sub_id(&created);
+    let got = rig.wait_for(4).await;
+    let held = e
+        .invoice(
+            "cus_TopUp",
+            &[("lookup_key:credits_large", 5)],
+            json!({"subscription": sub, "deliver": "hold"}),
+        )
+        .await;
+    let held_event = held["event"].as_str().expect("event id").to_owned();
+    assert_eq!(
+        held["deliveries"],
+        json!([{"event": held_event, "status": null, "deliver": "hold"}])
+    );
+    assert_eq!(rig.got().len(), got.len(), "held: not sent");
+    let flushed = e.flush("created", 1).await;
+    let deliveries = flushed["deliveries"].as_array().expect("deliveries");
+    assert_eq!(deliveries.len(), 2, "{flushed}");
+    assert!(deliveries.iter().all(|d| d["status"] == 200), "{flushed}");
+    let got = rig.wait_for(6).await;
+    assert_eq!(got[4].id(), held_event);
+    assert_eq!(got[5].id(), held_event);
+    let with_sub = &got[4].event.as_ref().expect("verified")["data"]["object"];
+    assert_eq!(with_sub["id"], held["invoice"]);
+    assert_eq!(with_sub["status"], "paid");
+    assert_eq!(with_sub["parent"]["type"], "subscription_details");
+    assert_eq!(
+        with_sub["parent"]["subscription_details"]["subscription"],
+        sub.as_str()
+    );
+    assert_eq!(invoice_lines(with_sub), vec![(large.as_str(), 5, 5000)]);
+    assert_eq!(held["lines"], json!([with_sub["lines"]["data"][0]["id"]]));
+
+    let state = e.state().await;
+    assert_eq!(state["invoices"][&invoice]["status"], "paid");
+    assert_eq!(state["invoices"][&invoice]["customer"], "cus_TopUp");
+    let stored_held = held["invoice"].as_str().expect("invoice id");
+    assert_eq!(state["invoices"][stored_held]["status"], "paid");
+    assert_ne!(
+        state["subscriptions"][&sub]["latest_invoice"], held["invoice"],
+        "a top-up is not the subscription's latest invoice"
+    );
+    let events = state["webhook_events"].as_array().expect("events").len();
+
+    // Refused: an unknown price (named), an unknown subscription, no lines; nothing is emitted.
+    let (status, answer) = e
+        .try_control(
+            "/_emulator/invoices",
+            json!({"customer": "cus_TopUp", "lines": [{"price": "price_credits_small", "quantity": 1},
+                                                      {"price": "price_nope", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer, json!({"error": "No such price: 'price_nope'"}));
+    let (status, answer) = e
+        .try_control(
+            "/_emulator/invoices",
+            json!({"customer": "cus_TopUp", "lines": [{"price": large, "quantity": 1}],
+                   "subscription": "sub_missing"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = e
+        .try_control(
+            "/_emulator/invoices",
+            json!({"customer": "cus_TopUp", "lines": []}),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let state = e.state().await;
+    assert_eq!(
+        state["webhook_events"].as_array().expect("events").len(),
+        events
+    );
+    rig.assert_schema_clean().await;
 }

@@ -15,9 +15,9 @@ use super::{
     App, Approval, Catalog, Developer, Key, Meter, MeterValue, Operation, Product, Status,
     StatusMatch, Subscription, SubscriptionStatus,
 };
+use crate::credits::{Prepaid, RefillPolicy};
 use crate::identity::api_key::KeyHash;
 use crate::matching::path::PathPattern;
-use crate::credits::{Prepaid, RefillPolicy};
 use crate::paywall::access::PriceRef;
 use crate::quota::{Limit, Unit};
 use crate::source::{PathSeg, Source, SourceError};
@@ -222,10 +222,19 @@ impl Builder<'_> {
         let mut credit_prices: HashMap<String, u64> = HashMap::new();
         for (i, product) in products.iter().enumerate() {
             for (price, credits) in &product.credit_prices {
-                if credit_prices.insert(price.clone(), *credits).is_some_and(|c| c != *credits) {
+                if credit_prices
+                    .insert(price.clone(), *credits)
+                    .is_some_and(|c| c != *credits)
+                {
                     return Err(self.err(
-                        &[PathSeg::Key("products"), PathSeg::Index(i), PathSeg::Key("stripe_credit_prices")],
-                        format!("price {price} adds a different number of credits in another product"),
+                        &[
+                            PathSeg::Key("products"),
+                            PathSeg::Index(i),
+                            PathSeg::Key("stripe_credit_prices"),
+                        ],
+                        format!(
+                            "price {price} adds a different number of credits in another product"
+                        ),
                     ));
                 }
             }
@@ -325,13 +334,19 @@ impl Builder<'_> {
             Some(raw) => Some(self.prepaid(&[at[0], at[1], PathSeg::Key("prepaid")], raw)?),
             None => None,
         };
-        if prepaid.is_none() {
-            if let Some(o) = operations.iter().position(|op| op.prepaid_cost.is_some()) {
-                return Err(self.err(
-                    &[at[0], at[1], PathSeg::Key("operations"), PathSeg::Index(o), PathSeg::Key("prepaid")],
-                    format!("product {name:?} is not prepaid: give it `prepaid: {{cost: …}}` first"),
-                ));
-            }
+        if prepaid.is_none()
+            && let Some(o) = operations.iter().position(|op| op.prepaid_cost.is_some())
+        {
+            return Err(self.err(
+                &[
+                    at[0],
+                    at[1],
+                    PathSeg::Key("operations"),
+                    PathSeg::Index(o),
+                    PathSeg::Key("prepaid"),
+                ],
+                format!("product {name:?} is not prepaid: give it `prepaid: {{cost: …}}` first"),
+            ));
         }
         let mut credit_prices = Vec::with_capacity(p.stripe_credit_prices.len());
         for (price, credits) in p.stripe_credit_prices {
@@ -343,7 +358,10 @@ impl Builder<'_> {
                 ));
             }
             if credits == 0 {
-                return Err(self.err(&here, format!("price {price} adds no credits: give it at least 1")));
+                return Err(self.err(
+                    &here,
+                    format!("price {price} adds no credits: give it at least 1"),
+                ));
             }
             credit_prices.push((price, credits));
         }
@@ -377,10 +395,7 @@ impl Builder<'_> {
                     return Err(self.err(&here, "refill amount must be at least 1"));
                 }
                 if matches!(r.every, Unit::Second | Unit::Minute) {
-                    return Err(self.err(
-                        &here,
-                        "refill every must be hour, day, week or month",
-                    ));
+                    return Err(self.err(&here, "refill every must be hour, day, week or month"));
                 }
                 Some(RefillPolicy {
                     amount: r.amount,
@@ -849,6 +864,62 @@ developers:
         assert_eq!(parse_status_match("201"), Some(StatusMatch::Code(201)));
         for bad in ["6xx", "2x", "abc", "20", "2000", ""] {
             assert_eq!(parse_status_match(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn prepaid_products_parse_and_their_mistakes_are_positioned() {
+        let good = "\
+products:
+  - name: credits
+    prepaid: {cost: 2, refill: {amount: 1000, every: month}}
+    stripe_credit_prices: {price_topup_1k: 1000}
+    operations:
+      - {api: geo, name: bulk, paths: [/bulk/**], prepaid: {cost: 0}}
+      - {api: geo, paths: [/**]}
+";
+        let catalog = parse_text(good).expect("valid");
+        let p = &catalog.products()[0];
+        assert_eq!(
+            p.prepaid,
+            Some(Prepaid {
+                cost: 2,
+                refill: Some(RefillPolicy {
+                    amount: 1000,
+                    every: Unit::Month
+                })
+            })
+        );
+        assert_eq!(p.operations[0].prepaid_cost, Some(0));
+        assert_eq!(p.operations[1].prepaid_cost, None);
+        assert_eq!(catalog.credit_price("price_topup_1k"), Some(1000));
+        assert_eq!(catalog.credit_price("price_other"), None);
+
+        let cases = [
+            (
+                "products: [{name: p, prepaid: {cost: 0}, operations: [{api: a, paths: [/]}]}]\n",
+                "catalog.yaml:1:38: prepaid cost must be at least 1",
+            ),
+            (
+                "products: [{name: p, operations: [{api: a, paths: [/], prepaid: {cost: 3}}]}]\n",
+                "is not prepaid",
+            ),
+            (
+                "products: [{name: p, prepaid: {refill: {amount: 5, every: minute}}, operations: [{api: a, paths: [/]}]}]\n",
+                "refill every must be hour, day, week or month",
+            ),
+            (
+                "products: [{name: p, stripe_credit_prices: {lookup_key:x: 5}, operations: [{api: a, paths: [/]}]}]\n",
+                "is not a Stripe price id",
+            ),
+            (
+                "products:\n  - {name: p, stripe_credit_prices: {price_a: 5}, operations: [{api: a, paths: [/]}]}\n  - {name: q, stripe_credit_prices: {price_a: 6}, operations: [{api: a, paths: [/]}]}\n",
+                "price price_a adds a different number of credits in another product",
+            ),
+        ];
+        for (text, wanted) in cases {
+            let e = error(text);
+            assert!(e.contains(wanted), "{e}");
         }
     }
 }

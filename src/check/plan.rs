@@ -2,13 +2,13 @@
 //! it with the quota store's answer. Neither does I/O, so the whole decision table is unit-tested.
 
 use crate::catalog::{Catalog, Product, SubscriptionStatus};
-use crate::credits::catalog::owner as credit_owner;
-use crate::credits::ledger::Refill;
 use crate::check::buckets::bucket_key;
 use crate::check::decision::{Decision, Identity, QuotaAnswer};
 use crate::check::entitle::entitle;
 use crate::check::message::{no_product_message, quota_message};
 use crate::check::{OnStoreError, Reason, Request, Settings};
+use crate::credits::catalog::owner as credit_owner;
+use crate::credits::ledger::Refill;
 use crate::identity::Caller;
 use crate::matching::{self, Match, Target, path};
 use crate::paywall::access::{Access, access, denial_message};

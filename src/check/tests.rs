@@ -728,7 +728,10 @@ fn prepaid_products_spend_the_owners_credits_at_the_operations_cost() {
     assert_eq!(plain.cost, 2);
     let refill = plain.refill.expect("the product refills");
     assert_eq!((refill.product, refill.amount), ("prepaid", 50));
-    assert_eq!(refill.period_start, crate::quota::window_at(NOW, crate::quota::Unit::Month, 1).start);
+    assert_eq!(
+        refill.period_start,
+        crate::quota::window_at(NOW, crate::quota::Unit::Month, 1).start
+    );
     assert_eq!(charge("/credits/dear").map(|c| c.cost), Some(5));
     // An operation of cost 0 spends nothing, and without a quota nothing is charged at all.
     assert!(matches!(
@@ -765,7 +768,10 @@ fn an_exhausted_balance_is_a_402_that_says_how_to_top_up() {
         panic!("expected a charge");
     };
     let d = p.credits_unavailable();
-    assert_eq!((d.reason.http_status(), d.reason.error_code()), (503, "unavailable"));
+    assert_eq!(
+        (d.reason.http_status(), d.reason.error_code()),
+        (503, "unavailable")
+    );
 }
 
 #[test]

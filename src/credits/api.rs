@@ -125,27 +125,29 @@ pub(crate) async fn get_credits(
     State(state): State<ManagementState>,
     Path(owner): Path<String>,
 ) -> Response {
-    respond(async {
-        let credits = state.credits.as_ref().ok_or_else(not_configured)?;
-        let balance = match credits.ledger().balance(&owner).await? {
-            Some(balance) => balance,
-            None if is_owner(&state.snapshot.handle().snapshot(), &owner) => Balance {
-                owner: owner.clone(),
-                balance: 0,
-                granted: 0,
-                spent: 0,
-                reserved: 0,
-                updated_at: 0,
-            },
-            None => {
-                return Err(ApiError::not_found(format!(
-                    "no credits and no developer e-mail or company named {owner}"
-                )));
-            }
-        };
-        Ok((StatusCode::OK, account_json(&state, &balance).await?))
-    }
-    .await)
+    respond(
+        async {
+            let credits = state.credits.as_ref().ok_or_else(not_configured)?;
+            let balance = match credits.ledger().balance(&owner).await? {
+                Some(balance) => balance,
+                None if is_owner(&state.snapshot.handle().snapshot(), &owner) => Balance {
+                    owner: owner.clone(),
+                    balance: 0,
+                    granted: 0,
+                    spent: 0,
+                    reserved: 0,
+                    updated_at: 0,
+                },
+                None => {
+                    return Err(ApiError::not_found(format!(
+                        "no credits and no developer e-mail or company named {owner}"
+                    )));
+                }
+            };
+            Ok((StatusCode::OK, account_json(&state, &balance).await?))
+        }
+        .await,
+    )
 }
 
 /// `GET /v1/credits?below=&after=&limit=`: the accounts whose balance is under `below` (default:
@@ -154,25 +156,27 @@ pub(crate) async fn list_credits(
     State(state): State<ManagementState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    respond(async {
-        let credits = state.credits.as_ref().ok_or_else(not_configured)?;
-        let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-        let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE);
-        let below = q.below.unwrap_or(credits.options().low_balance);
-        let rows = credits
-            .ledger()
-            .balances(Some(below), q.after.as_deref(), limit)
-            .await?;
-        let next = (rows.len() == limit as usize)
-            .then(|| rows.last().map(|b| b.owner.clone()))
-            .flatten();
-        let accounts: Vec<Value> = rows.iter().map(balance_json).collect();
-        Ok((
-            StatusCode::OK,
-            json!({"below": below, "accounts": accounts, "next_after": next}),
-        ))
-    }
-    .await)
+    respond(
+        async {
+            let credits = state.credits.as_ref().ok_or_else(not_configured)?;
+            let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+            let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE);
+            let below = q.below.unwrap_or(credits.options().low_balance);
+            let rows = credits
+                .ledger()
+                .balances(Some(below), q.after.as_deref(), limit)
+                .await?;
+            let next = (rows.len() == limit as usize)
+                .then(|| rows.last().map(|b| b.owner.clone()))
+                .flatten();
+            let accounts: Vec<Value> = rows.iter().map(balance_json).collect();
+            Ok((
+                StatusCode::OK,
+                json!({"below": below, "accounts": accounts, "next_after": next}),
+            ))
+        }
+        .await,
+    )
 }
 
 /// A developer's e-mail or a company the merged catalog knows.

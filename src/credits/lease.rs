@@ -287,7 +287,15 @@ impl Credits {
             }
             let need = cost.saturating_sub(cell.state().left);
             inner
-                .call(owner, &cell, Op::Lease, need, inner.options.max_lease, refill, now)
+                .call(
+                    owner,
+                    &cell,
+                    Op::Lease,
+                    need,
+                    inner.options.max_lease,
+                    refill,
+                    now,
+                )
                 .await?;
             inner.metrics.checks.with_label_values(&["ledger"]).inc();
             let mut a = cell.state();
@@ -304,8 +312,14 @@ impl Credits {
             Err(_) => Err(SpendError::Timeout),
         };
         match &result {
-            Ok(Spend::Exhausted { .. }) => inner.metrics.checks.with_label_values(&["exhausted"]).inc(),
-            Err(_) => inner.metrics.checks.with_label_values(&["unavailable"]).inc(),
+            Ok(Spend::Exhausted { .. }) => {
+                inner.metrics.checks.with_label_values(&["exhausted"]).inc()
+            }
+            Err(_) => inner
+                .metrics
+                .checks
+                .with_label_values(&["unavailable"])
+                .inc(),
             Ok(Spend::Held(_)) => {}
         }
         result
@@ -530,7 +544,15 @@ async fn renew(inner: Arc<Inner>, cell: Arc<Cell>) {
     }
     let owner = &cell.owner;
     let now = crate::util::clock::unix_now();
-    let call = inner.call(owner, &cell, Op::Renew, 0, inner.options.max_lease, None, now);
+    let call = inner.call(
+        owner,
+        &cell,
+        Op::Renew,
+        0,
+        inner.options.max_lease,
+        None,
+        now,
+    );
     if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, call).await {
         tracing::debug!(owner = %owner, error = %e, "credit lease renewal failed");
     }
@@ -553,7 +575,9 @@ async fn return_idle(inner: Weak<Inner>) {
             .map(|e| (e.key().clone(), Arc::clone(e.value())))
             .collect();
         for (owner, cell) in idle {
-            let Ok(_io) = cell.io.try_lock() else { continue };
+            let Ok(_io) = cell.io.try_lock() else {
+                continue;
+            };
             let now = crate::util::clock::unix_now();
             let call = inner.call(&owner, &cell, Op::Return, 0, 0, None, now);
             if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, call).await {

@@ -1,7 +1,7 @@
 //! The credits' Prometheus metrics. None is per owner: owners are unbounded, so balances are read through
 //! `GET /v1/credits` instead.
 
-use prometheus::{HistogramOpts, Histogram, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 /// Every credits metric, registered once.
 #[derive(Clone)]

@@ -76,7 +76,11 @@ async fn store_account(
 }
 
 /// Whether the owner was granted from `source` before.
-async fn seen(tx: &mut Transaction<'_, Any>, owner: &str, source: &str) -> Result<bool, StoreError> {
+async fn seen(
+    tx: &mut Transaction<'_, Any>,
+    owner: &str,
+    source: &str,
+) -> Result<bool, StoreError> {
     let id: Option<i64> =
         sqlx::query_scalar("SELECT id FROM credit_grants WHERE owner = $1 AND source = $2")
             .bind(owner)
@@ -164,7 +168,10 @@ impl CreditLedger for SqlStore {
         .fetch_optional(&mut *tx)
         .await?;
         let (mut held, mut reported) = match &row {
-            Some(row) => (row.try_get::<i64, _>("held")?, row.try_get::<i64, _>("reported")?),
+            Some(row) => (
+                row.try_get::<i64, _>("held")?,
+                row.try_get::<i64, _>("reported")?,
+            ),
             None => (0, 0),
         };
         // Served credits move from the lease to `spent`; a replica cannot have served more than it held.
@@ -314,10 +321,11 @@ impl CreditLedger for SqlStore {
     async fn recover(&self, replica: &str, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.pool().begin().await?;
         // A write first: an SQLite transaction that reads before it writes cannot wait for the write lock.
-        let rows = sqlx::query("DELETE FROM credit_leases WHERE replica = $1 RETURNING owner, held")
-            .bind(replica)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows =
+            sqlx::query("DELETE FROM credit_leases WHERE replica = $1 RETURNING owner, held")
+                .bind(replica)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut closed = 0u64;
         for row in &rows {
             let owner: String = row.try_get("owner")?;

@@ -45,7 +45,9 @@ pub struct PaidLine {
 #[derive(Debug, thiserror::Error)]
 pub enum TopUpError {
     /// No developer has the invoice's customer: nobody to credit yet.
-    #[error("no developer has Stripe customer {0}: credits bought on its invoices wait until one does")]
+    #[error(
+        "no developer has Stripe customer {0}: credits bought on its invoices wait until one does"
+    )]
     NoOwner(String),
     /// The ledger failed.
     #[error("credit ledger unavailable: {0}")]
@@ -142,7 +144,10 @@ pub async fn grant(
         .iter()
         .filter_map(|line| {
             let per_unit = catalog.credit_price(&line.price)?;
-            Some((line, per_unit.saturating_mul(line.quantity).min(MAX_LINE_CREDITS)))
+            Some((
+                line,
+                per_unit.saturating_mul(line.quantity).min(MAX_LINE_CREDITS),
+            ))
         })
         .filter(|(_, amount)| *amount > 0)
         .collect();
@@ -170,7 +175,10 @@ pub async fn grant(
     let mut added = 0u64;
     for (line, amount) in bought {
         let source = format!("stripe:{}:{}", invoice.id, line.id);
-        let reason = format!("Stripe invoice {}: {} × {}", invoice.id, line.quantity, line.price);
+        let reason = format!(
+            "Stripe invoice {}: {} × {}",
+            invoice.id, line.quantity, line.price
+        );
         let input = GrantInput {
             owner,
             amount: i64::try_from(amount).unwrap_or(i64::MAX),
@@ -203,24 +211,34 @@ mod tests {
     #[test]
     fn paid_invoices_name_each_lines_price_and_quantity() {
         let body = serde_json::json!({"id": "evt_1", "type": "invoice.paid", "data": {"object": {
-            "id": "in_1", "object": "invoice", "customer": "cus_1",
-            "lines": {"object": "list", "has_more": false, "data": [
-                {"id": "il_1", "quantity": 3,
-                 "pricing": {"type": "price_details", "price_details": {"price": "price_topup", "product": "prod_1"}}},
-                {"id": "il_2", "price": {"id": "price_legacy"}},
-                {"id": "il_3", "quantity": 1, "pricing": {"type": "price_details", "price_details": null}},
-            ]}}}});
+        "id": "in_1", "object": "invoice", "customer": "cus_1",
+        "lines": {"object": "list", "has_more": false, "data": [
+            {"id": "il_1", "quantity": 3,
+             "pricing": {"type": "price_details", "price_details": {"price": "price_topup", "product": "prod_1"}}},
+            {"id": "il_2", "price": {"id": "price_legacy"}},
+            {"id": "il_3", "quantity": 1, "pricing": {"type": "price_details", "price_details": null}},
+        ]}}}});
         let invoice = paid_invoice(body.to_string().as_bytes()).expect("an invoice.paid");
         assert_eq!(invoice.id, "in_1");
         assert_eq!(invoice.customer, "cus_1");
         assert_eq!(
             invoice.lines,
             vec![
-                PaidLine { id: "il_1".into(), price: "price_topup".into(), quantity: 3 },
-                PaidLine { id: "il_2".into(), price: "price_legacy".into(), quantity: 1 },
+                PaidLine {
+                    id: "il_1".into(),
+                    price: "price_topup".into(),
+                    quantity: 3
+                },
+                PaidLine {
+                    id: "il_2".into(),
+                    price: "price_legacy".into(),
+                    quantity: 1
+                },
             ]
         );
-        let failed = body.to_string().replace("invoice.paid", "invoice.payment_failed");
+        let failed = body
+            .to_string()
+            .replace("invoice.paid", "invoice.payment_failed");
         assert_eq!(paid_invoice(failed.as_bytes()), None);
         assert_eq!(paid_invoice(b"not json"), None);
     }

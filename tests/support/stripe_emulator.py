@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A local Stripe Billing emulator for tollgate's tests and quickstart (meter events, meters, summaries, v2 stream,
-subscriptions and their webhooks).
+subscriptions, paid invoices and their webhooks).
 
 Every request is validated against Stripe's own OpenAPI excerpts in <project root>/../shared/stripe/
 (override with --shared or $TOLLGATE_SHARED_DIR), and so is every response it sends and every event it emits
@@ -73,6 +73,13 @@ Control endpoints (no auth; loopback only; JSON in, JSON out):
       {"subscription": {...}, "events": [ids in emission order],
        "deliveries": [{"event", "status": HTTP status or null, "deliver": "now"|"hold"|"drop"|"delayed",
                        "error"?}]}
+  POST /_emulator/invoices        {"customer", "lines": [{"price": id or "lookup_key:NAME", "quantity"?: 1}, ...],
+                                   "subscription"?: id, "deliver"?} -> a one-off invoice, paid (status paid,
+                                  billing_reason manual; e.g. a credit top-up): one invoice item line per entry
+                                  (amount = unit_amount x quantity; the prices share one currency), parent null
+                                  or, with "subscription", parent.subscription_details.subscription (the
+                                  subscription itself is untouched): invoice.paid. Answers {"invoice": id,
+                                  "event": id, "lines": [il ids], "deliveries": [...] (as above)}
   POST /_emulator/webhooks/flush  {"order"?: "created"|"reverse", "duplicates"?: 0} -> {"deliveries": [...]}
                                   (every held event, oldest first or newest first)
   POST /_emulator/webhooks/resend {"event", "tamper"?: "signature"|"stale"|"body"} -> {"status", "error"?}
@@ -496,33 +503,68 @@ class State:
         price = item["price"]
         amount = price["unit_amount"] * item["quantity"]
         iid = self.new_id("in")
-        line = {
+        parent = {
+            "invoice_item_details": None,
+            "subscription_item_details": {"invoice_item": None, "proration": False,
+                                          "proration_details": {"credited_items": None},
+                                          "subscription": sub["id"], "subscription_item": item["id"]},
+            "type": "subscription_item_details",
+        }
+        description = (f"{item['quantity']} × {price['product']} (at {amount / 100:.2f} {price['currency']} "
+                       f"/ month)")
+        line = self.make_line(iid, price, item["quantity"], description, parent,
+                              item["current_period_start"], item["current_period_end"])
+        return self.invoice_of(iid, sub["customer"], price["currency"], [line], reason, paid, sub["id"],
+                               period_start, period_end, now)
+
+    def make_paid_invoice(self, customer, entries, sub, now):
+        """A one-off invoice, paid at once: one invoice item line per (price, quantity) in entries; its parent
+        names sub (a subscription, or None: parent null) as make_invoice's does."""
+        iid = self.new_id("in")
+        sid = sub["id"] if sub is not None else None
+        lines = []
+        for price, quantity in entries:
+            parent = {
+                "invoice_item_details": {"invoice_item": self.new_id("ii"), "proration": False,
+                                         "proration_details": {"credited_items": None}, "subscription": sid},
+                "subscription_item_details": None,
+                "type": "invoice_item_details",
+            }
+            description = f"{quantity} × {price['nickname'] or price['product']}"
+            lines.append(self.make_line(iid, price, quantity, description, parent, now, now))
+        return self.invoice_of(iid, customer, entries[0][0]["currency"], lines, "manual", True, sid, now, now, now)
+
+    def make_line(self, iid, price, quantity, description, parent, period_start, period_end):
+        """One line_item of invoice iid: quantity × price, under parent (subscription item or invoice item)."""
+        return {
             "id": self.new_id("il"),
             "object": "line_item",
-            "amount": amount,
+            "amount": price["unit_amount"] * quantity,
             "currency": price["currency"],
-            "description": f"{item['quantity']} × {price['product']} (at {amount / 100:.2f} {price['currency']} "
-                           f"/ month)",
+            "description": description,
             "discount_amounts": [],
             "discountable": True,
             "discounts": [],
             "invoice": iid,
             "livemode": False,
             "metadata": {},
-            "parent": {
-                "invoice_item_details": None,
-                "subscription_item_details": {"invoice_item": None, "proration": False,
-                                              "proration_details": {"credited_items": None},
-                                              "subscription": sub["id"], "subscription_item": item["id"]},
-                "type": "subscription_item_details",
-            },
-            "period": {"end": item["current_period_end"], "start": item["current_period_start"]},
+            "parent": parent,
+            "period": {"end": period_end, "start": period_start},
             "pretax_credit_amounts": [],
             "pricing": {"price_details": {"price": price["id"], "product": price["product"]},
                         "type": "price_details", "unit_amount_decimal": price["unit_amount_decimal"]},
-            "quantity": item["quantity"],
+            "quantity": quantity,
             "taxes": [],
         }
+
+    def invoice_of(self, iid, customer, currency, lines, reason, paid, sid, period_start, period_end, now):
+        """The invoice object around lines (amounts summed): paid, or open after one failed attempt; its parent
+        names the subscription sid, or is null (a one-off invoice) when sid is None."""
+        amount = sum(line["amount"] for line in lines)
+        parent = None
+        if sid is not None:
+            parent = {"quote_details": None, "subscription_details": {"metadata": {}, "subscription": sid},
+                      "type": "subscription_details"}
         return {
             "id": iid,
             "object": "invoice",
@@ -546,9 +588,9 @@ class State:
             "collection_method": "charge_automatically",
             "confirmation_secret": None,
             "created": now,
-            "currency": price["currency"],
+            "currency": currency,
             "custom_fields": None,
-            "customer": sub["customer"],
+            "customer": customer,
             "customer_account": None,
             "customer_address": None,
             "customer_email": None,
@@ -572,15 +614,13 @@ class State:
             "issuer": {"type": "self"},
             "last_finalization_error": None,
             "latest_revision": None,
-            "lines": {"object": "list", "data": [line], "has_more": False, "url": f"/v1/invoices/{iid}/lines"},
+            "lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{iid}/lines"},
             "livemode": False,
             "metadata": {},
             "next_payment_attempt": None if paid else now + 3 * 86400,
             "number": f"EMU-{self.id_seq:06d}",
             "on_behalf_of": None,
-            "parent": {"quote_details": None,
-                       "subscription_details": {"metadata": {}, "subscription": sub["id"]},
-                       "type": "subscription_details"},
+            "parent": parent,
             "payment_settings": {"default_mandate": None, "payment_method_options": None,
                                  "payment_method_types": None},
             "period_end": period_end,
@@ -1286,7 +1326,8 @@ class Emulator:
         if latest is not None and latest["status"] == "open":
             return latest
         opened = [i for i in st.invoices.values()
-                  if i["status"] == "open" and i["parent"]["subscription_details"]["subscription"] == sub["id"]]
+                  if i["status"] == "open" and i["parent"] is not None
+                  and i["parent"]["subscription_details"]["subscription"] == sub["id"]]
         return opened[-1] if opened else None
 
     def sub_price(self, sub, doc, now):
@@ -1408,6 +1449,50 @@ class Emulator:
             answer = copy.deepcopy(sub)
         deliveries = self.dispatch(events, mode)
         raise Reply(200, {"subscription": answer, "events": events, "deliveries": deliveries})
+
+    def paid_invoice(self, doc, path):
+        """POST /_emulator/invoices: a one-off invoice, paid at once (e.g. a credit top-up): invoice.paid."""
+        st = self.state
+        mode = doc.get("deliver")
+        if mode is not None and mode not in DELIVER_MODES:
+            raise control_error(400, f"deliver must be one of {', '.join(DELIVER_MODES)}")
+        customer, lines, sid = doc.get("customer"), doc.get("lines"), doc.get("subscription")
+        if not isinstance(customer, str) or not customer:
+            raise control_error(400, "customer (a string) is required")
+        if not isinstance(lines, list) or not lines:
+            raise control_error(400, "lines (a non-empty list of {price, quantity}) is required")
+        for line in lines:
+            if not isinstance(line, dict) or not isinstance(line.get("price"), str):
+                raise control_error(400, "each line must be an object with a price (a string)")
+            quantity = line.get("quantity", 1)
+            if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
+                raise control_error(400, "quantity must be a whole number >= 1")
+        if sid is not None and (not isinstance(sid, str) or not sid):
+            raise control_error(400, "subscription must be a subscription id")
+        now = int(time.time())
+        with st.lock:
+            mode = mode or st.webhook["deliver"]
+            entries = []
+            for line in lines:
+                price = st.find_price(line["price"])
+                if price is None:
+                    raise control_error(400, f"No such price: '{line['price']}'")
+                entries.append((price, line.get("quantity", 1)))
+            currencies = sorted({price["currency"] for price, _ in entries})
+            if len(currencies) > 1:
+                raise control_error(400, f"the lines' prices must share one currency, not {', '.join(currencies)}")
+            sub = None
+            if sid is not None:
+                sub = st.subscriptions.get(sid)
+                if sub is None:
+                    raise control_error(404, f"No such subscription: '{sid}'")
+            invoice = st.make_paid_invoice(customer, entries, sub, now)
+            st.invoices[invoice["id"]] = invoice
+            self.check_object("invoice", invoice, path)
+            event = self.emit("invoice.paid", invoice)
+            line_ids = [line["id"] for line in invoice["lines"]["data"]]
+        deliveries = self.dispatch([event], mode)
+        raise Reply(200, {"invoice": invoice["id"], "event": event, "lines": line_ids, "deliveries": deliveries})
 
     def dispatch(self, event_ids, mode):
         """Sends (now, or after delay_ms from a thread), holds or drops just-emitted events; no lock held."""
@@ -1572,6 +1657,8 @@ class Emulator:
         m = re.fullmatch(r"/_emulator/subscriptions/([^/]+)/(price|fail_payment|pay|cancel|pause|resume|status)", path)
         if method == "POST" and m:
             self.subscription_control(unquote(m.group(1)), m.group(2), doc, path)
+        if method == "POST" and path == "/_emulator/invoices":
+            self.paid_invoice(doc, path)
         if method == "POST" and path == "/_emulator/faults":
             with st.lock:
                 st.faults = Faults(doc)
