@@ -352,6 +352,13 @@ fn check(config_path: &Path) -> anyhow::Result<()> {
         tollgate::state::sql::redacted(config.state_url()),
         humantime::format_duration(config.state.sync_interval),
     );
+    if catalog.products().iter().any(|p| p.prepaid.is_some()) {
+        let _ = writeln!(
+            out,
+            "        credits in the state store (leases up to {}, low balance below {})",
+            config.credits.max_lease, config.credits.low_balance,
+        );
+    }
     if let Some(billing) = &config.billing {
         let stripe = &billing.stripe;
         let _ = writeln!(
@@ -368,6 +375,18 @@ fn check(config_path: &Path) -> anyhow::Result<()> {
     }
     let _ = writeln!(out, "catalog {}: ok", config.catalog.path.display());
     summarize(&mut out, &catalog);
+    if config.billing.is_none()
+        && catalog
+            .products()
+            .iter()
+            .any(|p| !p.credit_prices.is_empty())
+    {
+        let _ = writeln!(
+            out,
+            "warning: products have stripe_credit_prices but billing.stripe is not configured: no paid invoice \
+             ever reaches tollgate, so credits are only granted through POST /v1/credits"
+        );
+    }
     if config.billing.is_none() && !catalog.sold_through_stripe().is_empty() {
         let _ = writeln!(
             out,
@@ -422,9 +441,26 @@ fn summarize(out: &mut String, catalog: &Catalog) {
                 if n == 1 { "" } else { "s" }
             ),
         };
+        let prepaid = match p.prepaid {
+            None => String::new(),
+            Some(prepaid) => {
+                let refill = prepaid.refill.map_or(String::new(), |r| {
+                    format!(", refilled to {} each {}", r.amount, r.every.as_str())
+                });
+                let topups = match p.credit_prices.len() {
+                    0 => String::new(),
+                    n => format!(", {n} top-up price{}", if n == 1 { "" } else { "s" }),
+                };
+                format!(
+                    ", prepaid ({} credit{} a call{refill}{topups})",
+                    prepaid.cost,
+                    if prepaid.cost == 1 { "" } else { "s" }
+                )
+            }
+        };
         let _ = writeln!(
             out,
-            "    {:<24} {} operation{}, quota {}, environments {}{sold}",
+            "    {:<24} {} operation{}, quota {}, environments {}{sold}{prepaid}",
             p.name,
             ops,
             if ops == 1 { "" } else { "s" },

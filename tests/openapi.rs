@@ -24,6 +24,7 @@ use tollgate::app::admin::{self, AdminState};
 use tollgate::app::metrics::Metrics;
 use tollgate::billing::StripeConfig;
 use tollgate::catalog::CatalogHandle;
+use tollgate::credits::{CreditMetrics, CreditOptions, Credits};
 use tollgate::metering::{Metering, MeteringOptions};
 use tollgate::paywall::Paywall;
 use tollgate::paywall::metrics::PaywallMetrics;
@@ -216,8 +217,9 @@ struct Answer {
 const EMPTY: Value = Value::Null;
 
 impl Api {
-    /// The admin router over a fresh store; `paywall`: with `billing.stripe` configured (Stripe drives access).
-    async fn start(paywall: bool) -> Api {
+    /// The admin router over a fresh store; `paywall`: with `billing.stripe` configured (Stripe drives access);
+    /// `credits`: serving `/v1/credits` (prepaid balances, on the same store, default `credits:` options).
+    async fn start(paywall: bool, credits: bool) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let source = Source::from_text("catalog.yaml", CATALOG.to_owned());
         let catalog = tollgate::catalog::parse(&source).expect("catalog");
@@ -244,6 +246,16 @@ impl Api {
             )
             .unwrap()
         });
+        let credits = if credits {
+            let metrics = CreditMetrics::new(&registry).unwrap();
+            let ledger = Arc::new(store.clone());
+            let options = CreditOptions::default();
+            let credits = Credits::start(ledger, "replica-openapi".to_owned(), options, metrics);
+            credits.recover().await.unwrap();
+            Some(Arc::new(credits))
+        } else {
+            None
+        };
         let management = api::router(ManagementState {
             store: shared,
             snapshot,
@@ -251,6 +263,7 @@ impl Api {
             metrics,
             actor: api::actor(Some(TOKEN)),
             paywall,
+            credits,
         });
         let window = Duration::from_secs(60);
         let options = MeteringOptions::with_spool_producer(dir.path().join("m"), window, window);
@@ -346,16 +359,35 @@ impl Api {
             .insert((method.to_owned(), route.to_owned(), status));
     }
 
-    /// Sends `request` with the admin token and `body` (JSON; null: none), asserts the status and, when
-    /// `error` is not empty, the error code; returns the answer's body.
-    async fn expect(&mut self, request: &str, body: Value, status: u16, error: &str) -> Value {
+    /// Sends `request` with the admin token, `key` as its `Idempotency-Key` and `body` (JSON; null: none).
+    async fn call(&mut self, request: &str, body: Value, key: Option<&str>) -> Answer {
         let bytes = if body.is_null() {
             Vec::new()
         } else {
             body.to_string().into_bytes()
         };
         let auth = format!("Bearer {TOKEN}");
-        let answer = self.send(request, bytes, &[("authorization", &auth)]).await;
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(key.map(|key| ("idempotency-key", key)));
+        self.send(request, bytes, &headers).await
+    }
+
+    /// Sends `request` with the admin token and `body` (JSON; null: none), asserts the status and, when
+    /// `error` is not empty, the error code; returns the answer's body.
+    async fn expect(&mut self, request: &str, body: Value, status: u16, error: &str) -> Value {
+        self.expect_keyed(request, body, None, status, error).await
+    }
+
+    /// [`Api::expect`] with `key` as the `Idempotency-Key`.
+    async fn expect_keyed(
+        &mut self,
+        request: &str,
+        body: Value,
+        key: Option<&str>,
+        status: u16,
+        error: &str,
+    ) -> Value {
+        let answer = self.call(request, body, key).await;
         let got = &answer.body;
         assert_eq!(answer.status.as_u16(), status, "{request}: {got}");
         if !error.is_empty() {
@@ -366,7 +398,18 @@ impl Api {
 
     /// A 400 `invalid` for an unknown body field: the fields serde expects are the schema's properties.
     async fn fields_match(&mut self, request: &str, body: Value, schema: &str) {
-        let e = self.expect(request, body, 400, "invalid").await;
+        self.fields_match_keyed(request, body, None, schema).await;
+    }
+
+    /// [`Api::fields_match`] with `key` as the `Idempotency-Key`.
+    async fn fields_match_keyed(
+        &mut self,
+        request: &str,
+        body: Value,
+        key: Option<&str>,
+        schema: &str,
+    ) {
+        let e = self.expect_keyed(request, body, key, 400, "invalid").await;
         let message = e["message"].as_str().unwrap();
         let (_, expected) = message.split_once("expected").expect(message);
         let expected: BTreeSet<&str> = expected.split('`').skip(1).step_by(2).collect();
@@ -408,7 +451,8 @@ fn instance(route: &str) -> String {
         .replace("{email}", "ada@example.com")
         .replace("{app}", "ada-app")
         .replace("{product}", "weather_free")
-        .replace("{id}", "key_none");
+        .replace("{id}", "key_none")
+        .replace("{owner}", "theremin");
     match route {
         "/v1/subscriptions" => format!("{path}?customer=cus_Ada"),
         _ => path,
@@ -423,7 +467,7 @@ fn each<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
 
 #[tokio::test]
 async fn every_answer_is_documented_and_every_documented_status_happens() {
-    let mut api = Api::start(true).await;
+    let mut api = Api::start(true, true).await;
     let doc = api.doc.clone();
     let big = json!({"company": "x".repeat(MAX_BODY_BYTES)});
 
@@ -805,7 +849,8 @@ async fn every_answer_is_documented_and_every_documented_status_happens() {
     )
     .await;
     let delete_grace = "DELETE /v1/developers/grace@example.com";
-    api.expect(delete_grace, big, 413, "too_large").await;
+    api.expect(delete_grace, big.clone(), 413, "too_large")
+        .await;
     api.expect(delete_grace, EMPTY, 200, "").await;
     api.expect(delete_grace, EMPTY, 404, "not_found").await;
     api.expect("GET /v1/apps/grace-app", EMPTY, 404, "not_found")
@@ -845,7 +890,7 @@ async fn every_answer_is_documented_and_every_documented_status_happens() {
     assert!(believed["subscriptions"][0]["access_ends_at"].is_string());
     api.expect("GET /v1/subscriptions", EMPTY, 400, "invalid")
         .await;
-    let mut bare = Api::start(false).await;
+    let mut bare = Api::start(false, false).await;
     bare.expect(
         "GET /v1/subscriptions?customer=cus_Ada",
         EMPTY,
@@ -853,18 +898,236 @@ async fn every_answer_is_documented_and_every_documented_status_happens() {
         "not_found",
     )
     .await;
+
+    // Credits: an owner is a company or a developer's e-mail the merged catalog knows (the file's company
+    // `theremin`, the store's developer Ada and her company); a grant needs an Idempotency-Key.
+    let theremin = "POST /v1/credits/theremin";
+    let account = api.expect("GET /v1/credits/theremin", EMPTY, 200, "").await;
+    assert_eq!(
+        account,
+        json!({"owner": "theremin", "balance": 0, "granted": 0, "spent": 0, "reserved": 0,
+               "updated_at": null, "grants": []}),
+        "a known owner without an account"
+    );
+    let welcome = json!({"amount": 500, "reason": " welcome "});
+    let granted = api
+        .expect_keyed(theremin, welcome.clone(), Some("grant-1"), 201, "")
+        .await;
+    assert_eq!(
+        (&granted["balance"], &granted["granted"], &granted["spent"]),
+        (&json!(500), &json!(500), &json!(0))
+    );
+    assert_eq!(granted["grants"][0]["reason"], "welcome", "trimmed");
+    assert!(
+        granted["grants"][0]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("api:"),
+        "{granted}"
+    );
+    // The same key and request again: the first answer, replayed; nothing granted twice.
+    let again = api.call(theremin, welcome.clone(), Some("grant-1")).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, granted, "a replay answers the first answer");
+    let back = api
+        .expect_keyed(theremin, json!({"amount": -200}), Some("take-1"), 201, "")
+        .await;
+    assert_eq!(
+        (&back["balance"], &back["granted"]),
+        (&json!(300), &json!(300))
+    );
+    let grants: Vec<(&Value, &Value)> = back["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (&g["amount"], &g["reason"]))
+        .collect();
+    assert_eq!(
+        grants,
+        [
+            (&json!(-200), &json!("take-back")),
+            (&json!(500), &json!("welcome"))
+        ],
+        "newest first"
+    );
+    // A take-back larger than the balance changes nothing.
+    let e = api
+        .expect_keyed(
+            theremin,
+            json!({"amount": -301}),
+            Some("take-2"),
+            409,
+            "conflict",
+        )
+        .await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("the balance is 300"),
+        "{e}"
+    );
+    // The key with another request.
+    api.expect_keyed(
+        theremin,
+        json!({"amount": 1}),
+        Some("grant-1"),
+        409,
+        "conflict",
+    )
+    .await;
+    // Once the stored answers are gone (kept 24 hours; pruned here), the key still names its grant in the
+    // ledger: the retry grants nothing and answers 200 with the balance as it is.
+    let tomorrow = chrono::Utc::now().timestamp() + 1;
+    api.store.prune(0, tomorrow).await.unwrap();
+    let retry = api
+        .expect_keyed(theremin, welcome, Some("grant-1"), 200, "")
+        .await;
+    assert_eq!(
+        (&retry["balance"], &retry["granted"]),
+        (&json!(300), &json!(300)),
+        "granted once"
+    );
+    assert_eq!(retry["grants"].as_array().unwrap().len(), 2, "{retry}");
+    let account = api.expect("GET /v1/credits/theremin", EMPTY, 200, "").await;
+    assert_eq!(account, retry);
+
+    let e = api
+        .expect(theremin, json!({"amount": 1}), 400, "invalid")
+        .await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Idempotency-Key: "),
+        "{e}"
+    );
+    for (i, (body, field)) in [
+        (json!({"amount": 0}), "amount: "),
+        (json!({"amount": 1_000_000_000_001_i64}), "amount: "),
+        (json!({"amount": -1_000_000_000_001_i64}), "amount: "),
+        (json!({"amount": i64::MIN}), "amount: "),
+        (json!({"amount": 1.5}), "body: "),
+        (json!({"amount": 1, "reason": "x".repeat(129)}), "reason: "),
+        (json!({"reason": "no amount"}), "amount: "),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("bad-{i}");
+        let e = api
+            .expect_keyed(theremin, body, Some(&key), 400, "invalid")
+            .await;
+        assert!(
+            e["message"].as_str().unwrap().starts_with(field),
+            "{field} {e}"
+        );
+    }
+    api.fields_match_keyed(
+        theremin,
+        json!({"zz": 1}),
+        Some("bad-zz"),
+        "CreditGrantInput",
+    )
+    .await;
+    let nobody = "POST /v1/credits/nobody@example.com";
+    api.expect_keyed(
+        nobody,
+        json!({"amount": 1}),
+        Some("nobody"),
+        404,
+        "not_found",
+    )
+    .await;
+    api.expect(
+        "GET /v1/credits/nobody@example.com",
+        EMPTY,
+        404,
+        "not_found",
+    )
+    .await;
+    api.expect_keyed(theremin, big, Some("big"), 413, "too_large")
+        .await;
+
+    for (owner, amount) in [("ada@example.com", 50), ("Analytical", 20)] {
+        let request = format!("POST /v1/credits/{owner}");
+        let key = format!("grant-{owner}");
+        let body = json!({"amount": amount});
+        let got = api.expect_keyed(&request, body, Some(&key), 201, "").await;
+        assert_eq!(
+            (&got["owner"], &got["balance"]),
+            (&json!(owner), &json!(amount))
+        );
+        assert!(got["updated_at"].is_string(), "{got}");
+    }
+    // Balances below `below` (default: `credits.low_balance`), by owner, a page at a time.
+    let low = api.expect("GET /v1/credits", EMPTY, 200, "").await;
+    let owners = |list: &Value| -> Vec<String> {
+        let accounts = list["accounts"].as_array().unwrap();
+        accounts
+            .iter()
+            .map(|a| a["owner"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        (low["below"].as_u64(), owners(&low), &low["next_after"]),
+        (
+            Some(CreditOptions::default().low_balance),
+            vec!["Analytical".to_owned(), "ada@example.com".to_owned()],
+            &Value::Null
+        )
+    );
+    assert!(low["accounts"][0].get("grants").is_none(), "{low}");
+    let page = api
+        .expect("GET /v1/credits?below=1000&limit=2", EMPTY, 200, "")
+        .await;
+    assert_eq!(page["next_after"], "ada@example.com");
+    let rest = api
+        .expect(
+            "GET /v1/credits?below=1000&after=ada@example.com",
+            EMPTY,
+            200,
+            "",
+        )
+        .await;
+    assert_eq!(
+        (owners(&rest), &rest["next_after"]),
+        (vec!["theremin".to_owned()], &Value::Null)
+    );
+    let none = api.expect("GET /v1/credits?below=0", EMPTY, 200, "").await;
+    assert_eq!(owners(&none), Vec::<String>::new());
+    for bad in [
+        "below=-1",
+        "below=x",
+        "limit=x",
+        "limit=0",
+        "limit=1001",
+        "developer=x",
+    ] {
+        api.expect(&format!("GET /v1/credits?{bad}"), EMPTY, 400, "invalid")
+            .await;
+    }
+    // Where credits are not served, every credits route is a 404.
+    for request in ["GET /v1/credits", "GET /v1/credits/theremin"] {
+        bare.expect(request, EMPTY, 404, "not_found").await;
+    }
+    bare.expect_keyed(theremin, json!({"amount": 1}), Some("k"), 404, "not_found")
+        .await;
     api.seen.extend(bare.seen);
 
     // The store goes away: every operation that reads or writes it answers 503.
     api.store.close().await;
     for (method, route) in ROUTES.iter().filter(|(_, r)| *r != "/v1/openapi.json") {
-        let body = match (*method, *route) {
-            ("PUT", "/v1/apps/{app}") => ada_dev.clone(),
-            ("PUT", "/v1/apps/{app}/products/{product}") => approve.clone(),
-            _ => EMPTY,
+        let (body, key) = match (*method, *route) {
+            ("PUT", "/v1/apps/{app}") => (ada_dev.clone(), None),
+            ("PUT", "/v1/apps/{app}/products/{product}") => (approve.clone(), None),
+            ("POST", "/v1/credits/{owner}") => (json!({"amount": 1}), Some("grant-503")),
+            _ => (EMPTY, None),
         };
         let request = format!("{method} {}", instance(route));
-        api.expect(&request, body, 503, "unavailable").await;
+        api.expect_keyed(&request, body, key, 503, "unavailable")
+            .await;
     }
 
     // Every documented status was answered.
@@ -993,7 +1256,10 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), 
             }
             // Annotations, and the constraints this validator leaves to the server's own checks.
             "description" | "default" | "examples" | "pattern" | "propertyNames" => {}
-            "const" | "enum" | "maxProperties" => {}
+            "not" if validate(doc, arg, value, at).is_ok() => {
+                return fail(format!("matches the schema `not` refuses: {arg}"));
+            }
+            "const" | "enum" | "maxProperties" | "not" => {}
             other => {
                 panic!("{at}: the validator does not know {other:?}: teach it before using it")
             }

@@ -25,8 +25,6 @@ use crate::util::clock::unix_now;
 const MAX_AMOUNT: i64 = 1_000_000_000_000;
 /// Grants listed with a balance.
 const LAST_GRANTS: u32 = 20;
-/// Default and largest page of `GET /v1/credits`.
-const PAGE: u32 = 100;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,21 +57,27 @@ pub(crate) async fn post_credits(
         Ok(b) => b,
         Err(e) => return respond(Err(e)),
     };
-    let Some(key) = headers
-        .get(idempotency::HEADER)
-        .and_then(|k| k.to_str().ok())
-    else {
-        return respond(Err(ApiError::invalid(
-            "Idempotency-Key",
-            "is required: a grant is money, and a retry must not grant twice",
-        )));
+    let key = match headers.get(idempotency::HEADER).map(|k| k.to_str()) {
+        Some(Ok(key)) => key,
+        Some(Err(_)) => {
+            return respond(Err(ApiError::invalid(
+                "Idempotency-Key",
+                "must be visible ASCII characters",
+            )));
+        }
+        None => {
+            return respond(Err(ApiError::invalid(
+                "Idempotency-Key",
+                "is required: a grant is money, and a retry must not grant twice",
+            )));
+        }
     };
-    let source = idempotency::source(&state.actor.0, key);
     let path = format!("/v1/credits/{owner}");
+    let source = idempotency::source(&state.actor.0, key, "POST", &path, &bytes);
     let state = &state;
     idempotency::once(state, &headers, "POST", &path, &bytes.clone(), || async move {
         let b: GrantBody = body::json(&bytes)?;
-        if b.amount == 0 || b.amount.abs() > MAX_AMOUNT {
+        if b.amount == 0 || b.amount.unsigned_abs() > MAX_AMOUNT.unsigned_abs() {
             return Err(ApiError::invalid(
                 "amount",
                 format!("must be a whole number of credits, not 0, at most {MAX_AMOUNT} either way"),
@@ -113,7 +117,7 @@ pub(crate) async fn post_credits(
             Granted::Duplicate(balance) => Ok((StatusCode::OK, account_json(state, &balance).await?)),
             Granted::Insufficient(balance) => Err(ApiError::conflict(format!(
                 "cannot take back {} credits: the balance is {} ({} more are leased to replicas and come back within seconds when unused)",
-                -b.amount, balance.balance, balance.reserved
+                b.amount.unsigned_abs(), balance.balance, balance.reserved
             ))),
         }
     })
@@ -160,8 +164,11 @@ pub(crate) async fn list_credits(
         async {
             let credits = state.credits.as_ref().ok_or_else(not_configured)?;
             let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-            let limit = q.limit.unwrap_or(PAGE).clamp(1, PAGE);
-            let below = q.below.unwrap_or(credits.options().low_balance);
+            let limit = validate::limit(q.limit)?;
+            let below = q
+                .below
+                .unwrap_or(credits.options().low_balance)
+                .min(MAX_AMOUNT.unsigned_abs());
             let rows = credits
                 .ledger()
                 .balances(Some(below), q.after.as_deref(), limit)

@@ -255,10 +255,19 @@ impl CreditLedger for SqlStore {
             store_account(&mut tx, grant.owner, &account, grant.now).await?;
             Outcome::New
         };
-        tx.commit().await?;
-        let balance = self.balance(grant.owner).await?.ok_or_else(|| {
-            StoreError::Corrupt(format!("credit balance of {} vanished", grant.owner))
-        })?;
+        match outcome {
+            Outcome::New => tx.commit().await?,
+            // Nothing to keep, not even the account row the lock created for an owner never seen.
+            Outcome::Duplicate | Outcome::Insufficient => tx.rollback().await?,
+        }
+        let balance = self.balance(grant.owner).await?.unwrap_or(Balance {
+            owner: grant.owner.to_owned(),
+            balance: 0,
+            granted: 0,
+            spent: 0,
+            reserved: 0,
+            updated_at: 0,
+        });
         Ok(match outcome {
             Outcome::New => Granted::New(balance),
             Outcome::Duplicate => Granted::Duplicate(balance),

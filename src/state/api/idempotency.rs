@@ -128,10 +128,14 @@ fn replay(key: &str, request: &[u8; 32], first: &Remembered) -> Response {
 }
 
 /// The store's index of an `Idempotency-Key`: scoped to the caller's token.
-/// The grant source of an `Idempotency-Key` sent by `actor`: a ledger row per key and caller, so a retry
-/// after the stored answer expired still grants once.
-pub(crate) fn source(actor: &str, key: &str) -> String {
-    format!("api:{}", hex::encode(&index(actor, key)[..16]))
+/// The ledger source of a request sent by `actor` with `Idempotency-Key` `key`: one per key, caller and
+/// request, so the same request retried after its stored answer expired still grants once (a key reused for
+/// another request after that is a new request, as Stripe's keys are).
+pub(crate) fn source(actor: &str, key: &str, method: &str, path: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(index(actor, key));
+    h.update(request_hash(method, path, body));
+    format!("api:{}", hex::encode(&h.finalize()[..16]))
 }
 
 fn index(actor: &str, key: &str) -> [u8; 32] {
