@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
+use tollgate::credits::journal::Journal;
 use tollgate::credits::ledger::{CreditLedger, GrantInput, Granted, Refill};
 use tollgate::credits::{CreditMetrics, CreditOptions, Credits, Spend};
 use tollgate::state::sql::SqlStore;
@@ -30,13 +31,25 @@ fn options(max_lease: u64) -> CreditOptions {
 }
 
 fn engine(store: &Arc<SqlStore>, replica: &str, max_lease: u64) -> (Credits, Registry) {
+    engine_with(store, replica, max_lease, None)
+}
+
+/// An engine journaling its spends in `journal_dir`, as `serve` does in `metering.dir`.
+fn engine_with(
+    store: &Arc<SqlStore>,
+    replica: &str,
+    max_lease: u64,
+    journal_dir: Option<&std::path::Path>,
+) -> (Credits, Registry) {
     let registry = Registry::new();
     let metrics = CreditMetrics::new(&registry).expect("metrics");
+    let journal = journal_dir.map(|dir| Journal::open(dir, replica).expect("journal"));
     let credits = Credits::start(
         Arc::clone(store) as Arc<dyn CreditLedger>,
         replica.to_owned(),
         options(max_lease),
         metrics,
+        journal,
     );
     (credits, registry)
 }
@@ -236,6 +249,76 @@ async fn a_refill_tops_the_balance_up_once_per_calendar_month() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_spend_journal_a_crash_costs_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ledger(&dir).await;
+    grant(&store, "acme", 1_000, "api:first").await;
+    grant(&store, "dev@example.com", 100, "api:first").await;
+    let (credits, _) = engine_with(&store, "r1", 20, Some(dir.path()));
+    for _ in 0..7 {
+        assert!(
+            spend(&credits, "acme", 1, None, JAN_31_LAST)
+                .await
+                .is_some()
+        );
+    }
+    for _ in 0..3 {
+        assert!(
+            spend(&credits, "dev@example.com", 2, None, JAN_31_LAST)
+                .await
+                .is_some()
+        );
+    }
+    // A hold in flight when the process dies was never allowed: it is not served.
+    let Spend::Held(_in_flight) = credits
+        .take("acme", 1, None, JAN_31_LAST)
+        .await
+        .expect("take")
+    else {
+        panic!("credits left");
+    };
+    // A kill -9: nothing returned, nothing reported; the journal's pages are the kernel's.
+    std::mem::forget(_in_flight);
+    drop(credits);
+    assert!(
+        store
+            .balance("acme")
+            .await
+            .expect("read")
+            .expect("account")
+            .reserved
+            > 0
+    );
+
+    let (restarted, registry) = engine_with(&store, "r1", 20, Some(dir.path()));
+    restarted.recover().await.expect("recover");
+    let acme = store.balance("acme").await.expect("read").expect("account");
+    let dev = store
+        .balance("dev@example.com")
+        .await
+        .expect("read")
+        .expect("account");
+    assert_eq!(
+        (acme.spent, acme.reserved, acme.balance),
+        (7, 0, 993),
+        "exactly the allowed calls"
+    );
+    assert_eq!((dev.spent, dev.reserved, dev.balance), (6, 0, 94));
+    assert_eq!(metric(&registry, "credits_recovered_total"), 0.0);
+    // The new life journals from zero, and a second crash is settled exactly too.
+    assert!(
+        spend(&restarted, "acme", 1, None, JAN_31_LAST)
+            .await
+            .is_some()
+    );
+    drop(restarted);
+    let (third, _) = engine_with(&store, "r1", 20, Some(dir.path()));
+    third.recover().await.expect("recover");
+    let acme = store.balance("acme").await.expect("read").expect("account");
+    assert_eq!((acme.spent, acme.reserved), (8, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_never_gives_spent_credits_back_and_costs_at_most_one_lease() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = ledger(&dir).await;
@@ -304,6 +387,7 @@ async fn an_exhausted_owner_is_refused_from_memory_until_a_grant_here_or_the_bou
             ..options(10)
         },
         CreditMetrics::new(&registry).expect("metrics"),
+        None,
     );
     assert!(
         spend(&credits, "acme", 1, None, JAN_31_LAST)

@@ -250,7 +250,8 @@ impl Api {
             let metrics = CreditMetrics::new(&registry).unwrap();
             let ledger = Arc::new(store.clone());
             let options = CreditOptions::default();
-            let credits = Credits::start(ledger, "replica-openapi".to_owned(), options, metrics);
+            let credits =
+                Credits::start(ledger, "replica-openapi".to_owned(), options, metrics, None);
             credits.recover().await.unwrap();
             Some(Arc::new(credits))
         } else {

@@ -20,6 +20,7 @@ use crate::app::tls::{self, Alpn, TlsError, TlsServer};
 use crate::billing::{Billing, BillingError};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::check::Authorizer;
+use crate::credits::journal::Journal;
 use crate::credits::{CreditMetrics, Credits};
 use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::access_log::AccessLogService;
@@ -193,11 +194,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let replica = replica::load_or_create(&config.metering.dir)?;
+    let journal = match Journal::open(&config.metering.dir, &replica.id) {
+        Ok(opened) => Some(opened),
+        Err(error) => {
+            tracing::warn!(%error, dir = %config.metering.dir.display(),
+                "credit spend journal not opened: a crash costs up to a lease per owner");
+            None
+        }
+    };
     let credits = Arc::new(Credits::start(
         Arc::new(store.clone()),
         replica.id.clone(),
         config.credits.options(),
         CreditMetrics::new(&metrics.registry)?,
+        journal,
     ));
     let mut persister = None;
     let quota: Arc<dyn QuotaStore> = match config.quota.store {

@@ -7,16 +7,18 @@
 //! (served) or drops it (back to `left`), so a call refused later (quota) spends nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, MutexGuard, Weak};
+use std::sync::{Arc, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio::sync::{Mutex, OnceCell};
 
+use crate::credits::journal::{Journal, Previous};
 use crate::credits::ledger::{CreditLedger, LeaseAnswer, LeaseCall, Refill};
 use crate::credits::metrics::CreditMetrics;
 use crate::state::StoreError;
 use crate::util::sync::lock;
+use crate::util::throttle::OncePerSecond;
 
 /// A renewal starts in the background once fewer than 1/n of the last lease is left.
 const PREFETCH_DIVISOR: u64 = 4;
@@ -72,13 +74,27 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// Marks the credits served; returns the balance left as this replica sees it.
-    fn commit(mut self) -> (u64, u64) {
+    /// Marks the credits served, journaling the new total under the account's lock (so totals reach the
+    /// journal in order); returns the cost and the balance left as this replica sees it.
+    fn commit(mut self, journal: Option<&Journal>) -> (u64, u64, Option<std::io::Error>) {
         self.done = true;
         let mut a = self.cell.state();
         a.pending -= self.cost;
         a.served_total += self.cost;
-        (self.cost, self.remaining)
+        let Some(journal) = journal else {
+            return (self.cost, self.remaining, None);
+        };
+        let mut failed = None;
+        let slot = *self.cell.slot.get_or_init(|| {
+            journal.slot(&self.cell.owner).unwrap_or_else(|e| {
+                failed = Some(e);
+                None
+            })
+        });
+        if let Some(at) = slot {
+            failed = journal.record(at, a.served_total).err();
+        }
+        (self.cost, self.remaining, failed)
     }
 }
 
@@ -141,6 +157,9 @@ impl Account {
 #[derive(Debug)]
 struct Cell {
     owner: Box<str>,
+    /// Where the owner's served total is journaled: taken at the first spend, once this life's journal has
+    /// begun (`None` inside: no journal, or it could not be written).
+    slot: OnceLock<Option<u64>>,
     io: Mutex<()>,
     state: std::sync::Mutex<Account>,
     /// A background renewal is queued or running.
@@ -151,6 +170,7 @@ impl Cell {
     fn new(owner: &str) -> Self {
         Cell {
             owner: owner.into(),
+            slot: OnceLock::new(),
             io: Mutex::new(()),
             state: std::sync::Mutex::new(Account {
                 left: 0,
@@ -219,6 +239,12 @@ struct Inner {
     metrics: CreditMetrics,
     /// Set once the previous life's leases are closed: no lease call runs before.
     recovered: OnceCell<()>,
+    /// This life's spends, written before each prepaid call is allowed.
+    journal: Option<Journal>,
+    /// What the previous life journaled, until its leases are settled.
+    previous: std::sync::Mutex<Option<Previous>>,
+    /// A journal that cannot be written is logged once a second (spends go on: the lease bound applies).
+    journal_failures: OncePerSecond,
 }
 
 impl std::fmt::Debug for Credits {
@@ -241,12 +267,20 @@ impl Credits {
     /// Starts the engine and its idle-lease returner. What a previous life of `replica` left leased (a crash)
     /// is closed before this life's first ledger call ([`Credits::recover`]), so nothing it may have served is
     /// given back.
+    ///
+    /// With a `journal` (opened on `metering.dir`, with what its previous life served), every spend is
+    /// journaled before the call is allowed, and a restart after a crash reports exactly what was served.
     pub fn start(
         ledger: Arc<dyn CreditLedger>,
         replica: String,
         options: CreditOptions,
         metrics: CreditMetrics,
+        journal: Option<(Journal, Previous)>,
     ) -> Credits {
+        let (journal, previous) = match journal {
+            Some((journal, previous)) => (Some(journal), previous),
+            None => (None, Previous::default()),
+        };
         let inner = Arc::new(Inner {
             ledger,
             replica,
@@ -254,6 +288,9 @@ impl Credits {
             owners: DashMap::new(),
             metrics,
             recovered: OnceCell::new(),
+            journal,
+            previous: std::sync::Mutex::new(Some(previous)),
+            journal_failures: OncePerSecond::default(),
         });
         let returner = tokio::spawn(return_idle(Arc::downgrade(&inner)));
         Credits { inner, returner }
@@ -328,7 +365,10 @@ impl Credits {
     /// Marks a held call's credits served (the call was allowed); returns the balance left as this replica
     /// sees it.
     pub fn commit(&self, hold: Hold) -> u64 {
-        let (cost, remaining) = hold.commit();
+        let (cost, remaining, failed) = hold.commit(self.inner.journal.as_ref());
+        if let Some(e) = failed {
+            self.inner.journal_failed(&e);
+        }
         self.inner.metrics.spent.inc_by(cost);
         remaining
     }
@@ -391,15 +431,35 @@ impl Inner {
         self.recovered
             .get_or_try_init(|| async {
                 let now = crate::util::clock::unix_now();
-                let closed = self.ledger.recover(&self.replica, now).await?;
-                if closed > 0 {
+                let previous = lock(&self.previous).clone().unwrap_or_default();
+                let settled = self
+                    .ledger
+                    .recover(&self.replica, previous.trusted(), now)
+                    .await?;
+                if settled.kept > 0 {
                     tracing::warn!(
                         replica = %self.replica,
-                        credits = closed,
-                        "credits this replica held leased when it last stopped without returning them are kept as spent"
+                        credits = settled.kept,
+                        why = previous.untrusted.as_deref().unwrap_or(""),
+                        "credits this replica held leased when it last stopped, served or not, are kept as spent"
                     );
-                    self.metrics.recovered.inc_by(closed);
+                    self.metrics.recovered.inc_by(settled.kept);
                 }
+                if settled.served > 0 || settled.returned > 0 {
+                    tracing::info!(
+                        replica = %self.replica,
+                        served = settled.served,
+                        returned = settled.returned,
+                        "credits leased before a crash settled from the spend journal"
+                    );
+                }
+                if let Some(journal) = &self.journal
+                    && let Err(e) = journal.begin_life()
+                {
+                    tracing::warn!(path = %journal.path().display(), error = %e,
+                        "credit spend journal not started: a crash costs up to a lease per owner");
+                }
+                *lock(&self.previous) = None;
                 Ok::<(), StoreError>(())
             })
             .await?;
@@ -416,6 +476,12 @@ impl Inner {
                 .or_insert_with(|| Arc::new(Cell::new(owner)))
                 .value(),
         )
+    }
+
+    fn journal_failed(&self, error: &std::io::Error) {
+        if self.journal_failures.allow(crate::util::clock::unix_now()) {
+            tracing::warn!(%error, "credit spend journal not written: a crash may cost up to a lease per owner");
+        }
     }
 
     fn hold(&self, cell: &Arc<Cell>, cost: u64, remaining: u64) -> Hold {

@@ -3,6 +3,8 @@
 //! The state store implements it ([`crate::state::sql::SqlStore`], SQLite and PostgreSQL); the shared suite in
 //! `tests/state_store.rs` runs every implementation.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
 use crate::state::StoreError;
@@ -145,9 +147,27 @@ pub trait CreditLedger: Send + Sync {
         limit: u32,
     ) -> Result<Vec<Balance>, StoreError>;
 
-    /// Closes what `replica` held in a life that ended without returning it (a crash): its unreported credits
-    /// stay spent, as any of them may have been served. Returns the credits so closed.
-    async fn recover(&self, replica: &str, now: i64) -> Result<u64, StoreError>;
+    /// Closes what `replica` held in a life that ended without returning it (a crash). With that life's
+    /// trusted journal (`served`: its served totals by owner; an owner it does not name served nothing) what
+    /// was served is spent and the rest goes back to the balance; without one everything held stays spent, as
+    /// any of it may have been served.
+    async fn recover(
+        &self,
+        replica: &str,
+        served: Option<&HashMap<String, u64>>,
+        now: i64,
+    ) -> Result<Settled, StoreError>;
+}
+
+/// What closing a dead life's leases came to, in credits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Served according to the journal, now spent.
+    pub served: u64,
+    /// Not served according to the journal, back in the balance.
+    pub returned: u64,
+    /// Held without a trusted journal: kept as spent.
+    pub kept: u64,
 }
 
 /// Extra credits a lease may take beyond `need` when `free` are free: at most `max_extra`, at most

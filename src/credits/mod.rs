@@ -21,10 +21,15 @@
 //!   spent before any of it is served, and the ledger grants a lease only from the free balance.
 //! - Durable: a credit is reserved in the ledger (committed) before any call spends it, so a crash never gives
 //!   a spent credit back. A grant is a committed row before it is acknowledged.
-//! - Bounded, against the owner: a replica killed while holding a lease loses its unserved part: at restart
-//!   (same replica id, kept in `metering.dir`) [`ledger::CreditLedger::recover`] keeps all it held as spent,
-//!   because some of it may have been served. The cost is at most `max_lease` + the cost of one call, per
-//!   owner the replica held a lease for; a graceful stop returns everything.
+//! - Exact after a process crash: each spend is written to the replica's [`journal`] (`metering.dir`) before
+//!   the call is allowed. The write goes to the kernel's page cache, which outlives the process, so after a
+//!   kill -9 (same replica id, kept in `metering.dir`) [`ledger::CreditLedger::recover`] spends exactly what
+//!   the dead life served and returns the rest of its leases to the balance.
+//! - Bounded, against the owner, when the journal cannot be trusted (the machine rebooted, so the page cache
+//!   may have lost writes; no journal; a write failed): the restart keeps everything the dead life held as
+//!   spent, since some of it may have been served. The cost is at most `max_lease` + the cost of one call,
+//!   per owner the replica held a lease for (`tollgate_credits_recovered_total`); a graceful stop returns
+//!   everything.
 //! - Bounded, refusals: near zero a replica may refuse (402) while another still holds leased credits; the
 //!   holder serves them or returns them within [`lease::IDLE_RETURN`] of its last call for the owner. After an
 //!   exhausted answer a replica refuses that owner from memory for `exhausted_for` (1 s): a grant made through
@@ -38,11 +43,12 @@
 //!
 //! # Layout
 //! `ledger` is the store's interface and the lease sizing; `sql` implements it; `lease` is the engine each
-//! replica spends through; `catalog` is what products say (cost, refill, credit prices); `topup` turns paid
+//! replica spends through; `journal` what it served, for a restart after a crash; `catalog` is what products say (cost, refill, credit prices); `topup` turns paid
 //! Stripe invoices into grants; `api` is `/v1/credits`; `metrics` the Prometheus series.
 
 pub mod api;
 pub mod catalog;
+pub mod journal;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;

@@ -4,12 +4,15 @@
 //! or the write lock (SQLite) until commit: an owner's lease calls and grants run one after another, so the
 //! arithmetic done here between statements sees what it will write over.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use crate::credits::ledger::{
-    Balance, CreditLedger, GrantInput, GrantRecord, Granted, LeaseAnswer, LeaseCall, extra_lease,
+    Balance, CreditLedger, GrantInput, GrantRecord, Granted, LeaseAnswer, LeaseCall, Settled,
+    extra_lease,
 };
 use crate::state::StoreError;
 use crate::state::sql::SqlStore;
@@ -327,27 +330,48 @@ impl CreditLedger for SqlStore {
         rows.iter().map(balance_row).collect()
     }
 
-    async fn recover(&self, replica: &str, now: i64) -> Result<u64, StoreError> {
+    async fn recover(
+        &self,
+        replica: &str,
+        served: Option<&HashMap<String, u64>>,
+        now: i64,
+    ) -> Result<Settled, StoreError> {
         let mut tx = self.pool().begin().await?;
         // A write first: an SQLite transaction that reads before it writes cannot wait for the write lock.
-        let rows =
-            sqlx::query("DELETE FROM credit_leases WHERE replica = $1 RETURNING owner, held")
-                .bind(replica)
-                .fetch_all(&mut *tx)
-                .await?;
-        let mut closed = 0u64;
+        let rows = sqlx::query(
+            "DELETE FROM credit_leases WHERE replica = $1 RETURNING owner, held, reported",
+        )
+        .bind(replica)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut settled = Settled::default();
         for row in &rows {
             let owner: String = row.try_get("owner")?;
             let held: i64 = row.try_get("held")?;
-            if held > 0 {
-                let mut account = lock_account(&mut tx, &owner, now).await?;
-                account.spent += held;
-                account.reserved -= held;
-                store_account(&mut tx, &owner, &account, now).await?;
-                closed = closed.saturating_add(held as u64);
+            let reported: i64 = row.try_get("reported")?;
+            if held <= 0 {
+                continue;
             }
+            let mut account = lock_account(&mut tx, &owner, now).await?;
+            let spent = match served {
+                Some(journal) => {
+                    let total = journal.get(&owner).copied().unwrap_or(0);
+                    let total = i64::try_from(total).unwrap_or(i64::MAX);
+                    let spent = (total - reported).clamp(0, held);
+                    settled.served += spent as u64;
+                    settled.returned += (held - spent) as u64;
+                    spent
+                }
+                None => {
+                    settled.kept += held as u64;
+                    held
+                }
+            };
+            account.spent += spent;
+            account.reserved -= held;
+            store_account(&mut tx, &owner, &account, now).await?;
         }
         tx.commit().await?;
-        Ok(closed)
+        Ok(settled)
     }
 }
