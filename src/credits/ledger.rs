@@ -28,7 +28,8 @@ pub struct LeaseCall<'a> {
     /// Credits the replica needs now, beyond `keep`, for the call waiting on this answer (0 for a renewal
     /// ahead of time or a return).
     pub need: u64,
-    /// Upper bound of the extra credits leased beyond `need` (0: return everything not kept).
+    /// Upper bound of what the replica holds beyond `need` once answered, what it keeps included: the extra
+    /// leased is at most `max_extra - kept` (0: lease nothing beyond `need`).
     pub max_extra: u64,
     /// A refill due for the owner before anything is leased.
     pub refill: Option<Refill<'a>>,

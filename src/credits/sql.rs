@@ -204,7 +204,8 @@ impl CreditLedger for SqlStore {
 
         let free = account.free().max(0) as u64;
         let granted = if free >= call.need {
-            need as u64 + extra_lease(free, call.need, call.max_extra)
+            // The replica holds at most `max_extra` beyond this call's need, counting what it keeps.
+            need as u64 + extra_lease(free, call.need, call.max_extra.saturating_sub(kept as u64))
         } else {
             0
         };
@@ -344,11 +345,21 @@ impl CreditLedger for SqlStore {
         .bind(replica)
         .fetch_all(&mut *tx)
         .await?;
+        let mut leases = rows
+            .iter()
+            .map(|row| -> Result<(String, i64, i64), StoreError> {
+                Ok((
+                    row.try_get("owner")?,
+                    row.try_get("held")?,
+                    row.try_get("reported")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Owners are locked in owner order: the rows come back in storage order, so two replicas recovering
+        // at once could lock the same owners in opposite orders and deadlock on PostgreSQL.
+        leases.sort_unstable();
         let mut settled = Settled::default();
-        for row in &rows {
-            let owner: String = row.try_get("owner")?;
-            let held: i64 = row.try_get("held")?;
-            let reported: i64 = row.try_get("reported")?;
+        for (owner, held, reported) in leases {
             if held <= 0 {
                 continue;
             }
