@@ -334,30 +334,28 @@ impl Credits {
                     now,
                 )
                 .await?;
-            inner.metrics.checks.with_label_values(&["ledger"]).inc();
             let mut a = cell.state();
-            Ok(match a.take(cost, None) {
-                Some(remaining) => Spend::Held(inner.hold(&cell, cost, remaining)),
-                None => Spend::Exhausted {
-                    balance: a.balance.saturating_add(a.left),
-                },
-            })
+            let (spend, result) = match a.take(cost, None) {
+                Some(remaining) => (Spend::Held(inner.hold(&cell, cost, remaining)), "ledger"),
+                None => {
+                    let balance = a.balance.saturating_add(a.left);
+                    (Spend::Exhausted { balance }, "exhausted")
+                }
+            };
+            inner.metrics.checks.with_label_values(&[result]).inc();
+            Ok(spend)
         })
         .await;
         let result = match asked {
             Ok(result) => result,
             Err(_) => Err(SpendError::Timeout),
         };
-        match &result {
-            Ok(Spend::Exhausted { .. }) => {
-                inner.metrics.checks.with_label_values(&["exhausted"]).inc()
-            }
-            Err(_) => inner
+        if result.is_err() {
+            inner
                 .metrics
                 .checks
                 .with_label_values(&["unavailable"])
-                .inc(),
-            Ok(Spend::Held(_)) => {}
+                .inc();
         }
         result
     }
