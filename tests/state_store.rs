@@ -4,12 +4,17 @@
 #[path = "support/postgres.rs"]
 mod pg;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tempfile::TempDir;
 use tollgate::catalog::{Status, SubscriptionStatus};
+use tollgate::credits::CreditLedger;
+use tollgate::credits::ledger::{
+    Balance, GrantInput, Granted, LeaseAnswer, LeaseCall, Refill, Settled,
+};
 use tollgate::identity::api_key::KeyHash;
 use tollgate::paywall::model::{
     Observation, PaidStatus, PriceItem, StripeEvent, SubscriptionState,
@@ -101,6 +106,17 @@ both!(
     stripe_events_are_recorded_once_and_applied_in_any_order,
     stripe_subscriptions_reach_replicas_through_changes_and_loads,
     replicas_take_turns_at_the_resync,
+    grants_apply_once_per_source_and_never_take_below_zero,
+    leases_count_served_credits_once_and_keep_at_most_what_is_held,
+    two_replicas_lease_exactly_what_was_granted,
+    concurrent_lease_calls_never_overspend,
+    refills_top_up_once_per_period,
+    low_balance_is_crossed_once_until_lifted,
+    recover_keeps_a_dead_replicas_lease_as_spent,
+    recover_with_a_journal_spends_only_what_was_served,
+    recover_waits_for_a_concurrent_writer,
+    replicas_recovering_at_once_do_not_deadlock,
+    balances_list_low_accounts_in_owner_order,
 );
 
 fn actor() -> Actor {
@@ -923,4 +939,700 @@ async fn replicas_take_turns_at_the_resync(db: Db) {
     );
     assert!(two.claim_resync(T0 + 3600, 3600).await.unwrap());
     assert!(!one.claim_resync(T0 + 3601, 3600).await.unwrap());
+}
+
+/// Grants `amount` to `owner` from `source` (the reason names the source, so listings show which is which).
+async fn grant(store: &SqlStore, owner: &str, amount: i64, source: &str, now: i64) -> Granted {
+    let reason = format!("reason for {source}");
+    store
+        .grant(&GrantInput {
+            owner,
+            amount,
+            reason: &reason,
+            source,
+            low_balance: 50,
+            now,
+        })
+        .await
+        .expect("grant")
+}
+
+/// A lease call of `replica` for `owner` that reports, keeps and asks nothing: cases set what they test.
+fn call<'a>(owner: &'a str, replica: &'a str) -> LeaseCall<'a> {
+    LeaseCall {
+        owner,
+        replica,
+        served_total: 0,
+        keep: 0,
+        need: 0,
+        max_extra: 0,
+        refill: None,
+        low_balance: 0,
+        now: T0,
+    }
+}
+
+async fn lease(store: &SqlStore, call: &LeaseCall<'_>) -> LeaseAnswer {
+    store.lease(call).await.expect("lease")
+}
+
+/// `owner`'s (balance, granted, spent, reserved) as the ledger holds them.
+async fn numbers(store: &SqlStore, owner: &str) -> (i64, i64, i64, i64) {
+    let b = store
+        .balance(owner)
+        .await
+        .expect("balance")
+        .unwrap_or_else(|| panic!("no account for {owner}"));
+    (b.balance, b.granted, b.spent, b.reserved)
+}
+
+/// An answer without a refill nor a low-balance crossing.
+fn answer(kept: u64, granted: u64, balance: u64) -> LeaseAnswer {
+    LeaseAnswer {
+        kept,
+        granted,
+        balance,
+        crossed_low: false,
+        refilled: 0,
+    }
+}
+
+async fn grants_apply_once_per_source_and_never_take_below_zero(db: Db) {
+    let store = db.store().await;
+    assert_eq!(store.balance("acme").await.unwrap(), None);
+    let fresh = Balance {
+        owner: "acme".to_owned(),
+        balance: 100,
+        granted: 100,
+        spent: 0,
+        reserved: 0,
+        updated_at: T0,
+    };
+    assert_eq!(
+        grant(&store, "acme", 100, "api:one", T0).await,
+        Granted::New(fresh.clone())
+    );
+    assert_eq!(
+        grant(&store, "acme", 500, "api:one", T0 + 1).await,
+        Granted::Duplicate(fresh),
+        "a source is granted once, whatever the amount of the retry"
+    );
+    let Granted::New(taken) = grant(&store, "acme", -30, "api:two", T0 + 2).await else {
+        panic!("a take-back the balance covers is applied")
+    };
+    assert_eq!(
+        (taken.balance, taken.granted, taken.updated_at),
+        (70, 70, T0 + 2)
+    );
+
+    // Leased credits count as spent: a take-back only reaches the free balance (70 - 50 = 20).
+    let leased = lease(
+        &store,
+        &LeaseCall {
+            need: 50,
+            ..call("acme", "r1")
+        },
+    )
+    .await;
+    assert_eq!(leased, answer(0, 50, 20));
+    let Granted::Insufficient(refused) = grant(&store, "acme", -40, "api:three", T0 + 3).await
+    else {
+        panic!("a take-back larger than the free balance is refused")
+    };
+    assert_eq!((refused.balance, refused.reserved), (20, 50));
+    assert_eq!(numbers(&store, "acme").await, (20, 70, 0, 50));
+    assert!(
+        matches!(grant(&store, "acme", -20, "api:four", T0 + 4).await, Granted::New(b) if b.balance == 0),
+        "the whole free balance may be taken back"
+    );
+    assert!(
+        matches!(grant(&store, "acme", -30, "api:two", T0 + 5).await, Granted::Duplicate(b) if b.balance == 0),
+        "a take-back applied before is a duplicate even where the balance no longer covers it"
+    );
+    assert_eq!(numbers(&store, "acme").await, (0, 50, 0, 50));
+
+    // A refused source was not recorded: once the lease comes back it applies.
+    assert_eq!(lease(&store, &call("acme", "r1")).await, answer(0, 0, 50));
+    assert!(matches!(
+        grant(&store, "acme", -40, "api:three", T0 + 6).await,
+        Granted::New(b) if b.balance == 10
+    ));
+
+    let listed = store.grants("acme", 10).await.unwrap();
+    let got: Vec<_> = listed
+        .iter()
+        .map(|g| (g.source.as_str(), g.amount, g.reason.as_str(), g.created_at))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("api:three", -40, "reason for api:three", T0 + 6),
+            ("api:four", -20, "reason for api:four", T0 + 4),
+            ("api:two", -30, "reason for api:two", T0 + 2),
+            ("api:one", 100, "reason for api:one", T0),
+        ],
+        "newest first, duplicates and refusals left out"
+    );
+    assert!(listed.windows(2).all(|w| w[0].id > w[1].id));
+    let newest = store.grants("acme", 2).await.unwrap();
+    assert_eq!(newest, listed[..2]);
+
+    // Sources are unique per owner, not across owners.
+    assert!(matches!(
+        grant(&store, "globex", 5, "api:one", T0).await,
+        Granted::New(b) if b.balance == 5
+    ));
+    assert_eq!(store.grants("globex", 10).await.unwrap().len(), 1);
+    assert!(store.grants("nobody", 10).await.unwrap().is_empty());
+}
+
+async fn leases_count_served_credits_once_and_keep_at_most_what_is_held(db: Db) {
+    let store = db.store().await;
+    grant(&store, "acme", 100, "api:one", T0).await;
+    // 1 needed + min(100, (100 - 1) / 8) extra.
+    let first = LeaseCall {
+        need: 1,
+        max_extra: 100,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &first).await, answer(0, 13, 87));
+    assert_eq!(numbers(&store, "acme").await, (87, 100, 0, 13));
+
+    let report = LeaseCall {
+        served_total: 5,
+        keep: 8,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &report).await, answer(8, 0, 87));
+    assert_eq!(numbers(&store, "acme").await, (87, 100, 5, 8));
+    assert_eq!(
+        lease(&store, &report).await,
+        answer(8, 0, 87),
+        "a report replayed after a lost answer"
+    );
+    assert_eq!(
+        numbers(&store, "acme").await,
+        (87, 100, 5, 8),
+        "the same served total counts once"
+    );
+
+    let greedy = LeaseCall {
+        keep: 50,
+        ..report.clone()
+    };
+    assert_eq!(
+        lease(&store, &greedy).await,
+        answer(8, 0, 87),
+        "a replica keeps no more than the ledger holds for it"
+    );
+    assert_eq!(numbers(&store, "acme").await, (87, 100, 5, 8));
+
+    // A call whose answer was lost granted 1; its retry gives that back before leasing again.
+    let more = LeaseCall {
+        need: 1,
+        ..report.clone()
+    };
+    assert_eq!(lease(&store, &more).await, answer(8, 1, 86));
+    assert_eq!(lease(&store, &more).await, answer(8, 1, 86));
+    assert_eq!(numbers(&store, "acme").await, (86, 100, 5, 9));
+
+    let too_much = LeaseCall {
+        keep: 9,
+        need: 87,
+        max_extra: 10,
+        ..report.clone()
+    };
+    assert_eq!(
+        lease(&store, &too_much).await,
+        answer(9, 0, 86),
+        "a need beyond the free balance gets nothing"
+    );
+    assert_eq!(numbers(&store, "acme").await, (86, 100, 5, 9));
+    let all = LeaseCall {
+        keep: 9,
+        need: 86,
+        max_extra: 10,
+        ..report.clone()
+    };
+    assert_eq!(
+        lease(&store, &all).await,
+        answer(9, 86, 0),
+        "a need of exactly the free balance fits"
+    );
+
+    // Serving 10 more and returning the rest.
+    let back = LeaseCall {
+        served_total: 15,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &back).await, answer(0, 0, 85));
+    assert_eq!(numbers(&store, "acme").await, (85, 100, 15, 0));
+
+    // A replica cannot have served more than it held: a report beyond it spends only the lease.
+    let four = LeaseCall {
+        need: 4,
+        ..back.clone()
+    };
+    assert_eq!(lease(&store, &four).await, answer(0, 4, 81));
+    let beyond = LeaseCall {
+        served_total: 25,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &beyond).await, answer(0, 0, 81));
+    assert_eq!(numbers(&store, "acme").await, (81, 100, 19, 0));
+}
+
+async fn two_replicas_lease_exactly_what_was_granted(db: Db) {
+    let store = db.store().await;
+    grant(&store, "acme", 10, "api:one", T0).await;
+    let replicas = ["r1", "r2"];
+    let mut held = [0u64; 2];
+    let mut rounds = 0;
+    loop {
+        let mut granted = 0;
+        for (replica, held) in replicas.iter().zip(held.iter_mut()) {
+            let got = lease(
+                &store,
+                &LeaseCall {
+                    keep: *held,
+                    need: 1,
+                    ..call("acme", replica)
+                },
+            )
+            .await;
+            assert_eq!(got.kept, *held);
+            *held += got.granted;
+            granted += got.granted;
+        }
+        if granted == 0 {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds <= 10, "more rounds than credits: {held:?}");
+    }
+    assert_eq!(held, [5, 5], "one credit each in turn, none twice");
+    assert_eq!(numbers(&store, "acme").await, (0, 10, 0, 10));
+}
+
+async fn concurrent_lease_calls_never_overspend(db: Db) {
+    // More tasks than pooled connections (8 on PostgreSQL, 4 on SQLite), each a replica, all on one owner.
+    const TASKS: usize = 8;
+    const CALLS: usize = 20;
+    let store = Arc::new(db.store().await);
+    grant(&store, "acme", 50, "api:one", T0).await;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let replica = format!("r{t}");
+            let (mut served, mut held, mut got) = (0u64, 0u64, 0u64);
+            for _ in 0..CALLS {
+                // Serves half of what it holds before each call and keeps the rest, so reports, keeps and
+                // grants all race.
+                let serve = held.div_ceil(2);
+                served += serve;
+                held -= serve;
+                let answer = lease(
+                    &store,
+                    &LeaseCall {
+                        served_total: served,
+                        keep: held,
+                        need: 1,
+                        max_extra: 2,
+                        ..call("acme", &replica)
+                    },
+                )
+                .await;
+                assert_eq!(answer.kept, held, "{replica} lost credits it held");
+                held += answer.granted;
+                got += answer.granted;
+            }
+            let done = LeaseCall {
+                served_total: got,
+                ..call("acme", &replica)
+            };
+            assert_eq!(lease(&store, &done).await.kept, 0);
+            got
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("lease task");
+    }
+    // 160 calls that each need 1 use up all 50 credits, and never one more.
+    assert_eq!(total, 50);
+    assert_eq!(numbers(&store, "acme").await, (0, 50, 50, 0));
+}
+
+async fn refills_top_up_once_per_period(db: Db) {
+    let store = db.store().await;
+    grant(&store, "acme", 200, "api:one", T0).await;
+    let period = T0 - 3_600;
+    let refill = Refill {
+        product: "free",
+        amount: 1_000,
+        period_start: period,
+    };
+    let first = LeaseCall {
+        need: 300,
+        refill: Some(refill),
+        ..call("acme", "r1")
+    };
+    assert_eq!(
+        lease(&store, &first).await,
+        LeaseAnswer {
+            refilled: 800,
+            ..answer(0, 300, 700)
+        },
+        "topped up to 1000 before leasing"
+    );
+    assert_eq!(numbers(&store, "acme").await, (700, 1_000, 0, 300));
+    let grants = store.grants("acme", 10).await.unwrap();
+    assert_eq!(grants.len(), 2);
+    assert_eq!(
+        (grants[0].source.as_str(), grants[0].amount),
+        (format!("refill:free:{period}").as_str(), 800)
+    );
+
+    // The same period, from this replica or another: nothing more.
+    let report = LeaseCall {
+        served_total: 300,
+        refill: Some(refill),
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &report).await, answer(0, 0, 700));
+    let other = LeaseCall {
+        refill: Some(refill),
+        ..call("acme", "r2")
+    };
+    assert_eq!(lease(&store, &other).await, answer(0, 0, 700));
+    assert_eq!(numbers(&store, "acme").await, (700, 1_000, 300, 0));
+    assert_eq!(store.grants("acme", 10).await.unwrap().len(), 2);
+
+    // A new period tops up the free balance: what r2 holds leased counts as spent.
+    let held = LeaseCall {
+        need: 100,
+        ..call("acme", "r2")
+    };
+    assert_eq!(lease(&store, &held).await, answer(0, 100, 600));
+    let next = T0 + 30 * 86_400;
+    let next_period = LeaseCall {
+        served_total: 300,
+        refill: Some(Refill {
+            period_start: next,
+            ..refill
+        }),
+        ..call("acme", "r1")
+    };
+    assert_eq!(
+        lease(&store, &next_period).await,
+        LeaseAnswer {
+            refilled: 400,
+            ..answer(0, 0, 1_000)
+        }
+    );
+    assert_eq!(numbers(&store, "acme").await, (1_000, 1_400, 300, 100));
+    let newest = &store.grants("acme", 1).await.unwrap()[0];
+    assert_eq!(
+        (newest.source.as_str(), newest.amount),
+        (format!("refill:free:{next}").as_str(), 400)
+    );
+
+    // Above the refill's amount a new period adds nothing.
+    grant(&store, "acme", 500, "api:two", T0).await;
+    let above = LeaseCall {
+        served_total: 300,
+        refill: Some(Refill {
+            period_start: next + 30 * 86_400,
+            ..refill
+        }),
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &above).await, answer(0, 0, 1_500));
+    assert_eq!(numbers(&store, "acme").await, (1_500, 1_900, 300, 100));
+}
+
+async fn low_balance_is_crossed_once_until_lifted(db: Db) {
+    let store = db.store().await;
+    grant(&store, "acme", 100, "api:one", T0).await;
+    let low = |keep: u64, need: u64| LeaseCall {
+        keep,
+        need,
+        low_balance: 50,
+        ..call("acme", "r1")
+    };
+    let crossed = |a: LeaseAnswer| (a.balance, a.crossed_low);
+    assert_eq!(crossed(lease(&store, &low(0, 40)).await), (60, false));
+    assert_eq!(
+        crossed(lease(&store, &low(40, 20)).await),
+        (40, true),
+        "the call that goes below 50"
+    );
+    assert_eq!(
+        crossed(lease(&store, &low(60, 5)).await),
+        (35, false),
+        "already below"
+    );
+    assert_eq!(crossed(lease(&store, &low(65, 0)).await), (35, false));
+
+    // A grant lifts it above: the next drop crosses again.
+    grant(&store, "acme", 100, "api:two", T0).await;
+    assert_eq!(crossed(lease(&store, &low(65, 90)).await), (45, true));
+    // So does a returned lease.
+    assert_eq!(crossed(lease(&store, &low(0, 0)).await), (200, false));
+    assert_eq!(crossed(lease(&store, &low(0, 151)).await), (49, true));
+}
+
+/// A first lease call of `replica` for `owner`, asking exactly `need`, which the balance covers.
+async fn first_lease(store: &SqlStore, owner: &str, replica: &str, need: u64) {
+    let got = lease(
+        store,
+        &LeaseCall {
+            need,
+            ..call(owner, replica)
+        },
+    )
+    .await;
+    assert_eq!(got.granted, need, "{replica} leases {need} of {owner}");
+}
+
+async fn recover_keeps_a_dead_replicas_lease_as_spent(db: Db) {
+    let store = db.store().await;
+    grant(&store, "acme", 100, "api:one", T0).await;
+    grant(&store, "globex", 100, "api:one", T0).await;
+    first_lease(&store, "acme", "r1", 10).await;
+    let report = LeaseCall {
+        served_total: 3,
+        keep: 7,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &report).await.kept, 7);
+    first_lease(&store, "globex", "r1", 4).await;
+    first_lease(&store, "acme", "r2", 6).await;
+    assert_eq!(numbers(&store, "acme").await, (84, 100, 3, 13));
+
+    // Without a journal, any of what r1 held may have been served.
+    assert_eq!(
+        store.recover("r1", None, T0 + 10).await.unwrap(),
+        Settled {
+            kept: 7 + 4,
+            ..Settled::default()
+        }
+    );
+    assert_eq!(numbers(&store, "acme").await, (84, 100, 10, 6));
+    assert_eq!(numbers(&store, "globex").await, (96, 100, 4, 0));
+    assert_eq!(
+        store.recover("r1", None, T0 + 11).await.unwrap(),
+        Settled::default(),
+        "nothing left to close"
+    );
+    assert_eq!(
+        lease(
+            &store,
+            &LeaseCall {
+                keep: 6,
+                ..call("acme", "r2")
+            }
+        )
+        .await,
+        answer(6, 0, 84),
+        "another replica's lease stays"
+    );
+
+    // r1's next life counts from 0 again: its old lease row (3 reported) is gone.
+    let reborn = LeaseCall {
+        keep: 5,
+        need: 2,
+        ..call("acme", "r1")
+    };
+    assert_eq!(
+        lease(&store, &reborn).await,
+        answer(0, 2, 82),
+        "nothing of the old lease is kept"
+    );
+    let served = LeaseCall {
+        served_total: 2,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &served).await, answer(0, 0, 82));
+    assert_eq!(numbers(&store, "acme").await, (82, 100, 12, 6));
+}
+
+async fn recover_with_a_journal_spends_only_what_was_served(db: Db) {
+    let store = db.store().await;
+    for owner in ["acme", "globex", "initech"] {
+        grant(&store, owner, 100, "api:one", T0).await;
+    }
+    first_lease(&store, "acme", "r1", 10).await;
+    let report = LeaseCall {
+        served_total: 3,
+        keep: 7,
+        ..call("acme", "r1")
+    };
+    assert_eq!(lease(&store, &report).await.kept, 7);
+    first_lease(&store, "globex", "r1", 4).await;
+    first_lease(&store, "initech", "r1", 5).await;
+    first_lease(&store, "acme", "r2", 6).await;
+
+    // The journal's totals count from the life's start, like the lease rows' reports: acme served 5 more
+    // than the 3 reported; globex claims more than was held (only the lease is spent); initech is not named
+    // (served nothing).
+    let journal = HashMap::from([("acme".to_owned(), 8), ("globex".to_owned(), 100)]);
+    assert_eq!(
+        store.recover("r1", Some(&journal), T0 + 10).await.unwrap(),
+        Settled {
+            served: 5 + 4,
+            returned: 2 + 5,
+            kept: 0,
+        }
+    );
+    assert_eq!(numbers(&store, "acme").await, (86, 100, 8, 6));
+    assert_eq!(numbers(&store, "globex").await, (96, 100, 4, 0));
+    assert_eq!(numbers(&store, "initech").await, (100, 100, 0, 0));
+    assert_eq!(
+        store.recover("r1", Some(&journal), T0 + 11).await.unwrap(),
+        Settled::default(),
+        "a journal read again closes nothing twice"
+    );
+    assert_eq!(
+        lease(
+            &store,
+            &LeaseCall {
+                keep: 6,
+                ..call("acme", "r2")
+            }
+        )
+        .await,
+        answer(6, 0, 86),
+        "another replica's lease stays"
+    );
+}
+
+async fn recover_waits_for_a_concurrent_writer(db: Db) {
+    // A restarted replica recovers while another connection (a state-store write, a grant) holds the lock
+    // it needs: recover waits for it like every other ledger write, and keeps that writer's change.
+    let store = db.store().await;
+    grant(&store, "acme", 100, "api:one", T0).await;
+    first_lease(&store, "acme", "r1", 10).await;
+    let other = sqlx::AnyPool::connect(&db.url)
+        .await
+        .expect("another connection");
+    let mut writer = other.begin().await.expect("begin");
+    sqlx::query("UPDATE credit_balances SET granted = granted + 5 WHERE owner = 'acme'")
+        .execute(&mut *writer)
+        .await
+        .expect("the other write");
+    let recovering = {
+        let store = store.clone();
+        tokio::spawn(async move { store.recover("r1", None, T0 + 1).await })
+    };
+    // Time for the recovery to reach the lock; it must be waiting there, not have given up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !recovering.is_finished(),
+        "recover ended while another writer held the lock: {:?}",
+        recovering.await
+    );
+    writer.commit().await.expect("commit");
+    let settled = recovering
+        .await
+        .expect("recover task")
+        .expect("recover after the other write");
+    assert_eq!(settled.kept, 10);
+    assert_eq!(numbers(&store, "acme").await, (95, 105, 10, 0));
+    other.close().await;
+}
+
+async fn replicas_recovering_at_once_do_not_deadlock(db: Db) {
+    // Two replicas restart together and close leases on the same two owners, taken in opposite orders.
+    // Another connection holds both owners until both recoveries wait, so they then run side by side.
+    let store = db.store().await;
+    grant(&store, "acme", 100, "api:one", T0).await;
+    grant(&store, "globex", 100, "api:one", T0).await;
+    first_lease(&store, "acme", "r1", 1).await;
+    first_lease(&store, "globex", "r1", 2).await;
+    first_lease(&store, "globex", "r2", 3).await;
+    first_lease(&store, "acme", "r2", 4).await;
+    let other = sqlx::AnyPool::connect(&db.url)
+        .await
+        .expect("another connection");
+    let mut writer = other.begin().await.expect("begin");
+    sqlx::query("UPDATE credit_balances SET updated_at = $1 WHERE owner IN ('acme', 'globex')")
+        .bind(T0 + 1)
+        .execute(&mut *writer)
+        .await
+        .expect("lock both owners");
+    let recovering: Vec<_> = ["r1", "r2"]
+        .into_iter()
+        .map(|replica| {
+            let store = store.clone();
+            tokio::spawn(async move { store.recover(replica, None, T0 + 2).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.commit().await.expect("commit");
+    let mut kept = Vec::new();
+    for task in recovering {
+        kept.push(
+            task.await
+                .expect("recover task")
+                .expect("recover beside another")
+                .kept,
+        );
+    }
+    assert_eq!(kept, [1 + 2, 3 + 4]);
+    assert_eq!(numbers(&store, "acme").await, (95, 100, 5, 0));
+    assert_eq!(numbers(&store, "globex").await, (95, 100, 5, 0));
+    other.close().await;
+}
+
+async fn balances_list_low_accounts_in_owner_order(db: Db) {
+    let store = db.store().await;
+    for (owner, amount) in [
+        ("umbrella", 49),
+        ("acme", 200),
+        ("zeta", 50),
+        ("globex", 30),
+        ("a@x.example", 10),
+        ("initech", 100),
+    ] {
+        grant(&store, owner, amount, "api:one", T0).await;
+    }
+    // Leased credits count as spent here too.
+    first_lease(&store, "initech", "r1", 80).await;
+
+    let owners = |list: Vec<Balance>| list.into_iter().map(|b| b.owner).collect::<Vec<_>>();
+    assert_eq!(
+        owners(store.balances(Some(50), None, 10).await.unwrap()),
+        ["a@x.example", "globex", "initech", "umbrella"]
+    );
+    assert_eq!(
+        owners(store.balances(Some(50), None, 2).await.unwrap()),
+        ["a@x.example", "globex"]
+    );
+    let rest = store.balances(Some(50), Some("globex"), 2).await.unwrap();
+    assert_eq!(
+        rest[0],
+        Balance {
+            owner: "initech".to_owned(),
+            balance: 20,
+            granted: 100,
+            spent: 0,
+            reserved: 80,
+            updated_at: T0,
+        }
+    );
+    assert_eq!(owners(rest), ["initech", "umbrella"]);
+    assert!(
+        store
+            .balances(Some(50), Some("umbrella"), 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        owners(store.balances(None, Some("globex"), 10).await.unwrap()),
+        ["initech", "umbrella", "zeta"]
+    );
+    assert_eq!(store.balances(None, None, 100).await.unwrap().len(), 6);
 }
