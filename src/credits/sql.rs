@@ -27,11 +27,24 @@ struct Account {
     spent: i64,
     reserved: i64,
     low: bool,
+    updated_at: i64,
 }
 
 impl Account {
     fn free(&self) -> i64 {
         self.granted - self.spent - self.reserved
+    }
+
+    /// The account as the API shows it.
+    fn balance(&self, owner: &str) -> Balance {
+        Balance {
+            owner: owner.to_owned(),
+            balance: self.free(),
+            granted: self.granted,
+            spent: self.spent,
+            reserved: self.reserved,
+            updated_at: self.updated_at,
+        }
     }
 }
 
@@ -43,7 +56,7 @@ async fn lock_account(
     let row = sqlx::query(
         "INSERT INTO credit_balances (owner, granted, spent, reserved, low, updated_at) \
          VALUES ($1, 0, 0, 0, 0, $2) ON CONFLICT (owner) DO UPDATE SET owner = excluded.owner \
-         RETURNING granted, spent, reserved, low",
+         RETURNING granted, spent, reserved, low, updated_at",
     )
     .bind(owner)
     .bind(now)
@@ -54,6 +67,7 @@ async fn lock_account(
         spent: row.try_get("spent")?,
         reserved: row.try_get("reserved")?,
         low: row.try_get::<i64, _>("low")? != 0,
+        updated_at: row.try_get("updated_at")?,
     })
 }
 
@@ -259,19 +273,27 @@ impl CreditLedger for SqlStore {
             store_account(&mut tx, grant.owner, &account, grant.now).await?;
             Outcome::New
         };
-        match outcome {
-            Outcome::New => tx.commit().await?,
-            // Nothing to keep, not even the account row the lock created for an owner never seen.
-            Outcome::Duplicate | Outcome::Insufficient => tx.rollback().await?,
-        }
-        let balance = self.balance(grant.owner).await?.unwrap_or(Balance {
-            owner: grant.owner.to_owned(),
-            balance: 0,
-            granted: 0,
-            spent: 0,
-            reserved: 0,
-            updated_at: 0,
-        });
+        let balance = match outcome {
+            // The account as this transaction left it, not a later read that other writes may have moved.
+            Outcome::New => {
+                account.updated_at = grant.now;
+                tx.commit().await?;
+                account.balance(grant.owner)
+            }
+            // Nothing to keep, not even the account row the lock created for an owner never seen; the
+            // answer is the balance as it is.
+            Outcome::Duplicate | Outcome::Insufficient => {
+                tx.rollback().await?;
+                self.balance(grant.owner).await?.unwrap_or(Balance {
+                    owner: grant.owner.to_owned(),
+                    balance: 0,
+                    granted: 0,
+                    spent: 0,
+                    reserved: 0,
+                    updated_at: 0,
+                })
+            }
+        };
         Ok(match outcome {
             Outcome::New => Granted::New(balance),
             Outcome::Duplicate => Granted::Duplicate(balance),
