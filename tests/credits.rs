@@ -13,6 +13,8 @@ use tollgate::state::sql::SqlStore;
 /// 2027-01-31T23:59:59Z and the second after it.
 const JAN_31_LAST: i64 = 1_801_439_999;
 const FEB_1: i64 = 1_801_440_000;
+/// Bound of a flush in these tests.
+const FLUSH: Duration = Duration::from_secs(10);
 
 async fn ledger(dir: &tempfile::TempDir) -> Arc<SqlStore> {
     let url = format!("sqlite://{}", dir.path().join("state.db").display());
@@ -121,7 +123,7 @@ async fn calls_spend_exactly_the_balance_and_a_dropped_hold_spends_nothing() {
         assert!(allowed <= 8, "25 credits at 3 a call are 8 calls");
     }
     assert_eq!(allowed, 8);
-    credits.flush(JAN_31_LAST).await.expect("flush");
+    credits.flush(JAN_31_LAST, FLUSH).await.expect("flush");
     let b = store.balance("acme").await.expect("read").expect("account");
     assert_eq!((b.granted, b.spent, b.reserved, b.balance), (25, 24, 0, 1));
     assert_eq!(metric(&registry, "credits_spent_total"), 24.0);
@@ -172,8 +174,8 @@ async fn two_replicas_share_one_balance_and_never_overspend_it() {
     for task in tasks {
         allowed += task.await.expect("task");
     }
-    a.flush(JAN_31_LAST).await.expect("flush a");
-    b.flush(JAN_31_LAST).await.expect("flush b");
+    a.flush(JAN_31_LAST, FLUSH).await.expect("flush a");
+    b.flush(JAN_31_LAST, FLUSH).await.expect("flush b");
     let account = store.balance("acme").await.expect("read").expect("account");
     assert_eq!(account.reserved, 0);
     assert_eq!(
@@ -216,7 +218,7 @@ async fn a_refill_tops_the_balance_up_once_per_calendar_month() {
     // The first call of February refills to 10 again; January's spends are not refunded.
     let left = spend(&credits, "dev@example.com", 1, Some(february), FEB_1).await;
     assert_eq!(left, Some(9));
-    credits.flush(FEB_1).await.expect("flush");
+    credits.flush(FEB_1, FLUSH).await.expect("flush");
     let b = store
         .balance("dev@example.com")
         .await
@@ -233,8 +235,8 @@ async fn a_refill_tops_the_balance_up_once_per_calendar_month() {
     assert_eq!(
         sources,
         vec![
-            format!("refill:free:{FEB_1}"),
-            "refill:free:1798761600".to_owned()
+            format!("refill:dev@example.com:free:{FEB_1}"),
+            "refill:dev@example.com:free:1798761600".to_owned()
         ]
     );
     let refilled: f64 = registry
@@ -253,7 +255,7 @@ async fn with_the_spend_journal_a_crash_costs_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = ledger(&dir).await;
     grant(&store, "acme", 1_000, "api:first").await;
-    grant(&store, "dev@example.com", 100, "api:first").await;
+    grant(&store, "dev@example.com", 100, "api:dev-first").await;
     let (credits, _) = engine_with(&store, "r1", 20, Some(dir.path()));
     for _ in 0..7 {
         assert!(
@@ -368,7 +370,7 @@ async fn a_crash_never_gives_spent_credits_back_and_costs_at_most_one_lease() {
             .await
             .is_some()
     );
-    restarted.flush(JAN_31_LAST).await.expect("flush");
+    restarted.flush(JAN_31_LAST, FLUSH).await.expect("flush");
     let last = store.balance("acme").await.expect("read").expect("account");
     assert_eq!(last.spent, after.spent + 1);
     assert_eq!(last.granted - last.spent, last.balance);
@@ -404,4 +406,74 @@ async fn an_exhausted_owner_is_refused_from_memory_until_a_grant_here_or_the_bou
     // …unless the grant went through it.
     credits.granted("acme");
     assert_eq!(spend(&credits, "acme", 1, None, JAN_31_LAST).await, Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_do_not_grow_the_lease_past_its_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ledger(&dir).await;
+    grant(&store, "acme", 10_000, "api:first").await;
+    let (credits, registry) = engine(&store, "r1", 10);
+    // 200 calls in flight at once (held, not yet committed).
+    let mut holds = Vec::new();
+    for _ in 0..200 {
+        let Spend::Held(hold) = credits
+            .take("acme", 1, None, JAN_31_LAST)
+            .await
+            .expect("take")
+        else {
+            panic!("10,000 credits cover 200 calls");
+        };
+        holds.push(hold);
+    }
+    let account = store.balance("acme").await.expect("read").expect("account");
+    assert!(
+        account.reserved <= 200 + 10 + 1,
+        "held: the calls in flight + max_lease + one call, not more: {}",
+        account.reserved
+    );
+    let calls: f64 = registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "credits_ledger_calls_total")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == "lease"))
+        .map(|m| m.get_counter().get_value())
+        .sum();
+    assert!(
+        calls <= 30.0,
+        "leases keep coming while calls are in flight, not one ledger call per Check: {calls}"
+    );
+    for hold in holds {
+        credits.commit(hold);
+    }
+    credits.flush(JAN_31_LAST, FLUSH).await.expect("flush");
+    let account = store.balance("acme").await.expect("read").expect("account");
+    assert_eq!((account.spent, account.reserved), (200, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_the_journal_cannot_name_keeps_its_lease_as_spent_after_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ledger(&dir).await;
+    // Longer than a journal slot holds: its spends are not journaled.
+    let long = "x".repeat(300);
+    grant(&store, &long, 1_000, "api:long").await;
+    let (credits, _) = engine_with(&store, "r1", 100, Some(dir.path()));
+    for _ in 0..50 {
+        assert!(spend(&credits, &long, 1, None, JAN_31_LAST).await.is_some());
+    }
+    drop(credits);
+    let (restarted, registry) = engine_with(&store, "r1", 100, Some(dir.path()));
+    restarted.recover().await.expect("recover");
+    let account = store.balance(&long).await.expect("read").expect("account");
+    assert!(
+        account.spent >= 50,
+        "the 50 served credits are never given back: {account:?}"
+    );
+    assert_eq!(account.reserved, 0);
+    assert_eq!(
+        metric(&registry, "credits_recovered_total"),
+        account.spent as f64
+    );
 }

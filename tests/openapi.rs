@@ -993,6 +993,17 @@ async fn every_answer_is_documented_and_every_documented_status_happens() {
     assert_eq!(retry["grants"].as_array().unwrap().len(), 2, "{retry}");
     let account = api.expect("GET /v1/credits/theremin", EMPTY, 200, "").await;
     assert_eq!(account, retry);
+    // The key with another amount, after its answer is gone too: refused, never a second grant.
+    api.expect_keyed(
+        theremin,
+        json!({"amount": 7}),
+        Some("grant-1"),
+        409,
+        "conflict",
+    )
+    .await;
+    let account = api.expect("GET /v1/credits/theremin", EMPTY, 200, "").await;
+    assert_eq!(account["granted"], json!(300));
 
     let e = api
         .expect(theremin, json!({"amount": 1}), 400, "invalid")

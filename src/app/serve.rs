@@ -42,6 +42,9 @@ use crate::state::sync::Syncer;
 use crate::state::{self, Snapshot, StoreError};
 use crate::util::clock::unix_now;
 
+/// How long shutdown spends returning credit leases (a crash would keep them as spent, or settle them from
+/// the journal): the orchestrator's grace period is longer.
+const CREDIT_FLUSH: Duration = Duration::from_secs(5);
 /// HTTP/2 streams one gRPC connection may hold open at once (Envoy multiplexes every Check on few
 /// connections, so this is far above what it needs and far below what would exhaust memory).
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -411,7 +414,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Hands leased quota units back to a shared store so other replicas can use them at once, and reports
     // every served credit (a lease kept at exit would count as spent at the next start).
     authorizer.sweep(i64::MAX).await;
-    if let Err(error) = credits.flush(unix_now()).await {
+    if let Err(error) = credits.flush(unix_now(), CREDIT_FLUSH).await {
         tracing::warn!(%error, "credit leases not returned at shutdown: they stay spent");
     }
     if let Err(e) = sealer.await {

@@ -157,6 +157,10 @@ struct RawKey {
     expires_at: Option<DateTime<Utc>>,
 }
 
+/// Largest credit amount a catalog may name (a cost, a refill, a top-up per unit): the ledger keeps signed
+/// 64-bit sums, and a typo of many digits is better refused here than at every call.
+const MAX_CREDITS: u64 = 1_000_000_000_000;
+
 fn one_u32() -> u32 {
     1
 }
@@ -357,10 +361,10 @@ impl Builder<'_> {
                     format!("{price:?} is not a Stripe price id (price_…): top-ups are matched by the invoice line's price id"),
                 ));
             }
-            if credits == 0 {
+            if credits == 0 || credits > MAX_CREDITS {
                 return Err(self.err(
                     &here,
-                    format!("price {price} adds no credits: give it at least 1"),
+                    format!("price {price} must add 1 to {MAX_CREDITS} credits per unit"),
                 ));
             }
             credit_prices.push((price, credits));
@@ -382,17 +386,21 @@ impl Builder<'_> {
 
     fn prepaid(&self, at: &[PathSeg<'_>; 3], raw: RawPrepaid) -> Result<Prepaid, SourceError> {
         let cost = raw.cost.unwrap_or(1);
-        if cost == 0 {
+        if cost == 0 || cost > MAX_CREDITS {
             return Err(self.err(
                 &[at[0], at[1], at[2], PathSeg::Key("cost")],
-                "prepaid cost must be at least 1 (an operation may set 0 to be free)",
+                format!(
+                    "prepaid cost must be 1 to {MAX_CREDITS} (an operation may set 0 to be free)"
+                ),
             ));
         }
         let refill = match raw.refill {
             Some(r) => {
                 let here = [at[0], at[1], at[2], PathSeg::Key("refill")];
-                if r.amount == 0 {
-                    return Err(self.err(&here, "refill amount must be at least 1"));
+                if r.amount == 0 || r.amount > MAX_CREDITS {
+                    return Err(
+                        self.err(&here, format!("refill amount must be 1 to {MAX_CREDITS}"))
+                    );
                 }
                 if matches!(r.every, Unit::Second | Unit::Minute) {
                     return Err(self.err(&here, "refill every must be hour, day, week or month"));
@@ -515,7 +523,16 @@ impl Builder<'_> {
             methods,
             quota,
             cost: op.cost,
-            prepaid_cost: op.prepaid.map(|p| p.cost),
+            prepaid_cost: match op.prepaid {
+                Some(p) if p.cost > MAX_CREDITS => {
+                    return Err(self.err(
+                        &[at[0], at[1], at[2], at[3], PathSeg::Key("prepaid")],
+                        format!("prepaid cost must be 0 to {MAX_CREDITS}"),
+                    ));
+                }
+                Some(p) => Some(p.cost),
+                None => None,
+            },
         })
     }
 
@@ -898,11 +915,15 @@ products:
         let cases = [
             (
                 "products: [{name: p, prepaid: {cost: 0}, operations: [{api: a, paths: [/]}]}]\n",
-                "catalog.yaml:1:38: prepaid cost must be at least 1",
+                "catalog.yaml:1:38: prepaid cost must be 1 to 1000000000000",
             ),
             (
                 "products: [{name: p, operations: [{api: a, paths: [/], prepaid: {cost: 3}}]}]\n",
                 "is not prepaid",
+            ),
+            (
+                "products: [{name: p, prepaid: {refill: {amount: 99999999999999, every: day}}, operations: [{api: a, paths: [/]}]}]\n",
+                "refill amount must be 1 to 1000000000000",
             ),
             (
                 "products: [{name: p, prepaid: {refill: {amount: 5, every: minute}}, operations: [{api: a, paths: [/]}]}]\n",

@@ -227,12 +227,14 @@ pub fn plan<'a>(
                     refill: prepaid.refill.map(|r| r.at(&product.name, now)),
                 }),
                 None => {
+                    // Not reachable from the catalog (an app always has a developer): a setup error, not a
+                    // balance to top up.
                     let message = format!(
                         "product {} is prepaid and {} has no developer or company to hold credits",
                         product.name,
                         owner.label()
                     );
-                    return deny(decision, Reason::CreditsExhausted, message);
+                    return deny(decision, Reason::NoProduct, message);
                 }
             }
         }
@@ -263,10 +265,11 @@ impl<'a> Pending<'a> {
         self.credits
     }
 
-    /// Refuses the call: its owner's balance (`balance` as last seen) cannot cover it.
+    /// Refuses the call: its owner's balance (`balance` as last seen) cannot cover it. The message names the
+    /// app, not the owner (a company or a developer's e-mail), which a leaked key must not reveal.
     pub fn credits_exhausted(self, balance: u64) -> Decision<'a> {
         let mut decision = self.decision;
-        let (owner, cost) = self.credits.map_or(("", 0), |c| (c.owner, c.cost));
+        let cost = self.credits.map_or(0, |c| c.cost);
         let prices: Vec<&str> = self
             .product
             .credit_prices
@@ -281,9 +284,13 @@ impl<'a> Pending<'a> {
                 prices.join(", ")
             )
         };
+        let whose = match decision.identity.app {
+            Some(app) => format!("app {app}'s owner"),
+            None => "this account".to_owned(),
+        };
         decision.reason = Reason::CreditsExhausted;
         decision.message = format!(
-            "prepaid credits of {owner} are exhausted (balance {balance}, this call costs {cost}): {how}"
+            "the prepaid credits of {whose} are exhausted (balance {balance}, this call costs {cost}): {how}"
         );
         decision
     }

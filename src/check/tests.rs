@@ -761,8 +761,8 @@ fn an_exhausted_balance_is_a_402_that_says_how_to_top_up() {
     assert_eq!(d.reason.error_code(), "credits_exhausted");
     assert_eq!(
         d.message,
-        "prepaid credits of solo@example.com are exhausted (balance 1, this call costs 2): buy a top-up \
-         (Stripe price price_topup) or ask the API provider to grant credits"
+        "the prepaid credits of app prepaidapp's owner are exhausted (balance 1, this call costs 2): buy a \
+         top-up (Stripe price price_topup) or ask the API provider to grant credits"
     );
     let Plan::Charge(p) = decide_now(&w, "GET", "/credits/x", &caller, &e) else {
         panic!("expected a charge");

@@ -73,7 +73,7 @@ pub(crate) async fn post_credits(
         }
     };
     let path = format!("/v1/credits/{owner}");
-    let source = idempotency::source(&state.actor.0, key, "POST", &path, &bytes);
+    let source = idempotency::grant_source(key, &owner);
     let state = &state;
     idempotency::once(state, &headers, "POST", &path, &bytes.clone(), || async move {
         let b: GrantBody = body::json(&bytes)?;
@@ -115,9 +115,15 @@ pub(crate) async fn post_credits(
                 Ok((StatusCode::CREATED, account_json(state, &balance).await?))
             }
             Granted::Duplicate(balance) => Ok((StatusCode::OK, account_json(state, &balance).await?)),
+            Granted::Reused(_) => Err(ApiError::conflict(
+                "this Idempotency-Key already granted another amount to this owner",
+            )),
             Granted::Insufficient(balance) => Err(ApiError::conflict(format!(
-                "cannot take back {} credits: the balance is {} ({} more are leased to replicas and come back within seconds when unused)",
-                b.amount.unsigned_abs(), balance.balance, balance.reserved
+                "cannot take back {} credits: the balance is {} ({} more are leased to replicas, and come \
+                 back within seconds when unused)",
+                b.amount.unsigned_abs(),
+                balance.balance,
+                balance.reserved
             ))),
         }
     })

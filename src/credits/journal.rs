@@ -18,6 +18,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::util::sync::lock;
 
@@ -65,6 +66,8 @@ pub struct Journal {
     boot: Option<String>,
     /// Slots handed out in this life.
     slots: Mutex<u64>,
+    /// A write failed: the file is marked untrusted and nothing more is written in this life.
+    poisoned: AtomicBool,
 }
 
 impl Journal {
@@ -88,6 +91,7 @@ impl Journal {
                 replica: replica.to_owned(),
                 boot,
                 slots: Mutex::new(0),
+                poisoned: AtomicBool::new(false),
             },
             previous,
         ))
@@ -95,20 +99,38 @@ impl Journal {
 
     /// Starts this life's journal (empty, under the current boot id); call once the previous life's leases
     /// are settled in the ledger.
+    ///
+    /// The old header is made unreadable first, so a failure half-way never leaves the last life's totals
+    /// looking like this one's; on failure the journal is poisoned.
     pub fn begin_life(&self) -> io::Result<()> {
         let mut header = [0u8; HEADER as usize];
         header[..8].copy_from_slice(MAGIC);
         put_text(&mut header[8..72], self.boot.as_deref().unwrap_or(""));
         put_text(&mut header[72..128], &self.replica);
-        self.file.set_len(0)?;
-        self.file.write_all_at(&header, 0)?;
+        let begun = self
+            .file
+            .write_all_at(&[0; 8], 0)
+            .and_then(|()| self.file.set_len(0))
+            .and_then(|()| self.file.write_all_at(&header, 0));
+        if begun.is_err() {
+            self.poison();
+        }
         *lock(&self.slots) = 0;
-        Ok(())
+        begun
     }
 
-    /// Gives `owner` a slot with a served total of 0; `None` when its name is too long to journal.
+    /// Stops journaling for this life and makes the file untrusted, so the next start keeps what this life
+    /// held as spent instead of believing totals that may be stale. Called when a write fails.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+        // Best effort: if even this fails the disk is gone, and so is the file's next read.
+        let _ = self.file.write_all_at(&[0; 8], 0);
+    }
+
+    /// Gives `owner` a slot with a served total of 0; `None` when its name is too long to journal or the
+    /// journal is poisoned (its spends are then not journaled, and a restart keeps its lease as spent).
     pub fn slot(&self, owner: &str) -> io::Result<Option<u64>> {
-        if owner.len() > MAX_OWNER {
+        if owner.len() > MAX_OWNER || self.poisoned.load(Ordering::Acquire) {
             return Ok(None);
         }
         let mut slots = lock(&self.slots);
@@ -121,9 +143,17 @@ impl Journal {
         Ok(Some(at + SERVED_AT))
     }
 
-    /// Records an owner's served total at the slot [`Journal::slot`] gave.
+    /// Records an owner's served total at the slot [`Journal::slot`] gave; a failure poisons the journal (a
+    /// stale total would give served credits back at the next start).
     pub fn record(&self, at: u64, served_total: u64) -> io::Result<()> {
-        self.file.write_all_at(&served_total.to_le_bytes(), at)
+        if self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let written = self.file.write_all_at(&served_total.to_le_bytes(), at);
+        if written.is_err() {
+            self.poison();
+        }
+        written
     }
 
     /// Where the journal lives.
@@ -229,6 +259,13 @@ mod tests {
         second.begin_life()?;
         let (_, fresh) = Journal::open(dir.path(), "r1")?;
         assert!(fresh.served.is_empty());
+        // A poisoned journal tells the next start nothing, and takes no more slots.
+        let at = slot(&second, "acme")?;
+        second.record(at, 4)?;
+        second.poison();
+        assert_eq!(second.slot("other")?, None);
+        let (_, after) = Journal::open(dir.path(), "r1")?;
+        assert!(after.trusted().is_none());
         Ok(())
     }
 }

@@ -24,6 +24,11 @@ use crate::util::throttle::OncePerSecond;
 const PREFETCH_DIVISOR: u64 = 4;
 /// An owner without Checks for this long returns its lease and reports what it served.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
+/// How often a replica looks for leases of replicas that died for good.
+const REAP_EVERY: Duration = Duration::from_secs(60);
+/// A lease still holding credits this long after its last call belongs to a replica that died for good: a
+/// live one returns an idle lease within [`IDLE_RETURN`].
+pub const DEAD_AFTER: Duration = Duration::from_secs(600);
 
 /// How the engine leases.
 #[derive(Debug, Clone)]
@@ -81,19 +86,10 @@ impl Hold {
         let mut a = self.cell.state();
         a.pending -= self.cost;
         a.served_total += self.cost;
-        let Some(journal) = journal else {
-            return (self.cost, self.remaining, None);
+        let failed = match (journal, self.cell.slot.get().copied().flatten()) {
+            (Some(journal), Some(at)) => journal.record(at, a.served_total).err(),
+            _ => None,
         };
-        let mut failed = None;
-        let slot = *self.cell.slot.get_or_init(|| {
-            journal.slot(&self.cell.owner).unwrap_or_else(|e| {
-                failed = Some(e);
-                None
-            })
-        });
-        if let Some(at) = slot {
-            failed = journal.record(at, a.served_total).err();
-        }
         (self.cost, self.remaining, failed)
     }
 }
@@ -125,15 +121,39 @@ struct Account {
     balance: u64,
     /// When the ledger last could not cover a call.
     exhausted_at: Option<Instant>,
-    /// The refill period this process refilled for.
-    refilled_for: Option<i64>,
+    /// The period each refilling product was last refilled for by this process.
+    refilled: Vec<(Box<str>, i64)>,
     touched: Instant,
 }
 
 impl Account {
+    /// Whether `refill` was not applied yet for its product and period.
+    fn refill_due(&self, refill: Option<&Refill<'_>>) -> bool {
+        refill.is_some_and(|r| {
+            !self
+                .refilled
+                .iter()
+                .any(|(product, start)| **product == *r.product && *start == r.period_start)
+        })
+    }
+
+    /// Notes that `refill` was applied.
+    fn refilled(&mut self, refill: &Refill<'_>) {
+        match self
+            .refilled
+            .iter_mut()
+            .find(|(product, _)| **product == *refill.product)
+        {
+            Some(entry) => entry.1 = refill.period_start,
+            None => self
+                .refilled
+                .push((refill.product.into(), refill.period_start)),
+        }
+    }
+
     /// Takes `cost` from the lease when it covers it and no refill is due.
     fn take(&mut self, cost: u64, refill: Option<&Refill<'_>>) -> Option<u64> {
-        if refill.is_some_and(|r| self.refilled_for != Some(r.period_start)) || self.left < cost {
+        if self.refill_due(refill) || self.left < cost {
             return None;
         }
         self.left -= cost;
@@ -157,8 +177,9 @@ impl Account {
 #[derive(Debug)]
 struct Cell {
     owner: Box<str>,
-    /// Where the owner's served total is journaled: taken at the first spend, once this life's journal has
-    /// begun (`None` inside: no journal, or it could not be written).
+    /// Where the owner's served total is journaled: taken before the owner's first lease in this life, so a
+    /// lease the ledger records always has a slot (`None` inside: no journal, a name too long, or a failed
+    /// write; a restart then keeps that owner's lease as spent).
     slot: OnceLock<Option<u64>>,
     io: Mutex<()>,
     state: std::sync::Mutex<Account>,
@@ -180,7 +201,7 @@ impl Cell {
                 last_lease: 0,
                 balance: 0,
                 exhausted_at: None,
-                refilled_for: None,
+                refilled: Vec::new(),
                 touched: Instant::now(),
             }),
             renewing: AtomicBool::new(false),
@@ -207,12 +228,25 @@ pub enum SpendError {
     NotConfigured,
 }
 
-/// Which kind of ledger call, for metrics.
-#[derive(Debug, Clone, Copy)]
+/// Which kind of ledger call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
+    /// For a Check the lease cannot cover.
     Lease,
+    /// Ahead of time, in the background.
     Renew,
+    /// Hands the unserved lease back (idle, shutdown).
     Return,
+}
+
+/// One ledger call to make.
+#[derive(Debug, Clone, Copy)]
+struct Ask<'a> {
+    op: Op,
+    /// The cost of the call waiting on the answer (0 without one).
+    want: u64,
+    refill: Option<Refill<'a>>,
+    now: i64,
 }
 
 impl Op {
@@ -245,6 +279,8 @@ struct Inner {
     previous: std::sync::Mutex<Option<Previous>>,
     /// A journal that cannot be written is logged once a second (spends go on: the lease bound applies).
     journal_failures: OncePerSecond,
+    /// Two processes sharing this replica id are logged once a second.
+    conflicts: OncePerSecond,
 }
 
 impl std::fmt::Debug for Credits {
@@ -291,6 +327,7 @@ impl Credits {
             journal,
             previous: std::sync::Mutex::new(Some(previous)),
             journal_failures: OncePerSecond::default(),
+            conflicts: OncePerSecond::default(),
         });
         let returner = tokio::spawn(return_idle(Arc::downgrade(&inner)));
         Credits { inner, returner }
@@ -322,27 +359,28 @@ impl Credits {
             if let Some(spend) = inner.local(&cell, cost, refill.as_ref()) {
                 return Ok(spend);
             }
-            let need = cost.saturating_sub(cell.state().left);
-            inner
-                .call(
-                    owner,
-                    &cell,
-                    Op::Lease,
-                    need,
-                    inner.options.max_lease,
-                    refill,
-                    now,
-                )
-                .await?;
+            let ask = Ask {
+                op: Op::Lease,
+                want: cost,
+                refill,
+                now,
+            };
+            inner.call(&cell, ask).await?;
             let mut a = cell.state();
             let (spend, result) = match a.take(cost, None) {
-                Some(remaining) => (Spend::Held(inner.hold(&cell, cost, remaining)), "ledger"),
+                Some(remaining) => (
+                    Spend::Held(inner.hold(&cell, cost, remaining)),
+                    &inner.metrics.checks_ledger,
+                ),
                 None => {
                     let balance = a.balance.saturating_add(a.left);
-                    (Spend::Exhausted { balance }, "exhausted")
+                    (
+                        Spend::Exhausted { balance },
+                        &inner.metrics.checks_exhausted,
+                    )
                 }
             };
-            inner.metrics.checks.with_label_values(&[result]).inc();
+            result.inc();
             Ok(spend)
         })
         .await;
@@ -351,11 +389,7 @@ impl Credits {
             Err(_) => Err(SpendError::Timeout),
         };
         if result.is_err() {
-            inner
-                .metrics
-                .checks
-                .with_label_values(&["unavailable"])
-                .inc();
+            inner.metrics.checks_unavailable.inc();
         }
         result
     }
@@ -378,34 +412,35 @@ impl Credits {
         }
     }
 
-    /// Reports what every owner served and returns every unserved lease (shutdown, tests).
-    pub async fn flush(&self, now: i64) -> Result<(), StoreError> {
-        let cells: Vec<(Box<str>, Arc<Cell>)> = self
+    /// Reports what every owner served and returns every unserved lease (shutdown, tests), within `within`;
+    /// stops at the first ledger error (the rest is settled at the next start).
+    pub async fn flush(&self, now: i64, within: Duration) -> Result<(), SpendError> {
+        let cells: Vec<Arc<Cell>> = self
             .inner
             .owners
             .iter()
-            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .map(|e| Arc::clone(e.value()))
             .collect();
-        let mut failed = None;
-        for (owner, cell) in cells {
-            let _io = cell.io.lock().await;
-            if cell.state().clean() {
-                continue;
+        let returns = async {
+            for cell in cells {
+                let _io = cell.io.lock().await;
+                if cell.state().clean() {
+                    continue;
+                }
+                let ask = Ask {
+                    op: Op::Return,
+                    want: 0,
+                    refill: None,
+                    now,
+                };
+                self.inner.call(&cell, ask).await?;
             }
-            if let Err(e) = self
-                .inner
-                .call(&owner, &cell, Op::Return, 0, 0, None, now)
-                .await
-            {
-                failed = Some(e);
-            }
+            Ok::<(), StoreError>(())
+        };
+        match tokio::time::timeout(within, returns).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(SpendError::Timeout),
         }
-        failed.map_or(Ok(()), Err)
-    }
-
-    /// This replica's id in the ledger.
-    pub fn replica(&self) -> &str {
-        &self.inner.replica
     }
 
     /// The ledger the credits are kept in.
@@ -455,7 +490,7 @@ impl Inner {
                     && let Err(e) = journal.begin_life()
                 {
                     tracing::warn!(path = %journal.path().display(), error = %e,
-                        "credit spend journal not started: a crash costs up to a lease per owner");
+                        "credit spend journal not started (poisoned): a crash costs up to a lease per owner");
                 }
                 *lock(&self.previous) = None;
                 Ok::<(), StoreError>(())
@@ -504,18 +539,18 @@ impl Inner {
         if let Some(remaining) = a.take(cost, refill) {
             let prefetch = a.wants_prefetch();
             drop(a);
-            self.metrics.checks.with_label_values(&["local"]).inc();
+            self.metrics.checks_local.inc();
             if prefetch && !cell.renewing.swap(true, Ordering::AcqRel) {
                 tokio::spawn(renew(Arc::clone(self), Arc::clone(cell)));
             }
             return Some(Spend::Held(self.hold(cell, cost, remaining)));
         }
-        let refill_due = refill.is_some_and(|r| a.refilled_for != Some(r.period_start));
+        let refill_due = a.refill_due(refill);
         let exhausted = a
             .exhausted_at
             .is_some_and(|at| at.elapsed() < self.options.exhausted_for);
         if exhausted && !refill_due {
-            self.metrics.checks.with_label_values(&["exhausted"]).inc();
+            self.metrics.checks_exhausted.inc();
             return Some(Spend::Exhausted {
                 balance: a.balance.saturating_add(a.left),
             });
@@ -523,27 +558,37 @@ impl Inner {
         None
     }
 
-    /// One ledger call for `owner`, made by the holder of the cell's `io` lock: reports what was served, keeps
-    /// what is unserved, asks for `need` plus up to `max_extra`, and books the answer.
-    #[allow(clippy::too_many_arguments)]
-    async fn call(
-        &self,
-        owner: &str,
-        cell: &Cell,
-        op: Op,
-        need: u64,
-        max_extra: u64,
-        refill: Option<Refill<'_>>,
-        now: i64,
-    ) -> Result<LeaseAnswer, StoreError> {
+    /// One ledger call for the cell's owner, made by the holder of its `io` lock: reports what was served,
+    /// keeps what is unserved, asks for what the waiting call lacks plus a lease, and books the answer.
+    async fn call(&self, cell: &Cell, ask: Ask<'_>) -> Result<LeaseAnswer, StoreError> {
         self.recover().await?;
-        let (served_total, keep) = {
+        let owner = &*cell.owner;
+        if ask.op != Op::Return
+            && let Some(journal) = &self.journal
+        {
+            // Before the ledger records a lease for the owner: see `Cell::slot`.
+            cell.slot.get_or_init(|| {
+                journal.slot(owner).unwrap_or_else(|e| {
+                    self.journal_failed(&e);
+                    None
+                })
+            });
+        }
+        let (served_total, keep, need, max_extra) = {
             let mut a = cell.state();
-            if let Op::Return = op {
+            if ask.op == Op::Return {
                 // Given up before the call: a Check racing it must not serve credits the ledger frees.
                 a.left = 0;
             }
-            (a.served_total, a.left + a.pending)
+            let max_extra = match ask.op {
+                Op::Return => 0,
+                // Credits held by calls in flight are theirs: only the unserved rest counts against the bound.
+                Op::Lease | Op::Renew => self.options.max_lease.saturating_sub(a.left),
+            };
+            // Under the same lock as the snapshot: a cheaper call served from `left` meanwhile cannot make
+            // this answer fall short.
+            let need = ask.want.saturating_sub(a.left);
+            (a.served_total, a.left + a.pending, need, max_extra)
         };
         let call = LeaseCall {
             owner,
@@ -552,9 +597,9 @@ impl Inner {
             keep,
             need,
             max_extra,
-            refill,
+            refill: ask.refill,
             low_balance: self.options.low_balance,
-            now,
+            now: ask.now,
         };
         let started = Instant::now();
         let answer = self.ledger.lease(&call).await;
@@ -564,7 +609,7 @@ impl Inner {
         let result = if answer.is_ok() { "ok" } else { "error" };
         self.metrics
             .calls
-            .with_label_values(&[op.as_str(), result])
+            .with_label_values(&[ask.op.as_str(), result])
             .inc();
         let answer = answer?;
         let mut a = cell.state();
@@ -576,10 +621,16 @@ impl Inner {
         a.last_lease = answer.granted;
         a.balance = answer.balance;
         a.exhausted_at = (need > 0 && answer.granted == 0).then(Instant::now);
-        if let Some(r) = refill {
-            a.refilled_for = Some(r.period_start);
+        if let Some(r) = &ask.refill {
+            a.refilled(r);
         }
         drop(a);
+        if answer.conflicted && self.conflicts.allow(ask.now) {
+            tracing::error!(replica = %self.replica, owner,
+                "the credit ledger holds less for this replica than it served or keeps: another process runs \
+                 with the same replica id (a copied metering.dir?), or its lease was settled as dead after a \
+                 long ledger outage; spends beyond what the ledger held are not counted");
+        }
         if answer.refilled > 0 {
             self.metrics
                 .granted
@@ -606,46 +657,64 @@ async fn renew(inner: Arc<Inner>, cell: Arc<Cell>) {
     if !cell.state().wants_prefetch() {
         return;
     }
-    let owner = &cell.owner;
-    let now = crate::util::clock::unix_now();
-    let call = inner.call(
-        owner,
-        &cell,
-        Op::Renew,
-        0,
-        inner.options.max_lease,
-        None,
-        now,
-    );
-    if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, call).await {
-        tracing::debug!(owner = %owner, error = %e, "credit lease renewal failed");
+    let ask = Ask {
+        op: Op::Renew,
+        want: 0,
+        refill: None,
+        now: crate::util::clock::unix_now(),
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, inner.call(&cell, ask)).await {
+        tracing::debug!(owner = %cell.owner, error = %e, "credit lease renewal failed");
     }
 }
 
-/// Every quarter second: owners idle for [`IDLE_RETURN`] report what they served and return their lease.
+/// Every quarter second: owners idle for [`IDLE_RETURN`] report what they served and return their lease;
+/// every [`REAP_EVERY`], leases of replicas that died for good are settled.
 async fn return_idle(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(IDLE_RETURN / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_reap = Instant::now();
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let idle: Vec<(Box<str>, Arc<Cell>)> = inner
+        let idle: Vec<Arc<Cell>> = inner
             .owners
             .iter()
             .filter(|e| {
                 let a = e.value().state();
                 !a.clean() && a.pending == 0 && a.touched.elapsed() >= IDLE_RETURN
             })
-            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .map(|e| Arc::clone(e.value()))
             .collect();
-        for (owner, cell) in idle {
+        for cell in idle {
             let Ok(_io) = cell.io.try_lock() else {
                 continue;
             };
-            let now = crate::util::clock::unix_now();
-            let call = inner.call(&owner, &cell, Op::Return, 0, 0, None, now);
+            let ask = Ask {
+                op: Op::Return,
+                want: 0,
+                refill: None,
+                now: crate::util::clock::unix_now(),
+            };
+            let call = inner.call(&cell, ask);
             if let Ok(Err(e)) = tokio::time::timeout(inner.options.timeout, call).await {
-                tracing::debug!(owner = %owner, error = %e, "returning an idle credit lease failed");
+                tracing::debug!(owner = %cell.owner, error = %e, "returning an idle credit lease failed");
+            }
+        }
+        if last_reap.elapsed() >= REAP_EVERY && inner.recovered.initialized() {
+            last_reap = Instant::now();
+            let now = crate::util::clock::unix_now();
+            let idle_before = now.saturating_sub(DEAD_AFTER.as_secs() as i64);
+            match inner.ledger.reap(idle_before, now).await {
+                Ok(0) => {}
+                Ok(kept) => {
+                    inner.metrics.recovered.inc_by(kept);
+                    tracing::warn!(credits = kept, idle_for = ?DEAD_AFTER,
+                        "credits leased by replicas gone for good are kept as spent");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "settling dead replicas' credit leases failed")
+                }
             }
         }
     }

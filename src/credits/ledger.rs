@@ -28,12 +28,14 @@ pub struct LeaseCall<'a> {
     /// Credits the replica needs now, beyond `keep`, for the call waiting on this answer (0 for a renewal
     /// ahead of time or a return).
     pub need: u64,
-    /// Upper bound of what the replica holds beyond `need` once answered, what it keeps included: the extra
-    /// leased is at most `max_extra - kept` (0: lease nothing beyond `need`).
+    /// Upper bound of the extra credits leased beyond `need` (0: return everything not kept). The engine
+    /// passes `max_lease` less what it holds unserved, so a replica never holds more than `max_lease` beyond
+    /// the calls in flight and the one asking.
     pub max_extra: u64,
     /// A refill due for the owner before anything is leased.
     pub refill: Option<Refill<'a>>,
-    /// Balances below this are "low": the call that crosses it downwards says so, once.
+    /// Owners whose granted minus spent credits fall below this are "low": the call that crosses it says
+    /// so, once.
     pub low_balance: u64,
     /// Unix seconds.
     pub now: i64,
@@ -63,6 +65,9 @@ pub struct LeaseAnswer {
     pub crossed_low: bool,
     /// Credits a refill added in this call (0 without one).
     pub refilled: u64,
+    /// The ledger held less for this replica than it reported or kept: another process with the same
+    /// replica id settled its lease (a copied `metering.dir`).
+    pub conflicted: bool,
 }
 
 /// An owner's account as the ledger holds it.
@@ -91,7 +96,7 @@ pub struct GrantRecord {
     pub amount: i64,
     /// Why, for people.
     pub reason: String,
-    /// What caused it: `api:…`, `stripe:<invoice>:<line>`, `refill:<product>:<period start>`.
+    /// What caused it: `api:…`, `stripe:<invoice>:<line>`, `refill:<owner>:<product>:<period start>`.
     pub source: String,
     /// Unix seconds.
     pub created_at: i64,
@@ -106,7 +111,7 @@ pub struct GrantInput<'a> {
     pub amount: i64,
     /// Why, for people.
     pub reason: &'a str,
-    /// What caused it; a second grant with the same source for the owner changes nothing.
+    /// What caused it; a second grant with the same source, to any owner, changes nothing.
     pub source: &'a str,
     /// Balances below this are "low" (a take-back may cross it).
     pub low_balance: u64,
@@ -119,8 +124,11 @@ pub struct GrantInput<'a> {
 pub enum Granted {
     /// Written; the balance after it.
     New(Balance),
-    /// The source was granted before: nothing changed; the balance as it is.
+    /// The source was granted before with this amount: nothing changed; the balance as it is.
     Duplicate(Balance),
+    /// The source was granted before with another amount (an `Idempotency-Key` reused for another grant):
+    /// nothing changed.
+    Reused(Balance),
     /// A take-back larger than the free balance: nothing changed.
     Insufficient(Balance),
 }
@@ -140,7 +148,8 @@ pub trait CreditLedger: Send + Sync {
     /// An owner's latest grants, newest first.
     async fn grants(&self, owner: &str, limit: u32) -> Result<Vec<GrantRecord>, StoreError>;
 
-    /// Accounts in owner order after `after`; with `below`, only balances under it.
+    /// Accounts in owner order after `after`; with `below`, only those whose granted minus spent credits are
+    /// under it.
     async fn balances(
         &self,
         below: Option<u64>,
@@ -148,16 +157,20 @@ pub trait CreditLedger: Send + Sync {
         limit: u32,
     ) -> Result<Vec<Balance>, StoreError>;
 
-    /// Closes what `replica` held in a life that ended without returning it (a crash). With that life's
-    /// trusted journal (`served`: its served totals by owner; an owner it does not name served nothing) what
-    /// was served is spent and the rest goes back to the balance; without one everything held stays spent, as
-    /// any of it may have been served.
+    /// Closes what `replica` held in a life that ended without returning it (a crash). For an owner that
+    /// life's trusted journal names (`served`: its served totals by owner) what was served is spent and the
+    /// rest goes back to the balance; for any other owner everything held stays spent, as any of it may have
+    /// been served.
     async fn recover(
         &self,
         replica: &str,
         served: Option<&HashMap<String, u64>>,
         now: i64,
     ) -> Result<Settled, StoreError>;
+
+    /// Settles leases (of any replica) still holding credits with no call since `idle_before`: replicas that
+    /// died for good. What they held stays spent. Returns the credits so settled (at most 100 leases a call).
+    async fn reap(&self, idle_before: i64, now: i64) -> Result<u64, StoreError>;
 }
 
 /// What closing a dead life's leases came to, in credits.
@@ -167,7 +180,7 @@ pub struct Settled {
     pub served: u64,
     /// Not served according to the journal, back in the balance.
     pub returned: u64,
-    /// Held without a trusted journal: kept as spent.
+    /// Held for owners no trusted journal names: kept as spent.
     pub kept: u64,
 }
 

@@ -8,9 +8,6 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Regi
 pub struct CreditMetrics {
     /// `credits_spent_total`: credits spent by allowed calls on this replica.
     pub(crate) spent: IntCounter,
-    /// `credits_checks_total{result}`: prepaid Checks by how their credits were found (local, ledger,
-    /// exhausted, unavailable).
-    pub(crate) checks: IntCounterVec,
     /// `credits_ledger_calls_total{op,result}`: lease calls to the ledger (lease, renew, return; ok, error).
     pub(crate) calls: IntCounterVec,
     /// `credits_ledger_duration_seconds`: time of one lease call.
@@ -19,6 +16,15 @@ pub struct CreditMetrics {
     pub(crate) granted: IntCounterVec,
     /// `credits_recovered_total`: credits a restart found leased by a previous life and kept as spent.
     pub(crate) recovered: IntCounter,
+    /// `credits_checks_total{result="local"}`: prepaid Checks served from the lease (each result resolved
+    /// once, so the hot path does no label lookup).
+    pub(crate) checks_local: IntCounter,
+    /// `…{result="ledger"}`: served after a ledger call.
+    pub(crate) checks_ledger: IntCounter,
+    /// `…{result="exhausted"}`: refused, the balance cannot cover the call.
+    pub(crate) checks_exhausted: IntCounter,
+    /// `…{result="unavailable"}`: refused, the ledger did not answer.
+    pub(crate) checks_unavailable: IntCounter,
 }
 
 impl CreditMetrics {
@@ -60,11 +66,8 @@ impl CreditMetrics {
         )?;
         let recovered = IntCounter::new(
             "credits_recovered_total",
-            "credits a previous life of this replica held at a crash, kept as spent",
+            "credits held by a replica that stopped without returning them and no journal accounts for, kept as spent",
         )?;
-        for result in ["local", "ledger", "exhausted", "unavailable"] {
-            checks.with_label_values(&[result]);
-        }
         for op in ["lease", "renew", "return"] {
             for result in ["ok", "error"] {
                 calls.with_label_values(&[op, result]);
@@ -80,8 +83,11 @@ impl CreditMetrics {
         registry.register(Box::new(granted.clone()))?;
         registry.register(Box::new(recovered.clone()))?;
         Ok(CreditMetrics {
+            checks_local: checks.with_label_values(&["local"]),
+            checks_ledger: checks.with_label_values(&["ledger"]),
+            checks_exhausted: checks.with_label_values(&["exhausted"]),
+            checks_unavailable: checks.with_label_values(&["unavailable"]),
             spent,
-            checks,
             calls,
             duration,
             granted,

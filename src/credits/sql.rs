@@ -35,6 +35,20 @@ impl Account {
         self.granted - self.spent - self.reserved
     }
 
+    /// Granted and not reported spent: what "low" and refills look at, so a lease taken and returned moves
+    /// neither.
+    fn unspent(&self) -> i64 {
+        self.granted - self.spent
+    }
+
+    /// Sets the low flag for `threshold`; true when this write takes the account below it.
+    fn mark_low(&mut self, threshold: u64) -> bool {
+        let low = (self.unspent().max(0) as u64) < threshold;
+        let crossed = low && !self.low;
+        self.low = low;
+        crossed
+    }
+
     /// The account as the API shows it.
     fn balance(&self, owner: &str) -> Balance {
         Balance {
@@ -92,19 +106,14 @@ async fn store_account(
     Ok(())
 }
 
-/// Whether the owner was granted from `source` before.
-async fn seen(
-    tx: &mut Transaction<'_, Any>,
-    owner: &str,
-    source: &str,
-) -> Result<bool, StoreError> {
-    let id: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM credit_grants WHERE owner = $1 AND source = $2")
-            .bind(owner)
+/// The amount granted from `source` before, to whichever owner.
+async fn seen(tx: &mut Transaction<'_, Any>, source: &str) -> Result<Option<i64>, StoreError> {
+    let amount: Option<i64> =
+        sqlx::query_scalar("SELECT amount FROM credit_grants WHERE source = $1")
             .bind(source)
             .fetch_optional(&mut **tx)
             .await?;
-    Ok(id.is_some())
+    Ok(amount)
 }
 
 /// Appends a grant row (the caller checked [`seen`] under the owner's lock).
@@ -163,6 +172,7 @@ fn balance_row(row: &AnyRow) -> Result<Balance, StoreError> {
 enum Outcome {
     New,
     Duplicate,
+    Reused,
     Insufficient,
 }
 
@@ -192,7 +202,8 @@ impl CreditLedger for SqlStore {
             None => (0, 0),
         };
         // Served credits move from the lease to `spent`; a replica cannot have served more than it held.
-        let served = (served_total - reported).clamp(0, held);
+        let reported_now = (served_total - reported).max(0);
+        let served = reported_now.min(held);
         account.spent += served;
         account.reserved -= served;
         held -= served;
@@ -202,14 +213,21 @@ impl CreditLedger for SqlStore {
         let kept = keep.min(held);
         account.reserved -= held - kept;
         held = kept;
+        // The replica claims more than the ledger holds for it: another process with its id settled or reaped
+        // its lease (a copied metering.dir), and what it served beyond that is not counted.
+        let conflicted = reported_now > served || keep > kept;
 
         let mut refilled = 0;
         if let Some(refill) = &call.refill {
             let target = credits(refill.amount, "a refill")?;
-            let add = (target - account.free()).max(0);
-            let source = format!("refill:{}:{}", refill.product, refill.period_start);
+            // Leases of other replicas count as unspent: what they do not serve comes back.
+            let add = (target - account.unspent()).max(0);
+            let source = format!(
+                "refill:{}:{}:{}",
+                call.owner, refill.product, refill.period_start
+            );
             let reason = format!("refill of product {} to {target}", refill.product);
-            if !seen(&mut tx, call.owner, &source).await? {
+            if seen(&mut tx, &source).await?.is_none() {
                 insert_grant(&mut tx, call.owner, add, &reason, &source, call.now).await?;
                 account.granted += add;
                 refilled = add as u64;
@@ -218,8 +236,7 @@ impl CreditLedger for SqlStore {
 
         let free = account.free().max(0) as u64;
         let granted = if free >= call.need {
-            // The replica holds at most `max_extra` beyond this call's need, counting what it keeps.
-            need as u64 + extra_lease(free, call.need, call.max_extra.saturating_sub(kept as u64))
+            need as u64 + extra_lease(free, call.need, call.max_extra)
         } else {
             0
         };
@@ -227,18 +244,18 @@ impl CreditLedger for SqlStore {
         held += granted_i;
         account.reserved += granted_i;
         let balance = account.free().max(0) as u64;
-        let low = balance < call.low_balance;
-        let crossed_low = low && !account.low;
-        account.low = low;
+        let crossed_low = account.mark_low(call.low_balance);
         store_account(&mut tx, call.owner, &account, call.now).await?;
         sqlx::query(
-            "INSERT INTO credit_leases (owner, replica, held, reported) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (owner, replica) DO UPDATE SET held = excluded.held, reported = excluded.reported",
+            "INSERT INTO credit_leases (owner, replica, held, reported, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (owner, replica) DO UPDATE SET held = excluded.held, reported = excluded.reported, \
+             updated_at = excluded.updated_at",
         )
         .bind(call.owner)
         .bind(call.replica)
         .bind(held)
         .bind(reported)
+        .bind(call.now)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -248,14 +265,19 @@ impl CreditLedger for SqlStore {
             balance,
             crossed_low,
             refilled,
+            conflicted,
         })
     }
 
     async fn grant(&self, grant: &GrantInput<'_>) -> Result<Granted, StoreError> {
         let mut tx = self.pool().begin().await?;
         let mut account = lock_account(&mut tx, grant.owner, grant.now).await?;
-        let outcome = if seen(&mut tx, grant.owner, grant.source).await? {
-            Outcome::Duplicate
+        let outcome = if let Some(amount) = seen(&mut tx, grant.source).await? {
+            if amount == grant.amount {
+                Outcome::Duplicate
+            } else {
+                Outcome::Reused
+            }
         } else if grant.amount < 0 && account.free() + grant.amount < 0 {
             Outcome::Insufficient
         } else {
@@ -269,7 +291,7 @@ impl CreditLedger for SqlStore {
             )
             .await?;
             account.granted += grant.amount;
-            account.low = (account.free().max(0) as u64) < grant.low_balance;
+            account.mark_low(grant.low_balance);
             store_account(&mut tx, grant.owner, &account, grant.now).await?;
             Outcome::New
         };
@@ -282,7 +304,7 @@ impl CreditLedger for SqlStore {
             }
             // Nothing to keep, not even the account row the lock created for an owner never seen; the
             // answer is the balance as it is.
-            Outcome::Duplicate | Outcome::Insufficient => {
+            Outcome::Duplicate | Outcome::Reused | Outcome::Insufficient => {
                 tx.rollback().await?;
                 self.balance(grant.owner).await?.unwrap_or(Balance {
                     owner: grant.owner.to_owned(),
@@ -297,6 +319,7 @@ impl CreditLedger for SqlStore {
         Ok(match outcome {
             Outcome::New => Granted::New(balance),
             Outcome::Duplicate => Granted::Duplicate(balance),
+            Outcome::Reused => Granted::Reused(balance),
             Outcome::Insufficient => Granted::Insufficient(balance),
         })
     }
@@ -342,7 +365,7 @@ impl CreditLedger for SqlStore {
             None => i64::MAX,
         };
         let rows = sqlx::query(&format!(
-            "{BALANCE_COLUMNS} WHERE owner > $1 AND granted - spent - reserved < $2 \
+            "{BALANCE_COLUMNS} WHERE owner > $1 AND granted - spent < $2 \
              ORDER BY owner LIMIT $3"
         ))
         .bind(after.unwrap_or(""))
@@ -360,51 +383,118 @@ impl CreditLedger for SqlStore {
         now: i64,
     ) -> Result<Settled, StoreError> {
         let mut tx = self.pool().begin().await?;
-        // A write first: an SQLite transaction that reads before it writes cannot wait for the write lock.
-        let rows = sqlx::query(
-            "DELETE FROM credit_leases WHERE replica = $1 RETURNING owner, held, reported",
+        // A write first (an SQLite transaction that reads before it writes cannot wait for the write lock);
+        // on PostgreSQL it also makes recovering replicas take turns.
+        sqlx::query("UPDATE credit_sequence SET seq = seq WHERE singleton = 1")
+            .execute(&mut *tx)
+            .await?;
+        let leases = lease_rows(
+            &mut tx,
+            "SELECT owner, held, reported FROM credit_leases WHERE replica = $1",
+            replica,
         )
-        .bind(replica)
-        .fetch_all(&mut *tx)
         .await?;
-        let mut leases = rows
-            .iter()
-            .map(|row| -> Result<(String, i64, i64), StoreError> {
-                Ok((
-                    row.try_get("owner")?,
-                    row.try_get("held")?,
-                    row.try_get("reported")?,
-                ))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        // Owners are locked in owner order: the rows come back in storage order, so two replicas recovering
-        // at once could lock the same owners in opposite orders and deadlock on PostgreSQL.
-        leases.sort_unstable();
         let mut settled = Settled::default();
-        for (owner, held, reported) in leases {
-            if held <= 0 {
-                continue;
-            }
-            let mut account = lock_account(&mut tx, &owner, now).await?;
-            let spent = match served {
-                Some(journal) => {
-                    let total = journal.get(&owner).copied().unwrap_or(0);
+        for (owner, held, reported) in &leases {
+            // A journal names every owner this life leased for (the slot is written before the first lease):
+            // an owner it does not name, or no trusted journal at all, may have served anything it held.
+            let total = served.and_then(|journal| journal.get(owner));
+            let spent = match total {
+                Some(&total) => {
                     let total = i64::try_from(total).unwrap_or(i64::MAX);
-                    let spent = (total - reported).clamp(0, held);
+                    let spent = (total - reported).clamp(0, *held);
                     settled.served += spent as u64;
                     settled.returned += (held - spent) as u64;
                     spent
                 }
                 None => {
-                    settled.kept += held as u64;
-                    held
+                    settled.kept += *held as u64;
+                    *held
                 }
             };
-            account.spent += spent;
-            account.reserved -= held;
-            store_account(&mut tx, &owner, &account, now).await?;
+            settle(&mut tx, owner, *held, spent, now).await?;
         }
+        sqlx::query("DELETE FROM credit_leases WHERE replica = $1")
+            .bind(replica)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(settled)
     }
+
+    async fn reap(&self, idle_before: i64, now: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("UPDATE credit_sequence SET seq = seq WHERE singleton = 1")
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT owner, replica, held FROM credit_leases WHERE held > 0 AND updated_at < $1 \
+             ORDER BY owner, replica LIMIT 100",
+        )
+        .bind(idle_before)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut kept = 0u64;
+        for row in &rows {
+            let owner: String = row.try_get("owner")?;
+            let replica: String = row.try_get("replica")?;
+            let held: i64 = row.try_get("held")?;
+            settle(&mut tx, &owner, held, held, now).await?;
+            // The row stays (its `reported` total still counts for a replica that comes back); only its
+            // credits are settled.
+            sqlx::query(
+                "UPDATE credit_leases SET held = 0, updated_at = $1 WHERE owner = $2 AND replica = $3",
+            )
+            .bind(now)
+            .bind(&owner)
+            .bind(&replica)
+            .execute(&mut *tx)
+            .await?;
+            kept = kept.saturating_add(held as u64);
+        }
+        tx.commit().await?;
+        Ok(kept)
+    }
+}
+
+/// A dead life's lease of `held` for `owner`: `spent` of it is spent, the rest back in the balance.
+async fn settle(
+    tx: &mut Transaction<'_, Any>,
+    owner: &str,
+    held: i64,
+    spent: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    if held <= 0 {
+        return Ok(());
+    }
+    let mut account = lock_account(tx, owner, now).await?;
+    account.spent += spent;
+    account.reserved -= held;
+    store_account(tx, owner, &account, now).await
+}
+
+/// `(owner, held, reported)` of the lease rows `query` selects for `replica`, in owner order: writes that lock
+/// several owners lock them in that order, so two of them never wait on each other.
+async fn lease_rows(
+    tx: &mut Transaction<'_, Any>,
+    query: &str,
+    replica: &str,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    let rows = sqlx::query(query)
+        .bind(replica)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut leases = rows
+        .iter()
+        .map(|row| -> Result<(String, i64, i64), StoreError> {
+            Ok((
+                row.try_get("owner")?,
+                row.try_get("held")?,
+                row.try_get("reported")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    leases.sort_unstable();
+    Ok(leases)
 }

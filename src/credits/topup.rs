@@ -144,10 +144,13 @@ pub async fn grant(
         .iter()
         .filter_map(|line| {
             let per_unit = catalog.credit_price(&line.price)?;
-            Some((
-                line,
-                per_unit.saturating_mul(line.quantity).min(MAX_LINE_CREDITS),
-            ))
+            let bought = per_unit.saturating_mul(line.quantity);
+            if bought > MAX_LINE_CREDITS {
+                tracing::error!(invoice = %invoice.id, line = %line.id, bought, granted = MAX_LINE_CREDITS,
+                    "an invoice line buys more credits than one grant adds: the rest must be granted through \
+                     POST /v1/credits");
+            }
+            Some((line, bought.min(MAX_LINE_CREDITS)))
         })
         .filter(|(_, amount)| *amount > 0)
         .collect();

@@ -22,35 +22,35 @@ impl JwtMetrics {
         let metrics = Self {
             verifications: IntCounterVec::new(
                 Opts::new(
-                    "tollgate_jwt_verifications_total",
+                    "jwt_verifications_total",
                     "JWT verifications by provider and outcome (valid, or the rejection code); cache hits included",
                 ),
                 &["provider", "outcome"],
             )?,
             cache_hits: IntCounterVec::new(
                 Opts::new(
-                    "tollgate_jwt_cache_hits_total",
+                    "jwt_cache_hits_total",
                     "Valid JWTs answered from the verified-token cache",
                 ),
                 &["provider"],
             )?,
             jwks_fetches: IntCounterVec::new(
                 Opts::new(
-                    "tollgate_jwt_jwks_fetches_total",
+                    "jwt_jwks_fetches_total",
                     "JWKS fetches by provider and result (ok, error)",
                 ),
                 &["provider", "result"],
             )?,
             jwks_keys: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_jwt_jwks_keys",
+                    "jwt_jwks_keys",
                     "Signature keys currently loaded from the provider's JWKS",
                 ),
                 &["provider"],
             )?,
             jwks_last_success: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_jwt_jwks_last_success_timestamp_seconds",
+                    "jwt_jwks_last_success_timestamp_seconds",
                     "Unix time of the provider's last successful JWKS fetch",
                 ),
                 &["provider"],

@@ -207,13 +207,13 @@ async fn valid_tokens_of_every_algorithm_verify() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_verifications_total",
+            "jwt_verifications_total",
             &[("outcome", "valid")]
         ),
         11.0
     );
     assert_eq!(
-        metric(&registry, "tollgate_jwt_jwks_keys", &[("provider", "idp")]),
+        metric(&registry, "jwt_jwks_keys", &[("provider", "idp")]),
         2.0
     );
 
@@ -283,19 +283,19 @@ async fn every_rejection_from_the_fixtures() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_verifications_total",
+            "jwt_verifications_total",
             &[("outcome", "valid")]
         ),
         0.0
     );
     assert_eq!(
-        metric(&registry, "tollgate_jwt_verifications_total", &[]),
+        metric(&registry, "jwt_verifications_total", &[]),
         cases.len() as f64
     );
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_verifications_total",
+            "jwt_verifications_total",
             &[("provider", "none"), ("outcome", "alg_none")]
         ),
         2.0
@@ -303,7 +303,7 @@ async fn every_rejection_from_the_fixtures() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_verifications_total",
+            "jwt_verifications_total",
             &[("provider", "pss"), ("outcome", "algorithm_not_allowed")]
         ),
         2.0
@@ -348,7 +348,7 @@ async fn verified_tokens_are_cached_by_hash() {
     let (verifier, registry) = verifier(&config(&fx, None)).await;
     let token = fx.token("es256_valid");
     let first = verifier.verify(token).await.unwrap();
-    assert_eq!(metric(&registry, "tollgate_jwt_cache_hits_total", &[]), 0.0);
+    assert_eq!(metric(&registry, "jwt_cache_hits_total", &[]), 0.0);
     let second = verifier.verify(token).await.unwrap();
     assert!(
         Arc::ptr_eq(&first, &second),
@@ -357,7 +357,7 @@ async fn verified_tokens_are_cached_by_hash() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_cache_hits_total",
+            "jwt_cache_hits_total",
             &[("provider", "ec")]
         ),
         1.0
@@ -365,7 +365,7 @@ async fn verified_tokens_are_cached_by_hash() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_verifications_total",
+            "jwt_verifications_total",
             &[("provider", "ec"), ("outcome", "valid")]
         ),
         2.0
@@ -388,7 +388,7 @@ async fn verified_tokens_are_cached_by_hash() {
     let a = uncached.verify(token).await.unwrap();
     let b = uncached.verify(token).await.unwrap();
     assert!(!Arc::ptr_eq(&a, &b));
-    assert_eq!(metric(&registry, "tollgate_jwt_cache_hits_total", &[]), 0.0);
+    assert_eq!(metric(&registry, "jwt_cache_hits_total", &[]), 0.0);
 }
 
 fn hs256(secret: &str, claims: Value) -> String {
@@ -421,7 +421,7 @@ async fn leeway_applies_to_exp_and_nbf_and_the_cache_stops_at_exp() {
     assert!(verifier.verify(&just_expired).await.is_ok());
     assert!(verifier.verify(&just_expired).await.is_ok());
     assert_eq!(
-        metric(&registry, "tollgate_jwt_cache_hits_total", &[]),
+        metric(&registry, "jwt_cache_hits_total", &[]),
         0.0,
         "past exp: never cached"
     );
@@ -479,7 +479,7 @@ async fn jwks_rotation_outage_and_recovery() {
     );
     assert_eq!(server.hits(), 3);
     assert_eq!(
-        metric(&registry, "tollgate_jwt_jwks_keys", &[("provider", "idp")]),
+        metric(&registry, "jwt_jwks_keys", &[("provider", "idp")]),
         3.0
     );
 
@@ -493,7 +493,7 @@ async fn jwks_rotation_outage_and_recovery() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_jwks_fetches_total",
+            "jwt_jwks_fetches_total",
             &[("provider", "idp"), ("result", "error")]
         ),
         1.0
@@ -501,7 +501,7 @@ async fn jwks_rotation_outage_and_recovery() {
     assert!(verifier.verify(fx.token("es256_jwks_valid")).await.is_ok());
     assert!(verifier.verify(rotated).await.is_ok());
     assert_eq!(
-        metric(&registry, "tollgate_jwt_jwks_keys", &[("provider", "idp")]),
+        metric(&registry, "jwt_jwks_keys", &[("provider", "idp")]),
         3.0
     );
 
@@ -522,7 +522,7 @@ async fn jwks_rotation_outage_and_recovery() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_jwks_fetches_total",
+            "jwt_jwks_fetches_total",
             &[("provider", "idp"), ("result", "ok")]
         ),
         5.0
@@ -567,7 +567,7 @@ async fn a_failed_first_fetch_is_not_fatal() {
     assert_eq!(
         metric(
             &registry,
-            "tollgate_jwt_jwks_fetches_total",
+            "jwt_jwks_fetches_total",
             &[("result", "error")]
         ),
         2.0

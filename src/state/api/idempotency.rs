@@ -127,17 +127,19 @@ fn replay(key: &str, request: &[u8; 32], first: &Remembered) -> Response {
     response
 }
 
-/// The store's index of an `Idempotency-Key`: scoped to the caller's token.
-/// The ledger source of a request sent by `actor` with `Idempotency-Key` `key`: one per key, caller and
-/// request, so the same request retried after its stored answer expired still grants once (a key reused for
-/// another request after that is a new request, as Stripe's keys are).
-pub(crate) fn source(actor: &str, key: &str, method: &str, path: &str, body: &[u8]) -> String {
+/// The ledger source of a grant to `owner` with `Idempotency-Key` `key`: one per key and owner, whoever sends
+/// it and however its JSON is spelled, so a retry grants once even after its stored answer expired or the
+/// admin token rotated (and the same key with another amount is refused).
+pub(crate) fn grant_source(key: &str, owner: &str) -> String {
     let mut h = Sha256::new();
-    h.update(index(actor, key));
-    h.update(request_hash(method, path, body));
+    h.update(b"tollgate credit grant\0");
+    h.update(key.as_bytes());
+    h.update(b"\0");
+    h.update(owner.as_bytes());
     format!("api:{}", hex::encode(&h.finalize()[..16]))
 }
 
+/// The store's index of an `Idempotency-Key`: scoped to the caller's token.
 fn index(actor: &str, key: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"tollgate idempotency index\0");
