@@ -41,6 +41,7 @@ pub mod catalog;
 pub mod check;
 pub mod credits;
 pub mod envoy;
+pub mod history;
 pub mod identity;
 pub mod matching;
 pub mod metering;

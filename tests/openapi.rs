@@ -277,6 +277,7 @@ impl Api {
             billing: None,
             admin_token: Some(Arc::from(TOKEN)),
             syncer: Some(syncer),
+            history: None,
         };
         Api {
             service: TowerToHyperService::new(admin::router(admin, Some(management))),

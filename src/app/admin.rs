@@ -14,6 +14,7 @@ use crate::app::metrics::Metrics;
 use crate::billing::Billing;
 use crate::catalog::CatalogHandle;
 use crate::check::app_quotas;
+use crate::history::HistoryStore;
 use crate::metering::{AppQuota, Metering, MeteringError, QuotaCounter, UsageQuery};
 use crate::quota::{LimitUsage, QuotaStore};
 use crate::state::sync::Syncer;
@@ -39,6 +40,8 @@ pub struct AdminState {
     pub admin_token: Option<Arc<str>>,
     /// `/readyz` waits for the state store's first full read.
     pub syncer: Option<Arc<Syncer>>,
+    /// Answers `/v1/usage/history` (hourly rollups in the state store).
+    pub history: Option<Arc<dyn HistoryStore>>,
 }
 
 /// The admin router; `management` (the state store's API) joins the partner data behind the token.

@@ -341,6 +341,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             billing: billing.clone(),
             admin_token: config.admin_token.as_deref().map(Arc::from),
             syncer: Some(Arc::clone(&syncer)),
+            history: Some(Arc::new(store.clone())),
         },
         Some(management),
     );
