@@ -1,6 +1,7 @@
 //! Billing end to end: client -> Envoy (ext_authz + gRPC access log) -> `tollgate serve` (metering, billing)
 //! -> the Stripe emulator as a real process. Traffic must give exact Stripe totals per customer and meter,
-//! with and without injected 429/500/timeouts, and never an identifier accepted twice.
+//! with and without injected 429/500/timeouts, and never an identifier accepted twice; the usage history in
+//! the state store must add up to the same totals, a kill -9 included.
 
 mod support;
 
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use stripe_support::{API_KEY, StripeEmulator};
 use support::{Stack, base_config, key_hash};
+use tollgate::history::{HistoryStore, Subject};
+use tollgate::state::sql::SqlStore;
 
 const KEY_ADA: &str = "tg_test_AdaBillingKeyZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
 const KEY_BOB: &str = "tg_test_BobBillingKeyZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
@@ -125,6 +128,55 @@ async fn billed_exactly(emulator: &StripeEmulator, expected: &BTreeMap<(String, 
     assert_eq!(state["schema_errors"], serde_json::json!([]));
 }
 
+/// Waits until the usage history tollgate keeps in its state store (`data/state.db`) holds, per customer and
+/// meter, exactly the value Stripe was sent (`expected`), and `allowed` calls per app; then checks it stays so.
+async fn history_matches(
+    stack: &Stack,
+    expected: &BTreeMap<(String, String), u64>,
+    allowed: &BTreeMap<&str, u64>,
+) {
+    let url = format!(
+        "sqlite://{}",
+        stack.tollgate.dir().join("data/state.db").display()
+    );
+    let store = SqlStore::open(&url).expect("open the state store");
+    let read = || async {
+        let mut values = BTreeMap::new();
+        let mut calls = BTreeMap::new();
+        for customer in ["cus_Ada", "cus_Bob"] {
+            let rows = store
+                .hours(&Subject::Customer(customer.to_owned()), 0, i64::MAX)
+                .await
+                .expect("read the history");
+            for row in rows {
+                *values
+                    .entry((row.dims.customer.clone(), row.dims.meter.clone()))
+                    .or_insert(0) += row.counts.value;
+                *calls.entry(row.dims.app.clone()).or_insert(0) += row.counts.allowed;
+            }
+        }
+        (values, calls)
+    };
+    let allowed: BTreeMap<String, u64> =
+        allowed.iter().map(|(a, n)| ((*a).to_owned(), *n)).collect();
+    let deadline = Instant::now() + BILLED;
+    loop {
+        let got = read().await;
+        if &got.0 == expected && got.1 == allowed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the usage history {got:?} never reached {expected:?} / {allowed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Windows are added once: nothing more arrives later (a replayed spool offers the same batches).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(read().await, (expected.clone(), allowed));
+    store.close().await;
+}
+
 async fn run(faults: serde_json::Value) {
     let emulator = StripeEmulator::start();
     emulator.faults(faults).await;
@@ -144,6 +196,8 @@ async fn run(faults: serde_json::Value) {
         .expect("denied call");
     assert_eq!(denied.status(), 401);
     billed_exactly(&emulator, &expected_totals()).await;
+    let allowed = BTreeMap::from([("adaapp", 30), ("bobapp", 12)]);
+    history_matches(&stack, &expected_totals(), &allowed).await;
     let state = emulator.state().await;
     assert_eq!(state["concurrency_violations"], 0);
     let letters = stack
@@ -209,4 +263,6 @@ async fn kill_minus_nine_during_delivery_then_restart_is_exact() {
     stack.tollgate.restart().await;
 
     billed_exactly(&emulator, &expected_totals()).await;
+    let allowed = BTreeMap::from([("adaapp", 30), ("bobapp", 12)]);
+    history_matches(&stack, &expected_totals(), &allowed).await;
 }

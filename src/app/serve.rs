@@ -25,6 +25,7 @@ use crate::credits::{CreditMetrics, Credits};
 use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
+use crate::history;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::metering::{Metering, MeteringError};
 use crate::paywall::Paywall;
@@ -158,6 +159,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let metering =
         Metering::open(config.metering_options(), handle.clone(), &metrics.registry).await?;
+    metering.roll_up_into(Arc::new(store.clone()));
     let access_log = AccessLogService::new(metering.clone(), &metrics.registry)?;
     let billing = match &config.billing {
         Some(billing) => Some(Billing::open(
@@ -382,6 +384,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         let shutdown = shutdown_rx.clone();
         async move { metering.run(shutdown).await }
     });
+    tokio::spawn(history::prune(Arc::new(store.clone()), shutdown_rx.clone()));
     let sweeper = tokio::spawn(sweep(authorizer.clone(), shutdown_rx));
     tracing::info!(
         grpc = %config.grpc_listen,

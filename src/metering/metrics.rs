@@ -27,6 +27,11 @@ pub(crate) struct MeteringMetrics {
     pub commit_seconds: Histogram,
     /// Bytes of torn or corrupt frames cut off at replay.
     pub replay_dropped_bytes: IntCounter,
+    /// Usage-history batches (closed windows) by result: added, duplicate (added before a replay), error.
+    pub rollup_batches: IntCounterVec,
+    /// Closed windows waiting to be added to the usage history (the state store failed): the spool keeps
+    /// their records meanwhile.
+    pub rollups_pending: IntGauge,
 }
 
 impl MeteringMetrics {
@@ -106,6 +111,23 @@ impl MeteringMetrics {
                 "metering_replay_dropped_bytes_total",
                 "bytes of torn or corrupt spool frames cut off when the spool was replayed",
             )?,
+            rollup_batches: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "usage_rollup_batches_total",
+                        "closed metering windows added to the usage history, by result (added|duplicate|error)",
+                    ),
+                    &["result"],
+                )?;
+                for result in ["added", "duplicate", "error"] {
+                    v.with_label_values(&[result]);
+                }
+                v
+            },
+            rollups_pending: IntGauge::new(
+                "usage_rollups_pending",
+                "closed metering windows waiting to be added to the usage history (the spool keeps their records)",
+            )?,
         })
     }
 
@@ -123,6 +145,8 @@ impl MeteringMetrics {
         registry.register(Box::new(m.outbox_pending.clone()))?;
         registry.register(Box::new(m.commit_seconds.clone()))?;
         registry.register(Box::new(m.replay_dropped_bytes.clone()))?;
+        registry.register(Box::new(m.rollup_batches.clone()))?;
+        registry.register(Box::new(m.rollups_pending.clone()))?;
         Ok(())
     }
 }

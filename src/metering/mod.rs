@@ -26,6 +26,8 @@
 //! - `dir`: the folder's lock file and the disk budget.
 //! - `record` (what is metered and charged), `dedup`, `window` (pure window rules), `spool` and
 //!   `outbox` (the two files, on `frame`s), `producer`, `usage_api` (`/v1/usage`), `metrics`.
+//! - `rollup`: windows closed for good into the usage history ([`crate::history`]), once each; the spool
+//!   keeps a window's records until its rollup is in.
 
 mod dedup;
 mod dir;
@@ -37,6 +39,7 @@ mod options;
 mod outbox;
 mod producer;
 mod record;
+mod rollup;
 mod seal;
 mod spool;
 mod usage_api;
@@ -44,11 +47,12 @@ mod window;
 mod writer;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::catalog::CatalogHandle;
+use crate::history::HistoryStore;
 use crate::util::clock::now_ms;
 use crate::util::sync::lock;
 
@@ -100,6 +104,10 @@ struct Inner {
     outbox: Mutex<OutboxLog>,
     /// Seal passes run one at a time (the periodic one and [`Metering::seal_once`]).
     seal: tokio::sync::Mutex<()>,
+    /// Where closed windows are rolled up (set once by `serve`).
+    history: OnceLock<Arc<dyn HistoryStore>>,
+    /// Closed windows not added to the history yet (the store failed).
+    rollups: Mutex<Vec<rollup::Pending>>,
 }
 
 impl Metering {
@@ -122,6 +130,8 @@ impl Metering {
                     shared: opened.shared,
                     outbox: Mutex::new(opened.outbox),
                     seal: tokio::sync::Mutex::new(()),
+                    history: OnceLock::new(),
+                    rollups: Mutex::new(Vec::new()),
                 }),
             })
         })
@@ -157,6 +167,12 @@ impl Metering {
             .await
             .map_err(|_| MeteringError::Stopped)?;
         answer.await.map_err(|_| MeteringError::Stopped)?
+    }
+
+    /// Adds every window closed from now on to `history` (CONTRACT §10), once per window; a second call
+    /// changes nothing.
+    pub fn roll_up_into(&self, history: Arc<dyn HistoryStore>) {
+        let _ = self.inner.history.set(history);
     }
 
     /// Seals due windows into the outbox every tick until `shutdown` turns true; also forgets closed windows,

@@ -10,6 +10,7 @@ use super::Inner;
 use super::error::MeteringError;
 use super::metrics::gauge;
 use super::outbox::OutboxRow;
+use super::rollup;
 use super::window::Horizon;
 use super::writer::Job;
 use crate::util::clock::now_ms;
@@ -37,9 +38,25 @@ pub(super) async fn run(inner: &Arc<Inner>, mut shutdown: watch::Receiver<bool>)
 pub(super) async fn pass(inner: &Arc<Inner>) -> Result<usize, MeteringError> {
     let _one_at_a_time = inner.seal.lock().await;
     let sealing = inner.clone();
-    let (sealed, horizon) = tokio::task::spawn_blocking(move || seal_due(&sealing))
+    let (sealed, mut horizon) = tokio::task::spawn_blocking(move || seal_due(&sealing))
         .await
         .map_err(|e| MeteringError::Commit(format!("seal task failed: {e}")))??;
+    let closed = lock(&inner.shared.state).windows.take_closed();
+    if let Some(history) = inner.history.get() {
+        let mut pending = std::mem::take(&mut *lock(&inner.rollups));
+        pending.extend(rollup::batches(&inner.producer, closed));
+        let pending = rollup::add(history, pending, &inner.shared.metrics.rollup_batches).await;
+        // The spool keeps the records of every window whose rollup is not in yet.
+        if let Some(end) = pending.iter().map(|p| p.end_ms).min() {
+            horizon.min_live_end_ms = Some(horizon.min_live_end_ms.map_or(end, |e| e.min(end)));
+        }
+        inner
+            .shared
+            .metrics
+            .rollups_pending
+            .set(gauge(pending.len() as u64));
+        *lock(&inner.rollups) = pending;
+    }
     let (reply, answer) = oneshot::channel();
     inner
         .tx

@@ -76,6 +76,8 @@ pub(crate) struct UsageKey {
     pub app: String,
     /// Stripe customer id (may be empty).
     pub customer: String,
+    /// Product name (empty: none matched).
+    pub product: String,
 }
 
 /// Counters of one [`UsageKey`].
@@ -124,6 +126,8 @@ pub(crate) struct Windows {
     closed_before_ms: i64,
     groups: BTreeMap<GroupKey, Group>,
     usage: BTreeMap<UsageKey, Counts>,
+    /// Usage of windows closed by [`Windows::advance`], until [`Windows::take_closed`].
+    closed_usage: Vec<(UsageKey, Counts)>,
 }
 
 impl Windows {
@@ -135,6 +139,7 @@ impl Windows {
             closed_before_ms: i64::MIN,
             groups: BTreeMap::new(),
             usage: BTreeMap::new(),
+            closed_usage: Vec::new(),
         }
     }
 
@@ -170,6 +175,7 @@ impl Windows {
                 meter: spooled.meter.clone(),
                 app: record.app.clone(),
                 customer: record.stripe_customer.clone(),
+                product: record.product.clone(),
             })
             .or_default();
         counts.records += 1;
@@ -263,11 +269,23 @@ impl Windows {
         let closed = self.closed_before_ms;
         self.groups
             .retain(|key, g| key.window.end_ms() > closed || g.total > g.sealed);
-        self.usage.retain(|key, _| key.window.end_ms() > closed);
+        let closing = &mut self.closed_usage;
+        self.usage.retain(|key, counts| {
+            let open = key.window.end_ms() > closed;
+            if !open {
+                closing.push((key.clone(), *counts));
+            }
+            open
+        });
         Horizon {
             closed_before_ms: closed,
             min_live_end_ms: self.groups.keys().map(|k| k.window.end_ms()).min(),
         }
+    }
+
+    /// The final usage counts of the windows closed since the last call: no record joins them any more.
+    pub(crate) fn take_closed(&mut self) -> Vec<(UsageKey, Counts)> {
+        std::mem::take(&mut self.closed_usage)
     }
 
     /// Every live group.
