@@ -6,6 +6,10 @@ hashes exactly as `tollgate key hash` prints them. A second file lists, per app,
 the app's last subscribed product covers (`key<TAB>api<TAB>path`), for the load generators.
 
   bench/gen_catalog.py --keys 100000 --products 1000 --out catalog.yaml --requests requests.tsv
+
+`--prepaid-cost N` makes every product prepaid (`prepaid: {cost: N}`, quota kept), and `--owners FILE` lists the
+credit owners of the apps in the request list (the developer's company; one a line, first appearance first),
+so a benchmark can grant them balances before loading.
 """
 import argparse
 import hashlib
@@ -30,9 +34,14 @@ def main() -> int:
     ap.add_argument("--marker", default="", help="free text written as a comment (forces a different file)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--requests", help="write key<TAB>api<TAB>path lines here (one per app)")
+    ap.add_argument("--prepaid-cost", type=int, default=0,
+                    help="make every product prepaid with this cost per call (0: none is prepaid)")
+    ap.add_argument("--owners", help="write the credit owners of the request list's apps here, one a line")
     a = ap.parse_args()
     if min(a.keys, a.products, a.ops, a.keys_per_app, a.apps_per_developer, a.subs_per_app, a.apis) < 1:
         ap.error("every size must be at least 1")
+    if a.prepaid_cost < 0:
+        ap.error("--prepaid-cost is a whole number of credits")
 
     apps = (a.keys + a.keys_per_app - 1) // a.keys_per_app
     subs = min(a.subs_per_app, a.products)
@@ -46,18 +55,22 @@ def main() -> int:
         w("    approval: auto\n")
         # Large enough never to run out during a benchmark, small enough to fit the store's integers.
         w("    quota: {limit: 1000000000000, unit: day}\n")
+        if a.prepaid_cost:
+            w(f"    prepaid: {{cost: {a.prepaid_cost}}}\n")
         w("    operations:\n")
         for o in range(a.ops):
             methods = "[GET]" if o % 2 == 0 else "[GET, POST]"
             w(f"      - {{api: api{p % a.apis}, paths: [/v1/p{p}/r{o}/**], methods: {methods}}}\n")
     w("developers:\n")
     requests = []
+    owners = []
     k = 0
     for app in range(apps):
         if app % a.apps_per_developer == 0:
             d = app // a.apps_per_developer
+            company = f"company{d % 100}"
             w(f"  - email: dev{d}@bench.example\n")
-            w(f"    company: company{d % 100}\n")
+            w(f"    company: {company}\n")
             w("    apps:\n")
         w(f"      - name: app{app:06d}\n")
         w("        status: approved\n")
@@ -83,11 +96,17 @@ def main() -> int:
         last = chosen[-1]
         # The last subscribed product's last operation: matching walks every product before it.
         requests.append(f"{first}\tapi{last % a.apis}\t/v1/p{last}/r{a.ops - 1}/item/42?q=1\n")
+        # A prepaid call spends its owner's credits: the company, else the developer (CONTRACT §9).
+        if company not in owners:
+            owners.append(company)
     with open(a.out, "w") as f:
         f.writelines(out)
     if a.requests:
         with open(a.requests, "w") as f:
             f.writelines(requests)
+    if a.owners:
+        with open(a.owners, "w") as f:
+            f.writelines(f"{o}\n" for o in owners)
     return 0
 
 

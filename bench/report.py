@@ -7,7 +7,7 @@ import os
 import statistics
 from datetime import datetime
 
-ORDER = ["envoy", "noop", "noop-rich", "tollgate", "redis", "jwt", "envoy-jwt", "baseline"]
+ORDER = ["envoy", "noop", "noop-rich", "tollgate", "redis", "prepaid", "jwt", "envoy-jwt", "baseline"]
 LABEL = {
     "envoy": "1 Envoy alone",
     "noop": "2 Envoy + do-nothing ext_authz (floor)",
@@ -17,6 +17,7 @@ LABEL = {
     "jwt": "5 Envoy + tollgate (RS256 JWT)",
     "envoy-jwt": "6 Envoy jwt_authn (in-process)",
     "baseline": "7 Envoy + the baseline tollgate build (variant 3's config)",
+    "prepaid": "9 Envoy + tollgate (Redis quota, prepaid product: cost 1 credit)",
 }
 
 
@@ -171,6 +172,10 @@ def main():
         line("req/s: tollgate (3) / Envoy alone (1)", ratio("tollgate", "envoy", http, rps))
         line("req/s: tollgate JWT (5) / Envoy jwt_authn (6)", ratio("jwt", "envoy-jwt", http, rps))
         line("req/s: tollgate Redis (4) / tollgate memory (3)", ratio("redis", "tollgate", http, rps))
+        if rows(http, "prepaid"):
+            line("req/s: prepaid (9) / Redis (4)", ratio("prepaid", "redis", http, rps))
+            line("authorizer CPU per request: prepaid (9) / Redis (4)",
+                 ratio("prepaid", "redis", http, lambda r: per10k(r, "authz_ticks")))
         if rows(http, "baseline"):
             line("req/s: this build (3) / baseline build (7)", ratio("tollgate", "baseline", http, rps))
             line("req/s: baseline build (7) / floor (2)", ratio("baseline", "noop", http, rps))
@@ -191,6 +196,11 @@ def main():
         add = [(x["tollgate"]["wrk"]["p99_us"] - x["noop"]["wrk"]["p99_us"]) / 1000 for x in by.values() if "tollgate" in x and "noop" in x]
         line("p99 added over the floor, ms (wrk, saturated: includes queueing)", add)
 
+    def direct_cpu_us(r, n):
+        # The CPU window includes the clients' 1 s warm-up at about the same rate: count that share too.
+        total = n * (1 + 1 / float(meta.get("duration_s", 10)))
+        return r["server_ticks"] / r["tick"] / total * 1e6 if total else None
+
     direct = [r for r in recs if r["phase"] == "direct"]
     if direct:
         h2 = [r for r in direct if r["tool"] == "h2load"]
@@ -205,6 +215,13 @@ def main():
         if rows(h2, "baseline"):
             line("direct Check/s: this build / baseline build (h2load)",
                  ratio("tollgate", "baseline", h2, lambda r: r["result"]["rate"]))
+        if rows(h2, "prepaid"):
+            line("direct Check/s: prepaid (9) / Redis (4) (h2load, one hot owner)",
+                 ratio("prepaid", "redis", h2, lambda r: r["result"]["rate"]), ">= 0.90", lambda x: x >= 0.90)
+            line("direct Check/s: prepaid (9) / Redis (4) (check_load, the request list's owners)",
+                 ratio("prepaid", "redis", cl, lambda r: r["result"]["rate"]))
+            line("direct server CPU per Check: prepaid (9) / Redis (4) (h2load)",
+                 ratio("prepaid", "redis", h2, lambda r: direct_cpu_us(r, r["result"]["done"])))
         w("\n## Direct Check load, no Envoy (medians over rounds)\n\n")
         w("check_load: 2 HTTP/2 connections x 16 requests in flight, tonic client, round-robin over the bench "
           "catalog's apps. h2load: 2 connections x 32 streams, one pre-encoded CheckRequest. Both clients share "
@@ -212,7 +229,7 @@ def main():
           "2 cores to itself.\n\n")
         w("| server | tool | Check/s | p50 ms | p99 ms | p99.9 ms | server CPU us / Check | Check/s on 2 dedicated cores (2 / CPU per Check) | checked |\n"
           "|---|---|---|---|---|---|---|---|---|\n")
-        for v in ["noop", "tollgate", "redis", "baseline"]:
+        for v in ["noop", "tollgate", "redis", "prepaid", "baseline"]:
             for tool, rs in (("check_load", [r for r in cl if r["variant"] == v]), ("h2load", [r for r in h2 if r["variant"] == v])):
                 if not rs:
                     continue
@@ -223,13 +240,7 @@ def main():
                     counts = [r["result"]["done"] for r in rs]
                     allowed = [r.get("allowed_delta") for r in rs if r.get("allowed_delta") is not None]
                     check = f"{sum(allowed)} allowed by tollgate's metric" if allowed else "(no decision metric)"
-                # The CPU window includes the clients' 1 s warm-up at about the same rate: count that share too.
-                cpu_us = []
-                for r, n in zip(rs, counts):
-                    total = n * (1 + 1 / float(meta.get("duration_s", 10)))
-                    if total:
-                        cpu_us.append(r["server_ticks"] / r["tick"] / total * 1e6)
-                cpu = med(cpu_us)
+                cpu = med([direct_cpu_us(r, n) for r, n in zip(rs, counts)])
                 res = [r["result"] for r in rs]
                 w(f"| {v} | {tool} | {fmt(med([x['rate'] for x in res]), 0)} "
                   f"| {fmt(ms(med([x.get('p50_us') for x in res])))} | {fmt(ms(med([x.get('p99_us') for x in res])))} "
@@ -237,6 +248,53 @@ def main():
                   f"| {fmt(2e6 / cpu if cpu else None, 0)} | {check} |\n")
         w("\n")
     else:
+        w("\n")
+
+    credits = next((r for r in recs if r["phase"] == "credits"), None)
+    if credits:
+        m = credits["metrics"]
+
+        def metric(name, **labels):
+            want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            for k, v in m.items():
+                base, _, rest = k.partition("{")
+                if base.endswith(name) and (not want or rest.rstrip("}") == want):
+                    return v
+            return None
+
+        w("## Prepaid credits over the run (variant 9)\n\n")
+        w(f"credits.max_lease {credits['max_lease']}; each owner granted {credits['granted_each']:,} credits before "
+          "the load; the ledger is SQLite in metering.dir (WAL, synchronous FULL). From variant 9's /metrics at the end "
+          "of the loaded phases:\n\n")
+        w("| measure | value |\n|---|---|\n")
+        spent = metric("credits_spent_total")
+        local = metric("credits_checks_total", result="local")
+        ledger = metric("credits_checks_total", result="ledger")
+        w(f"| credits spent (allowed prepaid calls) | {fmt(int(spent) if spent is not None else None)} |\n")
+        w(f"| prepaid Checks served from the lease / after a ledger call | {fmt(int(local) if local is not None else None)} / "
+          f"{fmt(int(ledger) if ledger is not None else None)} |\n")
+        for result in ("exhausted", "unavailable"):
+            v = metric("credits_checks_total", result=result)
+            w(f"| prepaid Checks {result} | {fmt(int(v) if v is not None else None)} |\n")
+        calls = 0
+        for op in ("lease", "renew", "return"):
+            ok, err = metric("credits_ledger_calls_total", op=op, result="ok"), metric("credits_ledger_calls_total", op=op, result="error")
+            calls += (ok or 0) + (err or 0)
+            w(f"| ledger calls `{op}` ok / error | {fmt(int(ok) if ok is not None else None)} / {fmt(int(err) if err is not None else None)} |\n")
+        dsum, dcount = metric("credits_ledger_duration_seconds_sum"), metric("credits_ledger_duration_seconds_count")
+        if dcount:
+            w(f"| ledger call time, mean | {dsum / dcount * 1000:.2f} ms over {int(dcount):,} calls |\n")
+            buckets = sorted(((float(k.split('le="')[1].split('"')[0]) if 'le="+Inf"' not in k else float("inf"), v)
+                              for k, v in m.items() if "credits_ledger_duration_seconds_bucket" in k))
+            for q in (0.5, 0.99):
+                le = next((b for b, c in buckets if c >= q * dcount), None)
+                w(f"| ledger call time, p{int(q * 100)} (histogram bucket bound) | <= {fmt(le * 1000 if le not in (None, float('inf')) else None)} ms |\n")
+        if spent and calls:
+            w(f"| credits spent per ledger call | {spent / calls:,.1f} |\n")
+        b = credits.get("balance")
+        if isinstance(b, dict):
+            w(f"| {credits['owner']}'s account at the end (the owner h2load and wrk spend from) | "
+              + ", ".join(f"{k} {fmt(b.get(k))}" for k in ("balance", "granted", "spent", "reserved")) + " |\n")
         w("\n")
 
     scale = [r for r in recs if r["phase"] == "scale"]

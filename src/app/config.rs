@@ -14,6 +14,7 @@ use crate::credits::CreditOptions;
 use crate::identity::ApiKeyConfig;
 use crate::identity::jwt::JwtConfig;
 use crate::metering::MeteringOptions;
+use crate::selfservice::Prefix;
 use crate::source::{PathSeg, Source, SourceError};
 
 /// The whole config file. No `Debug`: it holds the admin token and maybe a Redis password.
@@ -71,6 +72,9 @@ pub struct Config {
     /// Prepaid credits: how replicas lease from the ledger in the state store (CONTRACT §9).
     #[serde(default)]
     pub credits: CreditsConfig,
+    /// Partner self-service through Envoy (CONTRACT §10): requests under a path prefix answered by tollgate.
+    #[serde(default)]
+    pub self_service: SelfServiceConfig,
     /// The config file's folder: relative paths (catalog, metering dir, JWT key files) start there.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -261,8 +265,36 @@ impl CreditsConfig {
     }
 }
 
+/// `self_service:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfServiceConfig {
+    /// Whether requests under `path_prefix` are answered by tollgate (false: they are ordinary requests).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Requests whose path starts with it are answered by tollgate itself, never by the upstream.
+    #[serde(default = "default_self_service_prefix")]
+    pub path_prefix: String,
+}
+
+impl Default for SelfServiceConfig {
+    fn default() -> Self {
+        SelfServiceConfig {
+            enabled: true,
+            path_prefix: default_self_service_prefix(),
+        }
+    }
+}
+
+fn default_self_service_prefix() -> String {
+    crate::selfservice::DEFAULT_PREFIX.to_owned()
+}
+
+/// A hot owner's Checks stay local while one ledger call (an fsynced SQLite commit takes about 3.5 ms here)
+/// brings at least as many credits as they spend meanwhile: 100 capped one owner near 25k Checks/s
+/// (BENCHMARKS.md). The journal makes a crash cost nothing; only after a reboot is up to this much lost.
 fn default_credit_lease() -> u64 {
-    100
+    1_000
 }
 
 fn default_low_balance() -> u64 {
@@ -505,6 +537,12 @@ impl Config {
                 "sync_interval must be longer than 0s",
             ));
         }
+        if let Err(message) = Prefix::parse(&config.self_service.path_prefix) {
+            return Err(source.error_at(
+                &[PathSeg::Key("self_service"), PathSeg::Key("path_prefix")],
+                message,
+            ));
+        }
         if let Some(files) = &config.admin_tls
             && files.client_ca_path.is_some()
         {
@@ -573,6 +611,11 @@ impl Config {
                     .as_secs(),
             )
             .unwrap_or(i64::MAX),
+            self_service: self
+                .self_service
+                .enabled
+                .then(|| Prefix::parse(&self.self_service.path_prefix).ok())
+                .flatten(),
         }
     }
 }
@@ -629,6 +672,55 @@ metering:
         let c = load_text(text, &[("TOLLGATE_ADMIN_TOKEN", "s3cret"), ("ENV", "test")]).unwrap();
         assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
         assert_eq!(c.environment.as_deref(), Some("test"));
+    }
+
+    #[test]
+    fn self_service_is_on_at_its_default_prefix_and_its_prefix_is_validated() {
+        let c = load_text("catalog: {path: c.yaml}\n", &[]).unwrap();
+        assert!(c.self_service.enabled);
+        assert_eq!(
+            c.settings().self_service.as_ref().map(Prefix::as_str),
+            Some("/.tollgate/")
+        );
+        let c = load_text(
+            "catalog: {path: c.yaml}\nself_service: {path_prefix: /partner/self/}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.settings().self_service.as_ref().map(Prefix::as_str),
+            Some("/partner/self/")
+        );
+        let c = load_text(
+            "catalog: {path: c.yaml}\nself_service: {enabled: false}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.settings().self_service, None);
+        for bad in [
+            "/",
+            "tollgate/",
+            "/tollgate",
+            "/../",
+            "/a/../b/",
+            "/a//b/",
+            "/a b/",
+            "/a?b/",
+            "/%2e/",
+        ] {
+            let text =
+                format!("catalog: {{path: c.yaml}}\nself_service: {{path_prefix: '{bad}'}}\n");
+            let got = load_err(&text, &[]);
+            assert!(
+                got.starts_with("/etc/tollgate/tollgate.yaml:2:29: path_prefix"),
+                "{bad}: {got}"
+            );
+        }
+        let got = load_err(
+            "catalog: {path: c.yaml}\nself_service: {prefix: /x/}\n",
+            &[],
+        );
+        assert!(got.contains("unknown field `prefix`"), "{got}");
     }
 
     #[test]

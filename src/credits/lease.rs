@@ -49,7 +49,7 @@ pub struct CreditOptions {
 impl Default for CreditOptions {
     fn default() -> Self {
         CreditOptions {
-            max_lease: 100,
+            max_lease: 1_000,
             low_balance: 100,
             exhausted_for: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
