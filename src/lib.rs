@@ -27,6 +27,7 @@
 //! | [`credits`] | prepaid balances: the ledger on the state store, the per-replica lease engine, top-ups, `/v1/credits` |
 //! | [`metering`] | usage records from the access log: spool, dedup, windows, outbox, the usage report |
 //! | [`billing`] | sealed windows to Stripe meter events exactly once: delivery, dead letters, reconcile |
+//! | [`selfservice`] | partner self-service through Envoy: `GET /.tollgate/usage` answered by tollgate itself, with the caller's own data |
 //! | [`paywall`] | Stripe drives access: signed webhooks, subscription state, the grant rules of products sold through Stripe, the resync |
 //! | [`state`] | the state store (SQLite or PostgreSQL) of run-time developers, apps and keys; the management API; the merge into the snapshot and its sync across replicas |
 //! | [`source`] | reading YAML/JSON with `${VAR}` expansion so every error names `file:line:column` |
@@ -47,6 +48,7 @@ pub mod matching;
 pub mod metering;
 pub mod paywall;
 pub mod quota;
+pub mod selfservice;
 pub mod source;
 pub mod state;
 pub mod util;

@@ -263,7 +263,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             config.settings(),
             metrics.check.clone(),
         )
-        .with_credits(Arc::clone(&credits)),
+        .with_credits(Arc::clone(&credits))
+        .with_history(Arc::new(store.clone())),
     );
 
     let grpc_tls = load_tls("grpc_tls", config.grpc_tls.as_ref(), Alpn::H2)?;

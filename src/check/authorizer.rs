@@ -4,15 +4,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::catalog::{Catalog, CatalogHandle};
+use crate::check::decision::Identity;
+use crate::check::entitle::entitle;
 use crate::check::fallback::Fallback;
 use crate::check::metrics::CheckMetrics;
 use crate::check::plan::{self, Pending, Plan};
 use crate::check::verdict::www_authenticate;
-use crate::check::{Decision, OnStoreError, QuotaAnswer, Request, Settings, Verdict};
+use crate::check::{Decision, OnStoreError, QuotaAnswer, Reason, Request, Settings, Verdict};
 use crate::credits::{Credits, Spend, SpendError};
+use crate::history::HistoryStore;
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
 use crate::quota::{QuotaStore, StoreError};
+use crate::selfservice;
 use crate::util::clock::unix_now;
 use crate::util::throttle::OncePerSecond;
 
@@ -22,6 +26,8 @@ pub struct Authorizer {
     quota: Arc<dyn QuotaStore>,
     /// Prepaid balances; `None` refuses prepaid products (503) rather than serving them free.
     credits: Option<Arc<Credits>>,
+    /// Hourly usage rollups, read for a self-service caller's month to date.
+    history: Option<Arc<dyn HistoryStore>>,
     /// Credit ledger failures are logged once a second.
     last_ledger_warning: OncePerSecond,
     /// Counts requests let through while the quota store fails under `on_store_error: allow`, so each
@@ -52,6 +58,7 @@ impl Authorizer {
             catalog,
             quota,
             credits: None,
+            history: None,
             last_ledger_warning: OncePerSecond::default(),
             fallback: Fallback::new(),
             last_store_warning: OncePerSecond::default(),
@@ -67,11 +74,27 @@ impl Authorizer {
         self
     }
 
+    /// Reads self-service callers' month to date from `history` (without it their answer has none).
+    pub fn with_history(mut self, history: Arc<dyn HistoryStore>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
     /// Decides one request: the only call the Envoy adapter makes.
     pub async fn check(&self, request: &Request<'_>) -> Verdict {
         let started = Instant::now();
         let caller = self.identify(request).await;
         let catalog = self.catalog.snapshot();
+        let route = self
+            .settings
+            .self_service
+            .as_ref()
+            .and_then(|prefix| selfservice::route(request.path, prefix));
+        if let Some(route) = route {
+            // Not in the Check latency: its reads (bounded) are not the hot path's, and a partner polling its
+            // usage must not move the figure operators watch for every call.
+            return self.self_service(request, route, &caller, &catalog).await;
+        }
         let decision = self.decide(request, &caller, &catalog).await;
         tracing::debug!(
             reason = decision.reason.as_str(),
@@ -85,6 +108,66 @@ impl Authorizer {
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());
+        verdict
+    }
+
+    /// Answers a request under `self_service.path_prefix` (see [`crate::selfservice`]): the caller is
+    /// identified and entitled exactly as for any call, and refused the same way; an entitled caller gets
+    /// tollgate's own answer about itself. Nothing is charged.
+    async fn self_service(
+        &self,
+        request: &Request<'_>,
+        route: selfservice::Route,
+        caller: &Caller<'_>,
+        catalog: &Catalog,
+    ) -> Verdict {
+        let now = unix_now();
+        let mut decision = Decision {
+            reason: Reason::SelfService,
+            message: String::new(),
+            identity: Identity::default(),
+            api: plan::api_of(request, &self.settings).unwrap_or(""),
+            environment: self.settings.environment.as_deref(),
+            ratelimit: None,
+            retry_after: None,
+            credits_remaining: None,
+        };
+        let answer = match entitle(caller, catalog, &self.settings, now, &mut decision.identity) {
+            Err((reason, message)) => {
+                decision.reason = reason;
+                decision.message = message;
+                None
+            }
+            Ok(entitled) => {
+                let sources = selfservice::Sources {
+                    quota: Arc::clone(&self.quota),
+                    history: self.history.clone(),
+                    credits: self.credits.clone(),
+                };
+                let answer = selfservice::respond(
+                    &sources,
+                    request.method,
+                    route,
+                    &entitled,
+                    catalog,
+                    &self.settings,
+                    now,
+                )
+                .await;
+                decision.identity = entitled.identity.clone();
+                Some(answer)
+            }
+        };
+        self.metrics.record_decision(decision.reason);
+        tracing::debug!(
+            reason = decision.reason.as_str(),
+            app = decision.identity.app,
+            status = answer.as_ref().map(|a| a.status),
+            method = request.method,
+            "self-service"
+        );
+        let mut verdict = Verdict::new(decision, request, &self.settings, &self.challenge);
+        verdict.answer = answer;
         verdict
     }
 

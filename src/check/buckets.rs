@@ -1,6 +1,6 @@
 //! Whose quota counters a call spends, and the bucket names they live under in the quota store.
 
-use crate::catalog::{App, Catalog, SubscriptionStatus};
+use crate::catalog::{App, Catalog, Subscription, SubscriptionStatus};
 use crate::quota::Limit;
 
 /// Whose quota a call spends.
@@ -56,9 +56,18 @@ pub struct AppQuota<'a> {
 /// Every quota counter `app` spends, product by product in catalog order: for each approved subscription, the
 /// product's quota (when some operation falls back to it) and each operation's own quota.
 pub fn app_quotas<'a>(catalog: &'a Catalog, app: &'a App) -> Vec<AppQuota<'a>> {
-    let owner = Owner::App(&app.name);
+    owner_quotas(catalog, Owner::App(&app.name), &app.products)
+}
+
+/// Every quota counter `owner` spends through `subscriptions` (the approved ones), product by product in
+/// their order: as [`app_quotas`], for an app or a portal account, with subscriptions as the Check sees them.
+pub(crate) fn owner_quotas<'a>(
+    catalog: &'a Catalog,
+    owner: Owner<'_>,
+    subscriptions: &[Subscription],
+) -> Vec<AppQuota<'a>> {
     let mut quotas = Vec::new();
-    for subscription in &app.products {
+    for subscription in subscriptions {
         if subscription.status != SubscriptionStatus::Approved {
             continue;
         }

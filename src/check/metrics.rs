@@ -54,7 +54,7 @@ impl CheckMetrics {
         let decision_counters = Reason::ALL
             .iter()
             .map(|reason| {
-                let decision = if reason.allows() { "allow" } else { "deny" };
+                let decision = reason.decision();
                 decisions.with_label_values(&[decision, reason.as_str()])
             })
             .collect();
@@ -88,7 +88,7 @@ mod tests {
                 "Reason::ALL follows the declaration order"
             );
             metrics.record_decision(reason);
-            let decision = if reason.allows() { "allow" } else { "deny" };
+            let decision = reason.decision();
             assert_eq!(
                 metrics
                     .decisions

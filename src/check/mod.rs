@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! Request ─> identify (identity: API key | JWT verify; the only step that may wait)
+//!         ─> a path under `self_service.path_prefix`? entitle, then crate::selfservice answers; stop here
 //!         ─> entitle  (entitle.rs: the caller's app or portal account, its subscriptions)
 //!         ─> match    (plan.rs -> matching: the product and operation that cover method + path)
 //!         ─> quota    (authorizer.rs -> QuotaStore::charge, or the local fallback on a store failure)
@@ -16,7 +17,7 @@
 mod authorizer;
 pub mod buckets;
 pub mod decision;
-mod entitle;
+pub(crate) mod entitle;
 pub mod fallback;
 mod message;
 pub mod metrics;
@@ -37,4 +38,4 @@ pub use plan::{Pending, Plan, plan};
 pub use reason::Reason;
 pub use request::Request;
 pub use settings::{OnStoreError, Settings};
-pub use verdict::{Identified, OWN_HEADER_PREFIX, Upstream, Verdict};
+pub use verdict::{Answer, Identified, OWN_HEADER_PREFIX, Upstream, Verdict};

@@ -50,11 +50,15 @@ pub enum Reason {
     CreditsExhausted,
     /// The product is prepaid, this replica's lease is spent and the credit ledger does not answer.
     CreditsUnavailable,
+    /// A request under `self_service.path_prefix` from an identified caller: tollgate answered it itself
+    /// (`crate::selfservice`). Neither allowed nor denied: it never reaches the upstream, spends no quota and
+    /// is never billed.
+    SelfService,
 }
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Allowed,
         Reason::AllowedStoreError,
         Reason::MissingCredential,
@@ -78,6 +82,7 @@ impl Reason {
         Reason::StoreUnavailable,
         Reason::CreditsExhausted,
         Reason::CreditsUnavailable,
+        Reason::SelfService,
     ];
 
     /// The snake_case name used in metadata and metric labels.
@@ -106,6 +111,7 @@ impl Reason {
             Reason::StoreUnavailable => "store_unavailable",
             Reason::CreditsExhausted => "credits_exhausted",
             Reason::CreditsUnavailable => "credits_unavailable",
+            Reason::SelfService => "self_service",
         }
     }
 
@@ -114,10 +120,20 @@ impl Reason {
         matches!(self, Reason::Allowed | Reason::AllowedStoreError)
     }
 
-    /// The HTTP status of a denial (200 for an allow).
+    /// The `decision` in metadata and metric labels: `allow`, `deny`, or `self_service` for a request tollgate
+    /// answered itself, which metering counts neither as allowed nor as denied (and never bills).
+    pub fn decision(self) -> &'static str {
+        match self {
+            Reason::SelfService => "self_service",
+            r if r.allows() => "allow",
+            _ => "deny",
+        }
+    }
+
+    /// The HTTP status of a denial (200 for an allow; a self-service answer carries its own status).
     pub fn http_status(self) -> u16 {
         match self {
-            Reason::Allowed | Reason::AllowedStoreError => 200,
+            Reason::Allowed | Reason::AllowedStoreError | Reason::SelfService => 200,
             Reason::BadPath => 400,
             Reason::MissingCredential
             | Reason::UnknownKey

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::identity::ApiKeyConfig;
+use crate::selfservice::Prefix;
 
 /// What happens when the quota store cannot answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -38,6 +39,9 @@ pub struct Settings {
     pub bearer: bool,
     /// `billing.stripe.grace_period` in seconds: how long a past-due subscription keeps access.
     pub stripe_grace: i64,
+    /// `self_service.path_prefix` when `self_service.enabled`: requests under it are answered by tollgate
+    /// (`crate::selfservice`); `None` treats them as any other request.
+    pub self_service: Option<Prefix>,
 }
 
 impl Settings {

@@ -89,6 +89,7 @@ fn world() -> World {
             bearer: false,
             upstream_identity_headers: true,
             stripe_grace: 100,
+            self_service: None,
         },
     }
 }

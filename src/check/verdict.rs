@@ -41,6 +41,20 @@ pub struct Verdict {
     pub challenge: Option<String>,
     /// On allow: how the request is changed on its way upstream.
     pub upstream: Upstream,
+    /// With [`Reason::SelfService`]: tollgate's own answer, sent to the client instead of the upstream's.
+    pub answer: Option<Answer>,
+}
+
+/// A response tollgate gives itself (a self-service request): the adapter sends it as the client's response,
+/// whatever its status, and the upstream never sees the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// Response headers (lowercase names), `content-type` included.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: String,
 }
 
 /// The caller's names, owned so the adapter can move them into protobuf without copying again.
@@ -112,6 +126,7 @@ impl Verdict {
             credits_remaining: decision.credits_remaining,
             challenge: (reason.http_status() == 401).then(|| challenge.to_owned()),
             upstream,
+            answer: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::google::rpc;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::check::{Authorizer, Reason, Request, Verdict};
+use crate::check::{Answer, Authorizer, Reason, Request, Verdict};
 use crate::envoy::metadata;
 use crate::quota::LimitState;
 
@@ -98,18 +98,22 @@ fn headers_of(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
 /// Builds Envoy's answer to a verdict.
 pub fn check_response(mut verdict: Verdict) -> CheckResponse {
     let reason = verdict.reason;
-    let code = match reason.http_status() {
-        200 => rpc::Code::Ok,
-        401 => rpc::Code::Unauthenticated,
-        429 => rpc::Code::ResourceExhausted,
-        503 => rpc::Code::Unavailable,
-        _ => rpc::Code::PermissionDenied,
+    let answer = verdict.answer.take();
+    // Any status but OK makes Envoy send the denied response as the client's answer, even a 200: that is how
+    // a self-service answer reaches the client without the upstream seeing the request.
+    let code = match (&answer, reason.http_status()) {
+        (Some(_), _) => rpc::Code::PermissionDenied,
+        (None, 200) => rpc::Code::Ok,
+        (None, 401) => rpc::Code::Unauthenticated,
+        (None, 429) => rpc::Code::ResourceExhausted,
+        (None, 503) => rpc::Code::Unavailable,
+        (None, _) => rpc::Code::PermissionDenied,
     };
     let dynamic_metadata = Some(metadata::write(&mut verdict));
-    let http_response = if reason.allows() {
-        HttpResponse::OkResponse(ok_response(verdict))
-    } else {
-        HttpResponse::DeniedResponse(denied_response(verdict))
+    let http_response = match answer {
+        Some(answer) => HttpResponse::DeniedResponse(answered_response(answer)),
+        None if reason.allows() => HttpResponse::OkResponse(ok_response(verdict)),
+        None => HttpResponse::DeniedResponse(denied_response(verdict)),
     };
     CheckResponse {
         status: Some(rpc::Status {
@@ -165,6 +169,21 @@ fn denied_response(verdict: Verdict) -> DeniedHttpResponse {
     }
 }
 
+/// Tollgate's own answer (a self-service request), sent as is.
+fn answered_response(answer: Answer) -> DeniedHttpResponse {
+    DeniedHttpResponse {
+        status: Some(HttpStatus {
+            code: i32::from(answer.status),
+        }),
+        headers: answer
+            .headers
+            .into_iter()
+            .map(|(name, value)| header(name, value))
+            .collect(),
+        body: answer.body,
+    }
+}
+
 fn ratelimit_headers(state: Option<LimitState>) -> Vec<HeaderValueOption> {
     let Some(state) = state else {
         return Vec::new();
@@ -216,6 +235,7 @@ mod tests {
             credits_remaining: None,
             challenge: (reason.http_status() == 401).then(|| "APIKey realm=\"tollgate\"".into()),
             upstream: Upstream::default(),
+            answer: None,
         }
     }
 
@@ -259,6 +279,50 @@ mod tests {
         assert_eq!(get("app").as_deref(), Some("weatherapp"));
         assert_eq!(get("environment").as_deref(), Some("test"));
         assert_eq!(get("company"), None);
+    }
+
+    #[test]
+    fn a_self_service_answer_is_sent_as_is_and_never_allowed() {
+        let mut answered = verdict(Reason::SelfService);
+        answered.identity.product = None;
+        answered.ratelimit = None;
+        answered.retry_after = None;
+        answered.answer = Some(Answer {
+            status: 200,
+            headers: vec![
+                ("content-type", "application/json".into()),
+                ("cache-control", "no-store".into()),
+            ],
+            body: "{\"app\":\"weatherapp\"}".into(),
+        });
+        let response = check_response(answered);
+        assert_eq!(
+            response.status.unwrap().code,
+            rpc::Code::PermissionDenied as i32,
+            "an OK status would let Envoy forward the request upstream"
+        );
+        let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else {
+            panic!("expected a DeniedResponse carrying the answer");
+        };
+        assert_eq!(denied.status.unwrap().code, 200);
+        assert_eq!(denied.body, "{\"app\":\"weatherapp\"}");
+        assert_eq!(
+            header_value(&denied.headers, "cache-control"),
+            Some("no-store")
+        );
+        assert_eq!(header_value(&denied.headers, "www-authenticate"), None);
+        let metadata = response.dynamic_metadata.unwrap();
+        let get = |k: &str| match metadata.fields.get(k).and_then(|v| v.kind.clone()) {
+            Some(Kind::StringValue(s)) => Some(s),
+            _ => None,
+        };
+        assert_eq!(get("decision").as_deref(), Some("self_service"));
+        assert_eq!(get("reason").as_deref(), Some("self_service"));
+        assert_eq!(
+            get("product"),
+            None,
+            "no product: metering has no meter to bill"
+        );
     }
 
     #[test]

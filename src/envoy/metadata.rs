@@ -15,7 +15,7 @@ pub const NAMESPACE: &str = "envoy.filters.http.ext_authz";
 /// One metadata field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or `self_service` (tollgate answered the request itself: neither allowed nor denied).
     Decision,
     /// The decision's reason (`allowed`, `quota_exceeded`, …).
     Reason,
@@ -72,11 +72,7 @@ impl Field {
 /// The metadata of `verdict`, taking its names (the verdict is not needed after this).
 pub fn write(verdict: &mut Verdict) -> Struct {
     let id = &mut verdict.identity;
-    let decision = if verdict.reason.allows() {
-        "allow"
-    } else {
-        "deny"
-    };
+    let decision = verdict.reason.decision();
     let values = [
         (Field::Decision, Some(decision.to_owned())),
         (Field::Reason, Some(verdict.reason.as_str().to_owned())),
@@ -138,6 +134,7 @@ mod tests {
             credits_remaining: None,
             challenge: None,
             upstream: Upstream::default(),
+            answer: None,
         };
         let metadata = write(&mut verdict);
         assert_eq!(metadata.fields.len(), Field::ALL.len());
@@ -164,6 +161,7 @@ mod tests {
             credits_remaining: None,
             challenge: None,
             upstream: Upstream::default(),
+            answer: None,
         };
         let metadata = write(&mut verdict);
         assert_eq!(metadata.fields.len(), 2);

@@ -355,11 +355,7 @@ async fn verified_tokens_are_cached_by_hash() {
         "the second answer comes from the cache"
     );
     assert_eq!(
-        metric(
-            &registry,
-            "jwt_cache_hits_total",
-            &[("provider", "ec")]
-        ),
+        metric(&registry, "jwt_cache_hits_total", &[("provider", "ec")]),
         1.0
     );
     assert_eq!(
@@ -565,11 +561,7 @@ async fn a_failed_first_fetch_is_not_fatal() {
         JwtRejection::KeysUnavailable
     );
     assert_eq!(
-        metric(
-            &registry,
-            "jwt_jwks_fetches_total",
-            &[("result", "error")]
-        ),
+        metric(&registry, "jwt_jwks_fetches_total", &[("result", "error")]),
         2.0
     );
     assert!(
