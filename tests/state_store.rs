@@ -118,6 +118,11 @@ both!(
     replicas_recovering_at_once_do_not_deadlock,
     reap_settles_only_leases_idle_past_the_bound,
     balances_list_low_accounts_in_owner_order,
+    history_batches_are_added_once,
+    history_batches_into_the_same_hour_add_up,
+    history_replicas_racing_add_every_batch_once,
+    history_hours_filter_by_subject_and_range_in_order,
+    history_prune_drops_old_hours_and_batch_marks,
 );
 
 fn actor() -> Actor {
@@ -1713,4 +1718,341 @@ async fn balances_list_low_accounts_in_owner_order(db: Db) {
         ["initech", "umbrella", "zeta"]
     );
     assert_eq!(store.balances(None, None, 100).await.unwrap().len(), 6);
+}
+
+// --- usage history (CONTRACT §10): hourly rollups, added once per batch ---------------------------------
+
+// In a module of their own: `HistoryStore` and `StateStore` both have a `prune`, so the two traits are never
+// in scope together.
+use history_cases::{
+    history_batches_are_added_once, history_batches_into_the_same_hour_add_up,
+    history_hours_filter_by_subject_and_range_in_order,
+    history_prune_drops_old_hours_and_batch_marks, history_replicas_racing_add_every_batch_once,
+};
+
+mod history_cases {
+    use std::sync::Arc;
+
+    use tollgate::history::{Batch, Counts, Dims, HistoryStore, Rollup, Subject};
+    use tollgate::state::sql::SqlStore;
+
+    use super::{Db, T0};
+
+    /// 2026-11-18T00:00:00Z, the first hour the history cases use.
+    const H0: i64 = T0 / 3600 * 3600;
+
+    fn dims(customer: &str, app: &str, product: &str, meter: &str) -> Dims {
+        Dims {
+            customer: customer.to_owned(),
+            app: app.to_owned(),
+            product: product.to_owned(),
+            meter: meter.to_owned(),
+        }
+    }
+
+    fn counts(allowed: u64, denied: u64, billable: u64, value: u64) -> Counts {
+        Counts {
+            allowed,
+            denied,
+            billable,
+            value,
+        }
+    }
+
+    fn rollup(hour: i64, dims: &Dims, counts: Counts) -> Rollup {
+        Rollup {
+            hour,
+            dims: dims.clone(),
+            counts,
+        }
+    }
+
+    fn batch(id: &str, rows: Vec<Rollup>) -> Batch {
+        Batch {
+            id: id.to_owned(),
+            rows,
+        }
+    }
+
+    fn customer(c: &str) -> Subject {
+        Subject::Customer(c.to_owned())
+    }
+
+    pub(super) async fn history_batches_are_added_once(db: Db) {
+        let store = db.store().await;
+        let d = dims("cus_A", "app1", "basic", "api_calls");
+        let b = batch(
+            "prod-1:1795000000000:60000",
+            vec![
+                rollup(H0, &d, counts(10, 2, 9, 9)),
+                rollup(H0 + 3600, &d, counts(1, 0, 1, 1)),
+            ],
+        );
+        assert!(store.add(&b, T0).await.unwrap(), "first add");
+        assert!(!store.add(&b, T0 + 1).await.unwrap(), "replayed add");
+        // Another replica's pool replaying the same batch (same producer, same window) is refused too.
+        let other = SqlStore::open(&db.url).unwrap();
+        assert!(
+            !other.add(&b, T0 + 2).await.unwrap(),
+            "replayed on a second pool"
+        );
+        // Even with other rows: the batch id decides, not its content.
+        let changed = batch(&b.id, vec![rollup(H0, &d, counts(100, 0, 100, 100))]);
+        assert!(!store.add(&changed, T0 + 3).await.unwrap());
+        let rows = store
+            .hours(&customer("cus_A"), H0, H0 + 7200)
+            .await
+            .unwrap();
+        assert_eq!(rows, b.rows);
+        // An empty batch is marked like any other.
+        let empty = batch("prod-1:1795000060000:60000", Vec::new());
+        assert!(store.add(&empty, T0).await.unwrap());
+        assert!(!store.add(&empty, T0).await.unwrap());
+    }
+
+    pub(super) async fn history_batches_into_the_same_hour_add_up(db: Db) {
+        let store = db.store().await;
+        let calls = dims("cus_A", "app1", "basic", "api_calls");
+        let bytes = dims("cus_A", "app1", "basic", "bytes");
+        let first = batch(
+            "prod-1:1:60000",
+            vec![
+                rollup(H0, &calls, counts(10, 2, 9, 9)),
+                rollup(H0, &bytes, counts(10, 2, 9, 4096)),
+            ],
+        );
+        // Another window of the same hour, from another replica's spool, and one of the next hour.
+        let second = batch(
+            "prod-2:1:60000",
+            vec![
+                rollup(H0, &calls, counts(5, 1, 5, 5)),
+                rollup(H0 + 3600, &calls, counts(7, 0, 7, 7)),
+            ],
+        );
+        assert!(store.add(&first, T0).await.unwrap());
+        assert!(store.add(&second, T0).await.unwrap());
+        let rows = store
+            .hours(&customer("cus_A"), H0, H0 + 2 * 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                rollup(H0, &calls, counts(15, 3, 14, 14)),
+                rollup(H0, &bytes, counts(10, 2, 9, 4096)),
+                rollup(H0 + 3600, &calls, counts(7, 0, 7, 7)),
+            ]
+        );
+        // Values past 2^32 add up exactly.
+        let big = batch(
+            "prod-3:1:60000",
+            vec![rollup(H0, &bytes, counts(0, 0, 0, 5_000_000_000))],
+        );
+        assert!(store.add(&big, T0).await.unwrap());
+        let rows = store
+            .hours(&customer("cus_A"), H0, H0 + 3600)
+            .await
+            .unwrap();
+        assert_eq!(rows[1].counts.value, 5_000_004_096);
+    }
+
+    pub(super) async fn history_replicas_racing_add_every_batch_once(db: Db) {
+        // Two pools stand for two replicas; 8 tasks each add the same 10 batches (every batch raced 8 times),
+        // all into the same rows: each batch counts once, and no concurrent add is lost.
+        let a = Arc::new(db.store().await);
+        let b = Arc::new(SqlStore::open(&db.url).unwrap());
+        let d = dims("cus_A", "app1", "basic", "api_calls");
+        const BATCHES: u64 = 10;
+        let mut tasks = Vec::new();
+        for t in 0..8usize {
+            let store = if t % 2 == 0 {
+                Arc::clone(&a)
+            } else {
+                Arc::clone(&b)
+            };
+            let d = d.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut added = 0u64;
+                for i in 0..BATCHES {
+                    // Each task walks the batches in its own order.
+                    let i = (i + t as u64 * 3) % BATCHES;
+                    let b = batch(
+                        &format!("replica-{}:{i}:60000", i % 2),
+                        vec![
+                            rollup(H0, &d, counts(i + 1, 0, i + 1, 2 * (i + 1))),
+                            rollup(H0 + 3600 * (i as i64 % 3), &d, counts(1, 1, 0, 0)),
+                        ],
+                    );
+                    if store.add(&b, T0).await.expect("concurrent add") {
+                        added += 1;
+                    }
+                }
+                added
+            }));
+        }
+        let mut added = 0;
+        for task in tasks {
+            added += task.await.unwrap();
+        }
+        assert_eq!(added, BATCHES, "every batch added by exactly one task");
+        let rows = a
+            .hours(&customer("cus_A"), H0, H0 + 3 * 3600)
+            .await
+            .unwrap();
+        // 1 + 2 + … + 10 = 55; the second rows: batches 0, 3, 6, 9 into H0, 1, 4, 7 into H0+1h, 2, 5, 8 into
+        // H0+2h.
+        assert_eq!(
+            rows,
+            vec![
+                rollup(H0, &d, counts(55 + 4, 4, 55, 110)),
+                rollup(H0 + 3600, &d, counts(3, 3, 0, 0)),
+                rollup(H0 + 7200, &d, counts(3, 3, 0, 0)),
+            ]
+        );
+    }
+
+    pub(super) async fn history_hours_filter_by_subject_and_range_in_order(db: Db) {
+        let store = db.store().await;
+        // Two customers; app2 changed customer (cus_A, then cus_B); an unidentified caller (no customer, no app).
+        let a1 = dims("cus_A", "app1", "basic", "api_calls");
+        let a1_gold = dims("cus_A", "app1", "gold", "api_calls");
+        let a2 = dims("cus_A", "app2", "basic", "api_calls");
+        let b2 = dims("cus_B", "app2", "basic", "api_calls");
+        let b3 = dims("cus_B", "app3", "basic", "");
+        let anon = dims("", "", "", "");
+        let rows = vec![
+            rollup(H0 + 2 * 3600, &a1, counts(1, 0, 1, 1)),
+            rollup(H0, &a2, counts(2, 0, 2, 2)),
+            rollup(H0, &a1_gold, counts(3, 0, 3, 3)),
+            rollup(H0, &a1, counts(4, 0, 4, 4)),
+            rollup(H0 + 3600, &b2, counts(5, 0, 5, 5)),
+            rollup(H0, &b2, counts(6, 0, 6, 6)),
+            rollup(H0, &b3, counts(7, 0, 0, 0)),
+            rollup(H0, &anon, counts(0, 8, 0, 0)),
+            rollup(H0 + 3 * 3600, &a1, counts(9, 0, 9, 9)),
+        ];
+        assert!(store.add(&batch("p:1:60000", rows), T0).await.unwrap());
+
+        // By customer: that customer's rows only, in (hour, app, product, meter) order; `to` exclusive.
+        let got = store
+            .hours(&customer("cus_A"), H0, H0 + 3 * 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                rollup(H0, &a1, counts(4, 0, 4, 4)),
+                rollup(H0, &a1_gold, counts(3, 0, 3, 3)),
+                rollup(H0, &a2, counts(2, 0, 2, 2)),
+                rollup(H0 + 2 * 3600, &a1, counts(1, 0, 1, 1)),
+            ]
+        );
+        // `from` inclusive.
+        let got = store
+            .hours(&customer("cus_A"), H0 + 2 * 3600, H0 + 4 * 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.hour).collect::<Vec<_>>(),
+            [H0 + 7200, H0 + 10800]
+        );
+        // By app: every customer's rows of that app, by hour then customer.
+        let got = store
+            .hours(&Subject::App("app2".to_owned()), H0, H0 + 4 * 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                rollup(H0, &a2, counts(2, 0, 2, 2)),
+                rollup(H0, &b2, counts(6, 0, 6, 6)),
+                rollup(H0 + 3600, &b2, counts(5, 0, 5, 5)),
+            ]
+        );
+        let got = store
+            .hours(&customer("cus_B"), H0, H0 + 3600)
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                rollup(H0, &b2, counts(6, 0, 6, 6)),
+                rollup(H0, &b3, counts(7, 0, 0, 0))
+            ]
+        );
+        // Unknown subjects and empty ranges read nothing; the anonymous row is reachable only as "none".
+        assert!(
+            store
+                .hours(&customer("cus_C"), H0, H0 + 86_400)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .hours(&customer("cus_A"), H0 + 3600, H0 + 3600)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .hours(&Subject::App("app%".to_owned()), H0, H0 + 86_400)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.hours(&customer(""), H0, H0 + 86_400).await.unwrap(),
+            vec![rollup(H0, &anon, counts(0, 8, 0, 0))]
+        );
+    }
+
+    pub(super) async fn history_prune_drops_old_hours_and_batch_marks(db: Db) {
+        let store = db.store().await;
+        let d = dims("cus_A", "app1", "basic", "api_calls");
+        let old = batch("p:old:60000", vec![rollup(H0, &d, counts(1, 0, 1, 1))]);
+        let new = batch(
+            "p:new:60000",
+            vec![rollup(H0 + 3600, &d, counts(2, 0, 2, 2))],
+        );
+        assert!(store.add(&old, T0).await.unwrap());
+        assert!(store.add(&new, T0 + 100).await.unwrap());
+
+        // Rows of hours before the first bound go; marks added before the second go.
+        store.prune(H0 + 3600, T0 + 50).await.unwrap();
+        assert_eq!(
+            store
+                .hours(&customer("cus_A"), 0, H0 + 86_400)
+                .await
+                .unwrap(),
+            vec![rollup(H0 + 3600, &d, counts(2, 0, 2, 2))]
+        );
+        // The newer mark is kept: a replay is still refused; the pruned mark no longer refuses.
+        assert!(!store.add(&new, T0 + 200).await.unwrap());
+        assert!(store.add(&old, T0 + 200).await.unwrap());
+        // Pruning again at the same bounds changes nothing; bounds at 0 prune nothing.
+        store.prune(0, 0).await.unwrap();
+        store.prune(H0, T0 + 50).await.unwrap();
+        assert_eq!(
+            store
+                .hours(&customer("cus_A"), 0, H0 + 86_400)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        store.prune(H0 + 86_400, T0 + 1000).await.unwrap();
+        assert!(
+            store
+                .hours(&customer("cus_A"), 0, i64::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store.add(&new, T0 + 300).await.unwrap(),
+            "its mark was pruned with it"
+        );
+    }
 }

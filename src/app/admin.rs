@@ -49,6 +49,7 @@ pub fn router(state: AdminState, management: Option<Router>) -> Router {
     let token = state.admin_token.clone();
     let partner_data = Router::new()
         .route("/v1/usage", get(usage))
+        .route("/v1/usage/history", get(crate::history::api::usage_history))
         .route("/v1/outbox", get(outbox))
         .route("/v1/billing/dead-letters", get(dead_letters))
         .with_state(state.clone());
