@@ -142,6 +142,60 @@ async fn two_replicas_on_postgres_keep_one_history_once() {
     // Nothing arrives twice later: each replica's windows were added once, the replayed ones refused.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(history(&store).await, expected);
+    // The same history through GET /v1/usage/history on either replica, by hour and by day, JSON and CSV.
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).format("%Y-%m-%d");
+    for replica in [&a, &b] {
+        for granularity in ["hour", "day"] {
+            let url = replica.admin_url(&format!(
+                "/v1/usage/history?customer=cus_Ada&granularity={granularity}&from={yesterday}"
+            ));
+            let json: serde_json::Value = client
+                .get(&url)
+                .send()
+                .await
+                .expect("GET /v1/usage/history")
+                .json()
+                .await
+                .expect("a JSON answer");
+            let series = json["series"].as_array().expect("series");
+            let allowed: u64 = series
+                .iter()
+                .map(|r| r["allowed"].as_u64().unwrap_or(0))
+                .sum();
+            let value: u64 = series
+                .iter()
+                .map(|r| r["value"].as_u64().unwrap_or(0))
+                .sum();
+            assert_eq!((allowed, value), (35, 35), "{granularity}: {json}");
+            assert!(
+                series.iter().all(|r| r["app"] == "adaapp"),
+                "only Ada's app: {json}"
+            );
+            let csv = client
+                .get(&url)
+                .header("accept", "text/csv")
+                .send()
+                .await
+                .expect("GET /v1/usage/history as CSV")
+                .text()
+                .await
+                .expect("a CSV answer");
+            let mut lines = csv.lines();
+            assert_eq!(
+                lines.next(),
+                Some("start,app,product,meter,allowed,denied,billable,value")
+            );
+            let csv_value: u64 = lines
+                .map(|line| {
+                    line.rsplit(',')
+                        .next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                })
+                .sum();
+            assert_eq!(csv_value, 35, "{granularity} as CSV: {csv}");
+        }
+    }
     // Both spools added their own windows (a batch is named by its spool's producer).
     let producers =
         pg.psql("SELECT count(DISTINCT split_part(id, ':', 1)) FROM usage_rollup_batches");
