@@ -123,6 +123,7 @@ both!(
     history_replicas_racing_add_every_batch_once,
     history_hours_filter_by_subject_and_range_in_order,
     history_prune_drops_old_hours_and_batch_marks,
+    history_sums_add_hours_into_their_buckets,
 );
 
 fn actor() -> Actor {
@@ -1728,6 +1729,7 @@ use history_cases::{
     history_batches_are_added_once, history_batches_into_the_same_hour_add_up,
     history_hours_filter_by_subject_and_range_in_order,
     history_prune_drops_old_hours_and_batch_marks, history_replicas_racing_add_every_batch_once,
+    history_sums_add_hours_into_their_buckets,
 };
 
 mod history_cases {
@@ -2054,5 +2056,122 @@ mod history_cases {
             store.add(&new, T0 + 300).await.unwrap(),
             "its mark was pruned with it"
         );
+    }
+
+    /// The hourly rows summed per bucket in memory (what [`HistoryStore::sums`] must answer), sorted.
+    fn summed(rows: &[Rollup], origin: i64, span: i64) -> Vec<Rollup> {
+        let mut sums: std::collections::BTreeMap<(i64, Dims), Counts> = Default::default();
+        for r in rows {
+            let bucket = origin + (r.hour - origin) / span * span;
+            sums.entry((bucket, r.dims.clone()))
+                .or_default()
+                .add(&r.counts);
+        }
+        sums.into_iter()
+            .map(|((hour, dims), counts)| Rollup { hour, dims, counts })
+            .collect()
+    }
+
+    fn sorted(mut rows: Vec<Rollup>) -> Vec<Rollup> {
+        rows.sort_by(|a, b| (a.hour, &a.dims).cmp(&(b.hour, &b.dims)));
+        rows
+    }
+
+    pub(super) async fn history_sums_add_hours_into_their_buckets(db: Db) {
+        let store = db.store().await;
+        // 2026-10-30T00:00Z and 2026-11-01T00:00Z: three days either side of a month's end, every third hour,
+        // two customers sharing app2.
+        let (oct30, nov1, dec1) = (1_793_318_400, 1_793_491_200, 1_796_083_200);
+        let all = [
+            dims("cus_A", "app1", "basic", "api_calls"),
+            dims("cus_A", "app1", "gold", "tokens"),
+            dims("cus_A", "app2", "basic", "api_calls"),
+            dims("cus_B", "app2", "basic", "api_calls"),
+            dims("cus_B", "app3", "basic", ""),
+        ];
+        let mut rows = Vec::new();
+        for h in (0..6 * 24).step_by(3) {
+            for (i, d) in all.iter().enumerate() {
+                let n = (h * 7 + i as i64) as u64;
+                rows.push(rollup(
+                    oct30 + h * 3600,
+                    d,
+                    counts(n, n % 3, n / 2, n * 1_000_000),
+                ));
+            }
+        }
+        // Split into two batches per day (two replicas), so the store adds before it sums.
+        for (i, chunk) in rows.chunks(rows.len() / 12 + 1).enumerate() {
+            assert!(
+                store
+                    .add(&batch(&format!("r{}:{i}:60000", i % 2), chunk.to_vec()), T0)
+                    .await
+                    .unwrap()
+            );
+        }
+        let (from, to) = (oct30 + 5 * 3600, oct30 + 5 * 86_400 + 3600);
+        for subject in [
+            customer("cus_A"),
+            customer("cus_B"),
+            Subject::App("app2".to_owned()),
+        ] {
+            let hours = store.hours(&subject, from, to).await.unwrap();
+            assert!(!hours.is_empty());
+            // By hour, by day (epoch-aligned), by three hours.
+            for span in [3600, 86_400, 3 * 3600] {
+                let got = sorted(store.sums(&subject, from, to, 0, span).await.unwrap());
+                assert_eq!(got, summed(&hours, 0, span), "{subject:?} span {span}");
+            }
+            // October's part and November's part as one bucket each.
+            let october = sorted(
+                store
+                    .sums(&subject, from, nov1, oct30 - 29 * 86_400, 31 * 86_400)
+                    .await
+                    .unwrap(),
+            );
+            assert!(october.iter().all(|r| r.hour == oct30 - 29 * 86_400));
+            let oct_hours: Vec<Rollup> = hours.iter().filter(|r| r.hour < nov1).cloned().collect();
+            assert_eq!(
+                october,
+                summed(&oct_hours, oct30 - 29 * 86_400, 31 * 86_400)
+            );
+            let november = sorted(
+                store
+                    .sums(&subject, nov1, to, nov1, dec1 - nov1)
+                    .await
+                    .unwrap(),
+            );
+            let nov_hours: Vec<Rollup> = hours.iter().filter(|r| r.hour >= nov1).cloned().collect();
+            assert_eq!(november, summed(&nov_hours, nov1, dec1 - nov1));
+            // The store's sums equal the default (in-memory) ones.
+            let total: u64 = november.iter().map(|r| r.counts.value).sum();
+            assert_eq!(total, nov_hours.iter().map(|r| r.counts.value).sum::<u64>());
+        }
+        // Only the subject's rows; nothing outside the range (the rows end after 6 days).
+        let b = store
+            .sums(&customer("cus_B"), from, to, 0, 86_400)
+            .await
+            .unwrap();
+        assert!(b.iter().all(|r| r.dims.customer == "cus_B"));
+        assert!(
+            store
+                .sums(
+                    &customer("cus_A"),
+                    oct30 + 6 * 86_400,
+                    oct30 + 9 * 86_400,
+                    0,
+                    86_400
+                )
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Sums past 2^32 stay exact (PostgreSQL sums BIGINT as NUMERIC).
+        let month = store
+            .sums(&customer("cus_A"), nov1, dec1, nov1, dec1 - nov1)
+            .await
+            .unwrap();
+        let value: u64 = month.iter().map(|r| r.counts.value).sum();
+        assert!(value > 1 << 32, "{value}");
     }
 }

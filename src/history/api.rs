@@ -19,10 +19,13 @@
 //! (`rel="next"`) and `next-after` headers, which JSON answers carry too.
 //!
 //! # Bounded work
-//! Every page reads the whole range's hourly rows (the totals need them) through [`HistoryStore::hours`] in
-//! chunks sized to about [`CHUNK_TARGET_ROWS`] rows, and keeps only the page's series rows: memory follows
-//! the page, not the range. A range holding more than [`MAX_SCANNED_ROWS`] hourly rows is refused (narrow
-//! the range, or ask per app).
+//! A page reads the range from its cursor on, in chunks sized to about [`CHUNK_TARGET_ROWS`] rows, and stops
+//! once it holds its rows: work and memory follow the page, not the range. By hour the chunks are the
+//! hourly rows ([`HistoryStore::hours`]); by day and by month the database sums them first
+//! ([`HistoryStore::sums`]: a month of 24 hourly rows a day reads a 24th of the rows). The totals are
+//! counted along when the page covers the whole range; otherwise the database sums the range in one
+//! statement. A page that would read more than [`MAX_SCANNED_ROWS`] rows is refused (narrow the range, or
+//! ask per app).
 
 use std::collections::BTreeMap;
 
@@ -49,14 +52,16 @@ pub const MAX_LIMIT: usize = 10_000;
 /// The longest range accepted, in days (what the store keeps).
 pub const MAX_RANGE_DAYS: i64 = 400;
 
-/// The most hourly rows one request may read; a range holding more is refused.
+/// The most rows one request may read from the store (hourly rows by hour, daily or monthly sums by day or
+/// month); a range needing more is refused.
 pub const MAX_SCANNED_ROWS: usize = 1_000_000;
 
 /// About how many hourly rows one read of the store fetches: the chunks of a range are sized to it from the
 /// density of the previous chunk.
 pub const CHUNK_TARGET_ROWS: usize = 20_000;
 
-/// The first chunk of a range, in hours (its density sizes the next ones).
+/// The first chunk of a range read by the hour, in hours (its density sizes the next ones); by day and month
+/// the first chunk is [`MAX_CHUNK_HOURS`] (or the month).
 const FIRST_CHUNK_HOURS: i64 = 24;
 
 /// The longest chunk, in hours (31 days).
@@ -224,9 +229,9 @@ pub enum HistoryError {
     /// The query is refused (400).
     #[error(transparent)]
     Query(#[from] QueryError),
-    /// The range holds more hourly rows than one request may read (400).
+    /// A page would read more rows than one request may (400).
     #[error(
-        "the range holds more than {MAX_SCANNED_ROWS} hourly rows: narrow from/to, or ask per app"
+        "the range holds more than {MAX_SCANNED_ROWS} rows at this granularity: narrow from/to, or ask per app"
     )]
     TooManyRows,
     /// The store failed (503 when it is unreachable).
@@ -494,8 +499,8 @@ fn named(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
 
-/// Reads one page: the hourly rows of the whole range in chunks, summed into the page's buckets and into the
-/// per-meter totals.
+/// Reads one page: the range's rows from the cursor on, in chunks, summed into the page's buckets, and the
+/// whole range's per-meter totals.
 pub async fn read(
     store: &dyn HistoryStore,
     query: &HistoryQuery,
@@ -515,15 +520,30 @@ async fn read_bounded(
     let after = query.after.as_ref().map(|c| &c.key);
     let mut rows: BTreeMap<Key, Counts> = BTreeMap::new();
     let mut totals: BTreeMap<String, Counts> = BTreeMap::new();
-    // Set once `limit + 1` rows of complete buckets are held: later rows only count in the totals.
-    let mut full = false;
     let mut scanned = 0usize;
     let mut bucket = (i64::MIN, i64::MIN);
-    let mut chunk = FIRST_CHUNK_HOURS;
-    let mut at = query.from;
+    let mut chunk = match query.granularity {
+        Granularity::Hour => FIRST_CHUNK_HOURS,
+        Granularity::Day | Granularity::Month => MAX_CHUNK_HOURS,
+    };
+    // A later page starts at its cursor's bucket (rows up to the cursor's are skipped below).
+    let resume = after.map_or(query.from, |key| key.0.max(query.from));
+    let mut at = resume;
     while at < query.to {
-        let end = query.to.min(at.saturating_add(chunk * HOUR));
-        let hours = store.hours(&query.subject, at, end).await?;
+        let mut end = query.to.min(at.saturating_add(chunk * HOUR));
+        let subject = &query.subject;
+        let hours = match query.granularity {
+            Granularity::Hour => store.hours(subject, at, end).await?,
+            Granularity::Day => store.sums(subject, at, end, 0, DAY).await?,
+            Granularity::Month => {
+                // One month a chunk: its rows sum into one bucket.
+                let (start, month_end) = Granularity::Month.bucket(at);
+                end = end.min(month_end);
+                store
+                    .sums(subject, at, end, start, month_end - start)
+                    .await?
+            }
+        };
         scanned += hours.len();
         if scanned > max_scanned_rows {
             return Err(HistoryError::TooManyRows);
@@ -543,9 +563,6 @@ async fn read_bounded(
                     totals.insert(dims.meter.clone(), counts);
                 }
             }
-            if full {
-                continue;
-            }
             if !(bucket.0 <= hour && hour < bucket.1) {
                 bucket = query.granularity.bucket(hour);
             }
@@ -556,19 +573,30 @@ async fn read_bounded(
             }
             rows.entry(key).or_default().add(&counts);
         }
+        at = end;
         // Every bucket ending by `end` is complete: once `limit + 1` rows of those are held, the page and
-        // whether another follows are known.
-        if !full
-            && let Some((key, _)) = rows.iter().nth(limit)
+        // whether another follows are known, and the read stops.
+        if let Some((key, _)) = rows.iter().nth(limit)
             && query.granularity.bucket(key.0).1 <= end
         {
             let past = rows.iter().nth(limit + 1).map(|(k, _)| k.clone());
             if let Some(past) = past {
                 rows.split_off(&past);
             }
-            full = true;
+            break;
         }
-        at = end;
+    }
+    // Totals counted along hold the whole range only when the read went from `from` to `to`; otherwise the
+    // store sums the range into one bucket.
+    if at < query.to || resume != query.from {
+        totals.clear();
+        let span = query.to - query.from;
+        for row in store
+            .sums(&query.subject, query.from, query.to, query.from, span)
+            .await?
+        {
+            totals.entry(row.dims.meter).or_default().add(&row.counts);
+        }
     }
     let next_after = match rows.keys().nth(limit).cloned() {
         Some(first_of_next) => {
@@ -1137,14 +1165,32 @@ mod tests {
         // Small targets read in many chunks.
         let reads = |store: &Mem| store.reads.load(std::sync::atomic::Ordering::Relaxed);
         let before = reads(&store);
-        let q = parse("customer=cus_A&from=2026-11-29&to=2026-12-03").unwrap();
+        let q = parse("customer=cus_A&from=2026-11-29&to=2026-12-03&granularity=hour").unwrap();
         read_bounded(&store, &q, 2, usize::MAX).await.unwrap();
         assert!(reads(&store) - before > 10, "{}", reads(&store) - before);
         let before = reads(&store);
         read_bounded(&store, &q, 1000, usize::MAX).await.unwrap();
         // 24 hours, then 96 (the rest).
         assert_eq!(reads(&store) - before, 2);
+        // A first page stops reading once it is full; the store sums the totals in one more read.
+        let before = reads(&store);
+        let small =
+            parse("customer=cus_A&from=2026-11-29&to=2026-12-03&granularity=hour&limit=2").unwrap();
+        let page = read_bounded(&store, &small, 2, usize::MAX).await.unwrap();
+        assert_eq!(reads(&store) - before, 2);
+        let whole = read_bounded(&store, &q, 1000, usize::MAX).await.unwrap();
+        assert_eq!((page.series.len(), &page.totals), (2, &whole.totals));
+        // By day, the store sums a month at a time; by month, one month a read.
+        let before = reads(&store);
+        let q = parse("customer=cus_A&from=2026-11-29&to=2026-12-03").unwrap();
+        read_bounded(&store, &q, 1000, usize::MAX).await.unwrap();
+        assert_eq!(reads(&store) - before, 1);
+        let before = reads(&store);
+        let q = parse("customer=cus_A&from=2026-11-29&to=2026-12-03&granularity=month").unwrap();
+        read_bounded(&store, &q, 1000, usize::MAX).await.unwrap();
+        assert_eq!(reads(&store) - before, 2);
         // Past the scan bound: refused.
+        let q = parse("customer=cus_A&from=2026-11-29&to=2026-12-03&granularity=hour").unwrap();
         let err = read_bounded(&store, &q, 1000, 10).await.unwrap_err();
         assert!(matches!(err, HistoryError::TooManyRows), "{err}");
     }

@@ -16,6 +16,25 @@ fn unsigned(row: &sqlx::any::AnyRow, column: &str) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("usage rollup {column} is {n}")))
 }
 
+/// A row of `usage_rollups` columns, its hour (or bucket) read from `hour`.
+fn rollup(row: &sqlx::any::AnyRow, hour: &str) -> Result<Rollup, StoreError> {
+    Ok(Rollup {
+        hour: row.try_get(hour)?,
+        dims: Dims {
+            customer: row.try_get("customer")?,
+            app: row.try_get("app")?,
+            product: row.try_get("product")?,
+            meter: row.try_get("meter")?,
+        },
+        counts: Counts {
+            allowed: unsigned(row, "allowed")?,
+            denied: unsigned(row, "denied")?,
+            billable: unsigned(row, "billable")?,
+            value: unsigned(row, "value")?,
+        },
+    })
+}
+
 #[async_trait]
 impl HistoryStore for SqlStore {
     async fn add(&self, batch: &Batch, now: i64) -> Result<bool, StoreError> {
@@ -76,25 +95,37 @@ impl HistoryStore for SqlStore {
         .bind(to)
         .fetch_all(self.pool())
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Rollup {
-                    hour: row.try_get("hour")?,
-                    dims: Dims {
-                        customer: row.try_get("customer")?,
-                        app: row.try_get("app")?,
-                        product: row.try_get("product")?,
-                        meter: row.try_get("meter")?,
-                    },
-                    counts: Counts {
-                        allowed: unsigned(row, "allowed")?,
-                        denied: unsigned(row, "denied")?,
-                        billable: unsigned(row, "billable")?,
-                        value: unsigned(row, "value")?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(|row| rollup(row, "hour")).collect()
+    }
+
+    async fn sums(
+        &self,
+        subject: &Subject,
+        from: i64,
+        to: i64,
+        origin: i64,
+        span: i64,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        let (column, value) = match subject {
+            Subject::Customer(c) => ("customer", c),
+            Subject::App(a) => ("app", a),
+        };
+        // PostgreSQL sums BIGINT into NUMERIC, which the Any driver does not read: cast back.
+        let rows = sqlx::query(&format!(
+            "SELECT $4 + (hour - $4) / $5 * $5 AS bucket, customer, app, product, meter, \
+             CAST(SUM(allowed) AS BIGINT) AS allowed, CAST(SUM(denied) AS BIGINT) AS denied, \
+             CAST(SUM(billable) AS BIGINT) AS billable, CAST(SUM(value) AS BIGINT) AS value \
+             FROM usage_rollups WHERE {column} = $1 AND hour >= $2 AND hour < $3 \
+             GROUP BY bucket, customer, app, product, meter"
+        ))
+        .bind(value)
+        .bind(from)
+        .bind(to)
+        .bind(origin)
+        .bind(span.max(1))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(|row| rollup(row, "bucket")).collect()
     }
 
     async fn prune(&self, hours_before: i64, batches_before: i64) -> Result<(), StoreError> {
