@@ -1,4 +1,6 @@
 //! The decision table, row by row, against a small catalog: no server, no store.
+//!
+//! Test-only: the parent declares this file under `#[cfg(test)]`, so a failed unwrap here fails a test.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -1,5 +1,7 @@
 //! Self-service: routing, the answer built from plain values, and whole Checks through the [`Authorizer`] with
 //! two partners' data side by side (a memory quota store, the history and credits on an SQLite state store).
+//!
+//! Test-only: the parent declares this file under `#[cfg(test)]`, so a failed unwrap here fails a test.
 
 use std::collections::HashMap;
 use std::sync::Arc;
