@@ -21,6 +21,7 @@
 //! | [`envoy`] | the only place Envoy's protobuf lives: the ext_authz and access-log adapters, metadata keys |
 //! | [`check`] | the Check path, protocol-free: `Authorizer::check(&Request) -> Verdict` |
 //! | [`identity`] | who is calling: API-key lookup, JWT verification (providers, JWKS) |
+//! | [`import`] | `tollgate import apigee`: Apigee exports to a catalog, and a report of what could not be mapped |
 //! | [`matching`] | Apigee-style path patterns; the first product and operation that cover a request |
 //! | [`catalog`] | the catalog file: load, validate, the immutable snapshot, the watcher |
 //! | [`quota`] | quota windows, the `QuotaStore` trait, the memory and Redis stores |
@@ -42,8 +43,10 @@ pub mod catalog;
 pub mod check;
 pub mod credits;
 pub mod envoy;
+pub mod genai;
 pub mod history;
 pub mod identity;
+pub mod import;
 pub mod matching;
 pub mod metering;
 pub mod paywall;

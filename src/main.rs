@@ -47,6 +47,15 @@ enum Command {
     /// The state store of run-time developers, apps and keys.
     #[command(subcommand)]
     State(StateCommand),
+    /// Convert another API manager's exports into a catalog.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// Convert Apigee Edge / Apigee X JSON exports into a catalog (stdout); what cannot be mapped goes to stderr.
+    Apigee(tollgate::import::apigee::Options),
 }
 
 #[derive(Subcommand)]
@@ -165,6 +174,9 @@ fn main() -> ExitCode {
             requeue(&config, all, ids)
         }
         Command::State(StateCommand::Migrate(args)) => migrate(&args.config),
+        Command::Import(ImportCommand::Apigee(options)) => {
+            tollgate::import::apigee::run(&options).map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -320,9 +332,25 @@ fn hash(key: &str) -> anyhow::Result<()> {
     emit(&format!("{}\n", KeyHash::of(&key)))
 }
 
+/// Fetches `catalog.url` once and validates it (no cache: `check` tells what the remote serves now).
+fn fetch_catalog(config: &Config) -> anyhow::Result<(Catalog, String)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let metrics = catalog::metrics::CatalogMetrics::register(&prometheus::Registry::new())
+        .context("metrics setup failed")?;
+    let remote = catalog::remote::Remote::new(&config.catalog, &config.metering.dir, metrics)?;
+    let loaded = runtime.block_on(remote.fetch_valid())?;
+    Ok((loaded.catalog, remote.shown().to_owned()))
+}
+
 fn check(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let catalog = catalog::load(&config.catalog.path)?;
+    let (catalog, catalog_name) = match &config.catalog.path {
+        Some(path) => (catalog::load(path)?, path.display().to_string()),
+        None => fetch_catalog(&config)?,
+    };
     if let Some(jwt) = &config.identity.jwt {
         // Building the verifier reads key files and checks every provider; JWKS fetch failures are not fatal.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -373,7 +401,7 @@ fn check(config_path: &Path) -> anyhow::Result<()> {
             humantime::format_duration(stripe.resync_interval),
         );
     }
-    let _ = writeln!(out, "catalog {}: ok", config.catalog.path.display());
+    let _ = writeln!(out, "catalog {catalog_name}: ok");
     summarize(&mut out, &catalog);
     if config.billing.is_none()
         && catalog

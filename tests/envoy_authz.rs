@@ -6,7 +6,10 @@ mod support;
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;
-use support::{CHANGE_TIMEOUT, Stack, base_config, key_hash, poll_until, raw_request};
+use support::{
+    CHANGE_TIMEOUT, EchoUpstream, Envoy, Stack, Tollgate, base_config, envoy_config, key_hash,
+    poll_until, raw_request,
+};
 
 const KEY_GOOD: &str = "tg_test_GoodKey4uZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
 const KEY_SECOND: &str = "tg_test_SecondKeyZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
@@ -552,6 +555,63 @@ async fn api_comes_from_the_context_extension_or_else_the_authority() {
     );
     assert_eq!(answer.status, 403, "{answer:?}");
     assert_eq!(stack.upstream.count(), 2);
+}
+
+#[tokio::test]
+async fn listed_attributes_reach_the_upstream_through_envoy_metadata() {
+    // Apigee's `deprecated` example: an attribute the operation carries, which Envoy turns into a header the
+    // upstream can act on. Only listed attributes travel; the operation's value wins over the product's.
+    let catalog = format!(
+        "products:\n  - name: legacy\n    attributes: {{deprecated: 'false', tier: gold, internal: secret-plan}}\n    \
+         operations:\n      - {{api: weatherapi, name: old, paths: [/v1/**], attributes: {{deprecated: 'true'}}}}\n      \
+         - {{api: weatherapi, name: new, paths: [/v2/**]}}\n\
+         developers:\n  - email: attr@weather.test\n    apps:\n      - name: attrapp\n        \
+         products: [{{name: legacy}}]\n        keys: [{{hash: \"{}\"}}]\n",
+        key_hash(KEY_GOOD)
+    );
+    let config = format!(
+        "{}metadata_attributes: [deprecated, tier]\n",
+        base_config("prod")
+    );
+    let tollgate = Tollgate::start(&config, &catalog).await;
+    let upstream = EchoUpstream::start();
+    let route =
+        "                route: { cluster: upstream }\n                typed_per_filter_config:";
+    let envoy_yaml = envoy_config(tollgate.grpc_port, upstream.port);
+    assert!(
+        envoy_yaml.contains(route),
+        "the test Envoy config changed shape"
+    );
+    let metadata_header = |header: &str, attribute: &str| {
+        format!(
+            "                - header: {{ key: {header}, value: \"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:attr_{attribute})%\" }}\n"
+        )
+    };
+    let headers = format!(
+        "                request_headers_to_add:\n{}{}{}",
+        metadata_header("x-api-deprecated", "deprecated"),
+        metadata_header("x-api-tier", "tier"),
+        metadata_header("x-api-internal", "internal"),
+    );
+    let envoy = Envoy::start(&envoy_yaml.replacen(route, &format!("{headers}{route}"), 1)).await;
+    let client = support::http_client();
+    for (path, deprecated) in [("/v1/forecast", "true"), ("/v2/forecast", "false")] {
+        let response = client
+            .get(envoy.url(path))
+            .header("x-api-key", KEY_GOOD)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let seen = upstream.with_path(path).pop().unwrap();
+        assert_eq!(seen.header("x-api-deprecated"), Some(deprecated), "{path}");
+        assert_eq!(seen.header("x-api-tier"), Some("gold"), "{path}");
+        assert_eq!(
+            seen.header("x-api-internal").unwrap_or_default(),
+            "",
+            "an attribute not listed stays out of the metadata"
+        );
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,9 @@ use std::time::Duration;
 use prometheus::Registry;
 use redis_support::{RedisCluster, RedisConfig, RedisServer, TlsFiles};
 use tollgate::quota::redis::{RedisOptions, RedisStore};
-use tollgate::quota::{Charge, Limit, LimitState, Outcome, QuotaStore, StoreError, Unit};
+use tollgate::quota::{
+    Charge, Hold, Limit, LimitState, Outcome, QuotaStore, Settled, StoreError, Unit,
+};
 
 /// 2026-11-18T...Z, an arbitrary instant: the store takes time from the charge, never from the clock.
 const T0: i64 = 1_795_000_000;
@@ -811,4 +813,114 @@ async fn a_restarted_replica_reclaims_the_leases_it_died_holding() {
         2,
         "reported units stay counted"
     );
+}
+
+/// Token quota holds (CONTRACT §11), the same steps on every store: a reserve settled down gives room back,
+/// settled up passes the limit (the overrun a reservation allows) and then admits nothing; a hold past its
+/// timeout is released once, and its late settlement counts afresh; a refund never goes below zero; a window
+/// that is over is left alone.
+async fn holds_settle_and_release_the_charged_window(store: &dyn QuotaStore) {
+    let limits = [limit(1000, Unit::Day)];
+    let bucket = "tokens/llm";
+    let hold = |id: &'static str, at: i64| Hold {
+        id,
+        bucket,
+        limits: &limits,
+        reserve: 500,
+        at,
+        until: at + 60,
+    };
+    let spend = |cost: u64, now: i64| async move {
+        store
+            .charge(&Charge {
+                bucket,
+                limits: &limits,
+                cost,
+                now,
+            })
+            .await
+            .expect("charge")
+    };
+    let used = |now: i64| async move {
+        let usage = store.usage(bucket, &limits, now).await.expect("usage");
+        usage[0].used + usage[0].reserved
+    };
+    for id in ["a", "b"] {
+        assert!(allowed(&spend(500, T0).await));
+        store.hold(&hold(id, T0)).await.expect("hold");
+    }
+    assert!(
+        !allowed(&spend(500, T0).await),
+        "a third reserve does not fit"
+    );
+    assert_eq!(
+        store.settle(&hold("a", T0), 100).await.expect("settle"),
+        Settled::Held
+    );
+    assert_eq!(used(T0).await, 600);
+    assert!(allowed(&spend(300, T0 + 1).await), "the refund made room");
+    assert_eq!(
+        store
+            .settle(&hold("never-held", T0), 800)
+            .await
+            .expect("settle"),
+        Settled::Held
+    );
+    assert_eq!(used(T0).await, 1200, "settled past the limit");
+    assert!(
+        !allowed(&spend(1, T0 + 2).await),
+        "a window past its limit admits nothing"
+    );
+
+    // "b" times out: released once, whoever asks; its late settlement adds its count afresh.
+    assert_eq!(
+        store.release_expired(T0 + 30).await.expect("release"),
+        0,
+        "not due yet"
+    );
+    assert_eq!(store.release_expired(T0 + 61).await.expect("release"), 1);
+    assert_eq!(
+        store.release_expired(T0 + 62).await.expect("release"),
+        0,
+        "released once"
+    );
+    assert_eq!(used(T0).await, 700);
+    assert_eq!(
+        store.settle(&hold("b", T0), 250).await.expect("settle"),
+        Settled::Released
+    );
+    assert_eq!(used(T0).await, 950);
+
+    // Never below zero; yesterday's window is left alone.
+    assert!(allowed(&spend(0, T0).await));
+    store.hold(&hold("c", T0)).await.expect("hold");
+    assert_eq!(
+        store.settle(&hold("c", T0), 0).await.expect("settle"),
+        Settled::Held
+    );
+    assert_eq!(used(T0).await, 450);
+    store.hold(&hold("d", T0 - 86_400)).await.expect("hold");
+    store
+        .settle(&hold("d", T0 - 86_400), 0)
+        .await
+        .expect("settle");
+    assert_eq!(used(T0).await, 450);
+    store.hold(&hold("e", T0)).await.expect("hold");
+    store.settle(&hold("e", T0), 0).await.expect("settle");
+    assert_eq!(
+        used(T0).await,
+        0,
+        "a refund larger than the count stops at zero"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_are_the_same_on_every_store() {
+    holds_settle_and_release_the_charged_window(&tollgate::quota::memory::MemoryStore::new()).await;
+    let server = RedisServer::start();
+    for max_lease in [0, 100] {
+        server.cli(&["FLUSHALL"]);
+        let redis = store(server.url(), max_lease).await;
+        holds_settle_and_release_the_charged_window(&redis).await;
+    }
 }

@@ -1,6 +1,6 @@
 //! The config file (CONTRACT §2): YAML with `${VAR}` expansion, unknown keys refused, every error positioned.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,17 +75,68 @@ pub struct Config {
     /// Partner self-service through Envoy (CONTRACT §10): requests under a path prefix answered by tollgate.
     #[serde(default)]
     pub self_service: SelfServiceConfig,
+    /// Reading LLM response bodies through ext_proc (CONTRACT §11).
+    #[serde(default)]
+    pub genai: GenAiConfig,
+    /// Product and operation attributes put into the allow metadata as `attr_<name>` (CONTRACT §12).
+    #[serde(default)]
+    pub metadata_attributes: Vec<String>,
     /// The config file's folder: relative paths (catalog, metering dir, JWT key files) start there.
     #[serde(skip)]
     pub base_dir: PathBuf,
 }
 
-/// `catalog:`
+/// `genai:`
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenAiConfig {
+    /// Most bytes held per response body read by ext_proc: a whole JSON body, or one server-sent event
+    /// (decoded). A larger one counts 0 and is reported, never guessed.
+    #[serde(default = "default_genai_buffer")]
+    pub max_buffer_bytes: usize,
+}
+
+impl Default for GenAiConfig {
+    fn default() -> Self {
+        GenAiConfig {
+            max_buffer_bytes: default_genai_buffer(),
+        }
+    }
+}
+
+fn default_genai_buffer() -> usize {
+    4 << 20
+}
+
+/// `catalog:`: a file (`path`) or a document served over HTTPS (`url`), exactly one of them. No `Debug`: the
+/// headers carry a bearer token.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogConfig {
     /// The catalog file, relative to the config file's folder.
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    /// A catalog served over HTTPS (http only to a loopback address), polled (CONTRACT §12).
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub url: Option<String>,
+    /// Headers sent with every fetch of `url` (a bearer token from `${VAR}`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// How often `url` is asked for a newer catalog.
+    #[serde(default = "default_catalog_poll", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Bound of one fetch of `url`, connection and body included.
+    #[serde(default = "default_catalog_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// A PEM file of CA certificates trusted for `url` besides the system's (a private CA).
+    pub ca_path: Option<PathBuf>,
+}
+
+fn default_catalog_poll() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_catalog_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `identity:`
@@ -141,6 +192,10 @@ pub struct QuotaConfig {
     /// crash can give back.
     #[serde(default = "default_persist_interval", deserialize_with = "duration")]
     pub persist_interval: Duration,
+    /// How long a token quota's reserve is held for a call whose access-log entry has not come; then it is
+    /// given back (and a late entry counts afresh). Longer than the longest response.
+    #[serde(default = "default_hold_timeout", deserialize_with = "duration")]
+    pub hold_timeout: Duration,
 }
 
 impl Default for QuotaConfig {
@@ -154,6 +209,7 @@ impl Default for QuotaConfig {
             on_store_error: OnStoreError::default(),
             on_store_error_by_api: HashMap::new(),
             persist_interval: default_persist_interval(),
+            hold_timeout: default_hold_timeout(),
         }
     }
 }
@@ -337,6 +393,9 @@ fn default_lateness() -> Duration {
 fn default_store_timeout() -> Duration {
     Duration::from_millis(50)
 }
+fn default_hold_timeout() -> Duration {
+    Duration::from_secs(600)
+}
 fn default_persist_interval() -> Duration {
     crate::quota::persist::DEFAULT_INTERVAL
 }
@@ -375,6 +434,56 @@ fn state_url(config: &Config, base: &Path) -> Result<String, String> {
 /// The first listener that binds beyond loopback with nothing to authenticate its callers: the key to blame and
 /// one sentence naming what to set. Anyone reaching an open gRPC port can stream access-log entries that are
 /// billed to any Stripe customer; anyone reaching an open admin port can read every partner's usage.
+/// Checks that `catalog` names exactly one source and that a remote one is safe to poll; the error names the
+/// key to fix under `catalog`.
+fn catalog_source(catalog: &CatalogConfig) -> Result<(), (PathSeg<'static>, String)> {
+    let url = match (&catalog.path, &catalog.url) {
+        (Some(_), None) => return Ok(()),
+        (None, Some(url)) => url,
+        (Some(_), Some(_)) => {
+            return Err((
+                PathSeg::Key("url"),
+                "set catalog.path or catalog.url, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err((
+                PathSeg::Key("path"),
+                "set catalog.path (a file) or catalog.url (served over HTTPS)".into(),
+            ));
+        }
+    };
+    crate::catalog::remote::check_url(url).map_err(|m| (PathSeg::Key("url"), m))?;
+    if catalog.poll_interval < Duration::from_secs(1) {
+        return Err((
+            PathSeg::Key("poll_interval"),
+            "poll_interval must be at least 1s".into(),
+        ));
+    }
+    if catalog.timeout.is_zero() {
+        return Err((
+            PathSeg::Key("timeout"),
+            "timeout must be longer than 0s".into(),
+        ));
+    }
+    for (name, value) in &catalog.headers {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err((
+                PathSeg::Key("headers"),
+                format!("{name:?} is not a header name"),
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            // The value is not echoed: it is often a token.
+            return Err((
+                PathSeg::Key("headers"),
+                format!("the value of header {name} is not a valid header value"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A client certificate checked against `grpc_tls.client_ca_path` authenticates the gRPC caller as well as
 /// the token does.
 fn open_listener(config: &Config) -> Result<(), (PathSeg<'static>, String)> {
@@ -476,6 +585,12 @@ impl Config {
                 ));
             }
         }
+        if config.quota.hold_timeout < Duration::from_secs(1) {
+            return Err(source.error_at(
+                &[PathSeg::Key("quota"), PathSeg::Key("hold_timeout")],
+                "hold_timeout must be at least 1s (and longer than the longest response)",
+            ));
+        }
         if config.quota.persist_interval.is_zero() {
             return Err(source.error_at(
                 &[PathSeg::Key("quota"), PathSeg::Key("persist_interval")],
@@ -525,7 +640,10 @@ impl Config {
             ));
         }
         let base = config_dir(source.path());
-        config.catalog.path = base.join(&config.catalog.path);
+        config.catalog.path = config.catalog.path.as_ref().map(|p| base.join(p));
+        config.catalog.ca_path = config.catalog.ca_path.as_ref().map(|p| base.join(p));
+        catalog_source(&config.catalog)
+            .map_err(|(key, message)| source.error_at(&[PathSeg::Key("catalog"), key], message))?;
         config.metering.dir = base.join(&config.metering.dir);
         config.base_dir = base.to_path_buf();
         config.state.url = Some(state_url(&config, base).map_err(|message| {
@@ -542,6 +660,15 @@ impl Config {
                 &[PathSeg::Key("self_service"), PathSeg::Key("path_prefix")],
                 message,
             ));
+        }
+        for (i, name) in config.metadata_attributes.iter().enumerate() {
+            let here = [PathSeg::Key("metadata_attributes"), PathSeg::Index(i)];
+            if name.is_empty() || name.chars().any(char::is_control) {
+                return Err(source.error_at(&here, format!("{name:?} is not an attribute name")));
+            }
+            if config.metadata_attributes[..i].contains(name) {
+                return Err(source.error_at(&here, format!("{name:?} is listed twice")));
+            }
         }
         if let Some(files) = &config.admin_tls
             && files.client_ca_path.is_some()
@@ -616,6 +743,8 @@ impl Config {
                 .enabled
                 .then(|| Prefix::parse(&self.self_service.path_prefix).ok())
                 .flatten(),
+            metadata_attributes: self.metadata_attributes.clone(),
+            hold_timeout: i64::try_from(self.quota.hold_timeout.as_secs()).unwrap_or(i64::MAX),
         }
     }
 }
@@ -666,12 +795,78 @@ metering:
         assert_eq!(c.admin_listen.port(), 9002);
         assert_eq!(c.admin_token, None);
         assert_eq!(c.environment.as_deref(), Some("prod"));
-        assert_eq!(c.catalog.path, PathBuf::from("/etc/tollgate/catalog.yaml"));
+        assert_eq!(
+            c.catalog.path,
+            Some(PathBuf::from("/etc/tollgate/catalog.yaml"))
+        );
         assert_eq!(c.metering.dir, PathBuf::from("/etc/tollgate/./data"));
         assert_eq!(c.quota.on_store_error, OnStoreError::Allow);
         let c = load_text(text, &[("TOLLGATE_ADMIN_TOKEN", "s3cret"), ("ENV", "test")]).unwrap();
         assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
         assert_eq!(c.environment.as_deref(), Some("test"));
+    }
+
+    #[test]
+    fn a_remote_catalog_is_one_safe_source() {
+        let c = load_text(
+            "catalog:\n  url: https://portal.example.com/catalog\n  headers: {authorization: 'Bearer ${T}'}\n  ca_path: ca.crt\n",
+            &[("T", "tok")],
+        )
+        .unwrap();
+        assert_eq!(c.catalog.path, None);
+        assert_eq!(c.catalog.poll_interval, Duration::from_secs(30));
+        assert_eq!(c.catalog.timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.catalog.headers.get("authorization").map(String::as_str),
+            Some("Bearer tok")
+        );
+        assert!(c.catalog.ca_path.is_some_and(|p| p.is_absolute()));
+        for (text, expected) in [
+            ("catalog: {}\n", "catalog.path (a file) or catalog.url"),
+            (
+                "catalog: {path: c.yaml, url: 'https://x.example/c'}\n",
+                "not both",
+            ),
+            ("catalog: {url: 'http://x.example/c'}\n", "must be https"),
+            (
+                "catalog: {url: 'https://u:p@x.example/c'}\n",
+                "put them in catalog.headers",
+            ),
+            (
+                "catalog: {url: 'https://x.example/c', poll_interval: 10ms}\n",
+                "at least 1s",
+            ),
+            (
+                "catalog: {url: 'https://x.example/c', headers: {'bad name': x}}\n",
+                "not a header name",
+            ),
+        ] {
+            let e = load_err(text, &[]);
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        let e = load_err(
+            "catalog: {url: 'https://x.example/c', headers: {authorization: \"${T}\"}}\n",
+            &[("T", "Bearer s3cret\u{1}")],
+        );
+        assert!(
+            e.contains("not a valid header value") && !e.contains("s3cret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn metadata_attributes_are_names_listed_once() {
+        let c = load_text(
+            "catalog: {path: c.yaml}\nmetadata_attributes: [deprecated, tier]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.settings().metadata_attributes, vec!["deprecated", "tier"]);
+        let e = load_err(
+            "catalog: {path: c.yaml}\nmetadata_attributes: [tier, tier]\n",
+            &[],
+        );
+        assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::app::http::{self, Acceptor, HttpLimits};
 use crate::app::metrics::{Metrics, MetricsError};
 use crate::app::tls::{self, Alpn, TlsError, TlsServer};
 use crate::billing::{Billing, BillingError};
+use crate::catalog::remote::{Remote, RemoteError, Validators};
 use crate::catalog::{Catalog, CatalogHandle, watch as catalog_watch};
 use crate::check::Authorizer;
 use crate::credits::journal::Journal;
@@ -25,6 +26,7 @@ use crate::credits::{CreditMetrics, Credits};
 use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
+use crate::envoy::ext_proc::ExtProcService;
 use crate::history;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::metering::{Metering, MeteringError};
@@ -63,6 +65,9 @@ pub enum ServeError {
     /// The catalog could not be loaded at start.
     #[error(transparent)]
     Catalog(#[from] SourceError),
+    /// The remote catalog could not be set up, fetched nor read from its cached copy at start.
+    #[error(transparent)]
+    RemoteCatalog(#[from] RemoteError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -119,7 +124,21 @@ pub enum ServeError {
 /// Runs the sidecar until a shutdown signal.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let metrics = Metrics::new()?;
-    let loaded = catalog_watch::read(&config.catalog.path, None).await?;
+    let (loaded, follow) = match &config.catalog.path {
+        Some(path) => (
+            catalog_watch::read(path, None).await?,
+            Follow::File(path.clone()),
+        ),
+        None => {
+            let remote = Remote::new(
+                &config.catalog,
+                &config.metering.dir,
+                metrics.catalog.clone(),
+            )?;
+            let (loaded, validators) = remote.start().await?;
+            (Some(loaded), Follow::Remote(Box::new(remote), validators))
+        }
+    };
     let handle = Arc::new(CatalogHandle::new(Catalog::default()));
     let snapshot = Arc::new(Snapshot::new(handle.clone(), Some(metrics.catalog.clone())));
     let installer: catalog_watch::Installer = {
@@ -130,7 +149,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Some(loaded) => {
             catalog_watch::install(&installer, loaded, &metrics.catalog).map_err(|message| {
                 SourceError {
-                    file: config.catalog.path.clone(),
+                    file: config
+                        .catalog
+                        .path
+                        .clone()
+                        .unwrap_or_else(|| follow.name().into()),
                     position: None,
                     message,
                 }
@@ -245,6 +268,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             Arc::new(RedisStore::connect(options, &metrics.registry).await?)
         }
     };
+    metering.settle_into(Arc::clone(&quota));
     let jwt = match &config.identity.jwt {
         Some(jwt) => {
             let jwt_metrics = JwtMetrics::register(&metrics.registry)?;
@@ -310,7 +334,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             AuthorizationServer::new(AuthzService::new(authorizer.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)));
+        .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)))
+        .add_service(
+            ExtProcService::new(
+                handle.clone(),
+                config.genai.max_buffer_bytes,
+                &metrics.registry,
+            )?
+            .into_server(),
+        );
     let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &grpc_tls {
             None => Box::pin(grpc.serve_with_incoming_shutdown(
@@ -369,13 +401,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         paywall,
         shutdown_rx.clone(),
     ));
-    let watcher = tokio::spawn(catalog_watch::run(
-        config.catalog.path.clone(),
-        installer,
-        digest,
-        metrics.catalog.clone(),
-        shutdown_rx.clone(),
-    ));
+    let watcher = match follow {
+        Follow::File(path) => tokio::spawn(catalog_watch::run(
+            path,
+            installer,
+            digest,
+            metrics.catalog.clone(),
+            shutdown_rx.clone(),
+        )),
+        Follow::Remote(remote, validators) => {
+            let poll = remote.run(installer, validators, digest, shutdown_rx.clone());
+            tokio::spawn(async move {
+                poll.await;
+                Ok(())
+            })
+        }
+    };
     let deliverer = billing.clone().map(|billing| {
         let shutdown = shutdown_rx.clone();
         tokio::spawn(async move { billing.run(shutdown).await })
@@ -386,6 +427,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         async move { metering.run(shutdown).await }
     });
     tokio::spawn(history::prune(Arc::new(store.clone()), shutdown_rx.clone()));
+    let releaser = tokio::spawn(release_holds(
+        Arc::clone(&quota),
+        config.quota.hold_timeout,
+        shutdown_rx.clone(),
+    ));
     let sweeper = tokio::spawn(sweep(authorizer.clone(), shutdown_rx));
     tracing::info!(
         grpc = %config.grpc_listen,
@@ -404,6 +450,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let (grpc, ()) = tokio::join!(grpc, admin);
     sweeper.abort();
+    releaser.abort();
     if let Some((task, store, dir)) = persister {
         let _ = task.await;
         // The listeners are closed: this save holds every charge, and comes before the sweep below empties
@@ -441,6 +488,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Err(e) => tracing::warn!(error = %e, "catalog watcher ended abnormally"),
     }
     Ok(())
+}
+
+/// Where catalog changes come from after the first load.
+enum Follow {
+    /// A file, watched.
+    File(std::path::PathBuf),
+    /// `catalog.url`, polled from the validators the first catalog came with.
+    Remote(Box<Remote>, Validators),
+}
+
+impl Follow {
+    /// The catalog's name in errors.
+    fn name(&self) -> String {
+        match self {
+            Follow::File(path) => path.display().to_string(),
+            Follow::Remote(remote, _) => remote.shown().to_owned(),
+        }
+    }
 }
 
 /// Migrates the state store and reads it in full (retrying while it is down: Checks serve the catalog file
@@ -511,6 +576,37 @@ async fn signalled(mut rx: watch::Receiver<bool>) {
     while !*rx.borrow() {
         if rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Gives back the token quota reserves whose access-log entry did not come within `quota.hold_timeout`, checked
+/// four times per timeout (at least every second, at most every minute).
+async fn release_holds(
+    quota: Arc<dyn QuotaStore>,
+    hold_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut every =
+        tokio::time::interval((hold_timeout / 4).clamp(Duration::from_secs(1), SWEEP_EVERY));
+    let mut last_warning = 0;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = signalled(shutdown.clone()) => return,
+        }
+        let now = unix_now();
+        match quota.release_expired(now).await {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(
+                released,
+                "token quota reserves released: their calls were not settled in time"
+            ),
+            Err(e) if now - last_warning >= 60 => {
+                last_warning = now;
+                tracing::warn!(error = %e, "token quota reserves could not be released; retrying");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Reading a catalog file and validating it into a [`Catalog`]; every error names its file, line and column.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::Path;
@@ -13,7 +13,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use super::keys::KeyTable;
 use super::{
     App, Approval, Catalog, Developer, Key, Meter, MeterValue, Operation, Product, Status,
-    StatusMatch, Subscription, SubscriptionStatus,
+    StatusMatch, Subscription, SubscriptionStatus, TokenQuota,
 };
 use crate::credits::{Prepaid, RefillPolicy};
 use crate::identity::api_key::KeyHash;
@@ -62,6 +62,8 @@ struct RawProduct {
     prepaid: Option<RawPrepaid>,
     #[serde(default)]
     stripe_credit_prices: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +93,8 @@ struct RawLimit {
     #[serde(default = "one_u32")]
     interval: u32,
     unit: Unit,
+    counts: Option<String>,
+    reserve: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +110,9 @@ struct RawOperation {
     #[serde(default = "one_u64")]
     cost: u64,
     prepaid: Option<RawOperationPrepaid>,
+    quota_group: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -290,9 +297,9 @@ impl Builder<'_> {
 
     fn product(&self, at: &[PathSeg<'_>; 2], p: RawProduct) -> Result<Product, SourceError> {
         let name = non_empty(self, at, "name", p.name)?;
-        let quota = match p.quota {
+        let (quota, quota_tokens) = match p.quota {
             Some(q) => self.limits(&[at[0], at[1], PathSeg::Key("quota")], q)?,
-            None => Vec::new(),
+            None => (Vec::new(), None),
         };
         if p.operations.is_empty() {
             return Err(self.err(
@@ -304,7 +311,7 @@ impl Builder<'_> {
         let mut op_names = HashSet::new();
         for (o, op) in p.operations.into_iter().enumerate() {
             let at = [at[0], at[1], PathSeg::Key("operations"), PathSeg::Index(o)];
-            let operation = self.operation(&at, op)?;
+            let operation = self.operation(&at, op, &p.attributes)?;
             if !op_names.insert(operation.name.clone()) {
                 return Err(self.err(
                     &at,
@@ -316,6 +323,7 @@ impl Builder<'_> {
             }
             operations.push(operation);
         }
+        self.quota_groups(at, &name, &operations)?;
         let meter = match p.meter {
             Some(m) => Some(self.meter(&[at[0], at[1], PathSeg::Key("meter")], m)?),
             None => None,
@@ -381,7 +389,67 @@ impl Builder<'_> {
             stripe_prices,
             prepaid,
             credit_prices,
+            attributes: p.attributes,
+            quota_tokens,
         })
+    }
+
+    /// Operations that share a `quota_group` share one counter, so they must agree on the quota it holds; a
+    /// group named like another operation would share that operation's counter by accident.
+    fn quota_groups(
+        &self,
+        at: &[PathSeg<'_>; 2],
+        product: &str,
+        operations: &[Operation],
+    ) -> Result<(), SourceError> {
+        for (o, op) in operations.iter().enumerate() {
+            let Some(group) = &op.quota_group else {
+                continue;
+            };
+            let here = [
+                at[0],
+                at[1],
+                PathSeg::Key("operations"),
+                PathSeg::Index(o),
+                PathSeg::Key("quota_group"),
+            ];
+            let Some(quota) = &op.quota else {
+                return Err(self.err(
+                    &here,
+                    format!(
+                        "operation {:?} has a quota_group but no quota of its own",
+                        op.name
+                    ),
+                ));
+            };
+            let first = operations
+                .iter()
+                .find(|other| other.quota_group.as_ref() == Some(group));
+            if let Some(first) = first
+                && (first.quota.as_ref() != Some(quota) || first.quota_tokens != op.quota_tokens)
+            {
+                return Err(self.err(
+                    &here,
+                    format!(
+                        "operations {:?} and {:?} share quota_group {group:?} with different quotas: a group has one counter",
+                        first.name, op.name
+                    ),
+                ));
+            }
+            if let Some(other) = operations
+                .iter()
+                .find(|other| other.name == *group && other.quota_group.as_ref() != Some(group))
+            {
+                return Err(self.err(
+                    &here,
+                    format!(
+                        "quota_group {group:?} of product {product:?} is also the name of operation {:?} outside the group: rename one",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn prepaid(&self, at: &[PathSeg<'_>; 3], raw: RawPrepaid) -> Result<Prepaid, SourceError> {
@@ -419,9 +487,10 @@ impl Builder<'_> {
         &self,
         at: &[PathSeg<'_>],
         raw: OneOrMany<RawLimit>,
-    ) -> Result<Vec<Limit>, SourceError> {
+    ) -> Result<(Vec<Limit>, Option<TokenQuota>), SourceError> {
         let many = raw.0.len() > 1;
         let mut limits = Vec::with_capacity(raw.0.len());
+        let mut counted: Vec<(Option<String>, Option<u64>)> = Vec::with_capacity(raw.0.len());
         for (i, l) in raw.0.into_iter().enumerate() {
             let mut here = at.to_vec();
             if many {
@@ -448,6 +517,48 @@ impl Builder<'_> {
                     ),
                 ));
             }
+            if let Some(counts) = &l.counts
+                && usage_key(counts).is_none()
+            {
+                here.push(PathSeg::Key("counts"));
+                return Err(self.err(
+                    &here,
+                    format!("quota counts {counts:?} is not genai:input_tokens, genai:output_tokens, genai:total_tokens or response_json:/<pointer>"),
+                ));
+            }
+            match (&l.counts, l.reserve) {
+                (None, Some(_)) => {
+                    here.push(PathSeg::Key("reserve"));
+                    return Err(self.err(
+                        &here,
+                        "reserve needs counts: a call quota spends the operation's cost",
+                    ));
+                }
+                (Some(_), None | Some(0)) => {
+                    here.push(PathSeg::Key("reserve"));
+                    return Err(self.err(
+                        &here,
+                        "a quota that counts a meter value needs reserve >= 1: what the Check holds until the response tells the real count",
+                    ));
+                }
+                (Some(_), Some(reserve)) if reserve > l.limit => {
+                    here.push(PathSeg::Key("reserve"));
+                    return Err(self.err(
+                        &here,
+                        format!("reserve {reserve} is above the limit {}: no call would ever be admitted", l.limit),
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(first) = counted.first()
+                && *first != (l.counts.clone(), l.reserve)
+            {
+                return Err(self.err(
+                    &here,
+                    "every limit of one quota counts the same thing with the same reserve: split calls and tokens over the product and its operations",
+                ));
+            }
+            counted.push((l.counts, l.reserve));
             limits.push(Limit {
                 limit: l.limit,
                 interval: l.interval,
@@ -457,10 +568,19 @@ impl Builder<'_> {
         if limits.is_empty() {
             return Err(self.err(at, "quota list is empty: remove `quota` for no limit"));
         }
-        Ok(limits)
+        let tokens = match counted.into_iter().next() {
+            Some((Some(counts), Some(reserve))) => Some(TokenQuota { counts, reserve }),
+            _ => None,
+        };
+        Ok((limits, tokens))
     }
 
-    fn operation(&self, at: &[PathSeg<'_>; 4], op: RawOperation) -> Result<Operation, SourceError> {
+    fn operation(
+        &self,
+        at: &[PathSeg<'_>; 4],
+        op: RawOperation,
+        product_attributes: &BTreeMap<String, String>,
+    ) -> Result<Operation, SourceError> {
         let api = non_empty(self, at, "api", op.api)?;
         if op.paths.is_empty() {
             return Err(self.err(
@@ -502,9 +622,13 @@ impl Builder<'_> {
             }
             methods.push(m.to_ascii_uppercase());
         }
-        let quota = match op.quota {
-            Some(q) => Some(self.limits(&[at[0], at[1], at[2], at[3], PathSeg::Key("quota")], q)?),
-            None => None,
+        let (quota, quota_tokens) = match op.quota {
+            Some(q) => {
+                let (limits, tokens) =
+                    self.limits(&[at[0], at[1], at[2], at[3], PathSeg::Key("quota")], q)?;
+                (Some(limits), tokens)
+            }
+            None => (None, None),
         };
         let name = match op.name {
             Some(n) if !n.is_empty() => n,
@@ -516,12 +640,26 @@ impl Builder<'_> {
             }
             None => default_operation_name(&api, &methods, &op.paths),
         };
+        let quota_group = match op.quota_group {
+            Some(g) if g.is_empty() => {
+                return Err(self.err(
+                    &[at[0], at[1], at[2], at[3], PathSeg::Key("quota_group")],
+                    "quota_group is empty",
+                ));
+            }
+            other => other,
+        };
+        let mut attributes = product_attributes.clone();
+        attributes.extend(op.attributes);
         Ok(Operation {
             name,
             api,
             paths,
             methods,
             quota,
+            quota_tokens,
+            quota_group,
+            attributes: Arc::new(attributes),
             cost: op.cost,
             prepaid_cost: match op.prepaid {
                 Some(p) if p.cost > MAX_CREDITS => {
@@ -542,13 +680,16 @@ impl Builder<'_> {
             "calls" => MeterValue::Calls,
             "request_bytes" => MeterValue::RequestBytes,
             "response_bytes" => MeterValue::ResponseBytes,
-            other => match other.strip_prefix("response_header:") {
-                Some(h) if is_header_name(h) => MeterValue::ResponseHeader(h.to_ascii_lowercase()),
+            other => match (other.strip_prefix("response_header:"), usage_key(other)) {
+                (Some(h), _) if is_header_name(h) => {
+                    MeterValue::ResponseHeader(h.to_ascii_lowercase())
+                }
+                (_, Some(key)) => MeterValue::Usage(key),
                 _ => {
                     return Err(self.err(
                         &[at[0], at[1], at[2], PathSeg::Key("value")],
                         format!(
-                            "meter value {other:?} is not one of calls, request_bytes, response_bytes, response_header:<name>"
+                            "meter value {other:?} is not one of calls, request_bytes, response_bytes, response_header:<name>, genai:input_tokens, genai:output_tokens, genai:total_tokens, response_json:/<pointer>"
                         ),
                     ));
                 }
@@ -703,6 +844,19 @@ fn is_header_name(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// A usage value the response body reports (CONTRACT §11), as meters and token quotas name it.
+fn usage_key(text: &str) -> Option<String> {
+    match text {
+        "genai:input_tokens" | "genai:output_tokens" | "genai:total_tokens" => {
+            Some(text.to_owned())
+        }
+        _ => text
+            .strip_prefix("response_json:")
+            .filter(|pointer| pointer.starts_with('/') && !pointer.chars().any(char::is_control))
+            .map(|_| text.to_owned()),
+    }
+}
+
 fn parse_status_match(s: &str) -> Option<StatusMatch> {
     let b = s.as_bytes();
     if b.len() != 3 || !(b'1'..=b'5').contains(&b[0]) {
@@ -763,6 +917,57 @@ developers:
           - hash: sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
             expires_at: 2027-01-01T00:00:00Z
 ";
+
+    #[test]
+    fn attributes_and_quota_groups() {
+        let c = parse_text(
+            "products:\n  - name: p\n    attributes: {deprecated: 'false', tier: gold, version: 2}\n    operations:\n      - {name: read, api: a, paths: [/pets], methods: [GET], quota: {limit: 5, unit: day}, quota_group: pets}\n      - {name: write, api: a, paths: [/pets], methods: [POST], quota: {limit: 5, unit: day}, quota_group: pets, attributes: {deprecated: 'true'}}\n      - {name: other, api: a, paths: [/other]}\n",
+        )
+        .unwrap();
+        let ops = &c.products()[0].operations;
+        assert_eq!(ops[0].counter(), "pets");
+        assert_eq!(ops[1].counter(), "pets");
+        assert_eq!(ops[2].counter(), "other");
+        assert_eq!(
+            ops[0].attributes.get("deprecated").map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            ops[1].attributes.get("deprecated").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            ops[1].attributes.get("tier").map(String::as_str),
+            Some("gold")
+        );
+        assert_eq!(
+            ops[2].attributes.get("version").map(String::as_str),
+            Some("2")
+        );
+
+        let product = "products:\n  - name: p\n    operations:\n";
+        for (ops, expected) in [
+            (
+                "      - {name: r, api: a, paths: [/], quota: {limit: 5, unit: day}, quota_group: g}\n      - {name: w, api: a, paths: [/w], quota: {limit: 6, unit: day}, quota_group: g}\n",
+                "catalog.yaml:5:83: operations \"r\" and \"w\" share quota_group \"g\" with different quotas",
+            ),
+            (
+                "      - {name: r, api: a, paths: [/], quota_group: g}\n",
+                "catalog.yaml:4:52: operation \"r\" has a quota_group but no quota of its own",
+            ),
+            (
+                "      - {name: g, api: a, paths: [/], quota: {limit: 5, unit: day}}\n      - {name: w, api: a, paths: [/w], quota: {limit: 5, unit: day}, quota_group: g}\n",
+                "quota_group \"g\" of product \"p\" is also the name of operation \"g\" outside the group",
+            ),
+            (
+                "      - {name: r, api: a, paths: [/], quota: {limit: 5, unit: day}, quota_group: ''}\n",
+                "quota_group is empty",
+            ),
+        ] {
+            let e = error(&format!("{product}{ops}"));
+            assert!(e.contains(expected), "{e}");
+        }
+    }
 
     #[test]
     fn a_full_catalog_loads() {

@@ -1,6 +1,8 @@
 //! The catalog's Prometheus metrics: what the current snapshot holds and how reloads went.
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use std::time::SystemTime;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// What the catalog loader and watcher count.
 #[derive(Debug, Clone)]
@@ -15,6 +17,10 @@ pub struct CatalogMetrics {
     pub products: IntGauge,
     /// Apps in the current catalog.
     pub apps: IntGauge,
+    /// Polls of a remote catalog by result: ok, not_modified, unchanged, invalid, error.
+    pub fetches: IntCounterVec,
+    /// When a remote catalog was last fetched and installed (Unix seconds; 0: never).
+    pub fetch_last_success: IntGauge,
 }
 
 impl CatalogMetrics {
@@ -36,12 +42,37 @@ impl CatalogMetrics {
         registry.register(Box::new(keys.clone()))?;
         registry.register(Box::new(products.clone()))?;
         registry.register(Box::new(apps.clone()))?;
+        let fetches = IntCounterVec::new(
+            Opts::new(
+                "catalog_fetches_total",
+                "polls of catalog.url by result (ok, not_modified, unchanged, invalid, error)",
+            ),
+            &["result"],
+        )?;
+        let fetch_last_success = IntGauge::new(
+            "catalog_fetch_last_success_timestamp_seconds",
+            "when catalog.url last served a catalog that was installed (Unix seconds)",
+        )?;
+        registry.register(Box::new(fetches.clone()))?;
+        registry.register(Box::new(fetch_last_success.clone()))?;
         Ok(CatalogMetrics {
             generation,
             reload_errors,
             keys,
             products,
             apps,
+            fetches,
+            fetch_last_success,
         })
+    }
+
+    /// Counts one poll of a remote catalog.
+    pub fn fetch(&self, result: &str) {
+        self.fetches.with_label_values(&[result]).inc();
+    }
+
+    /// Records a remote catalog fetched and installed at `at`.
+    pub fn fetched_at(&self, at: SystemTime) {
+        self.fetch_last_success.set(super::remote::unix_seconds(at));
     }
 }

@@ -7,9 +7,10 @@
 pub mod keys;
 mod load;
 pub mod metrics;
+pub mod remote;
 pub mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -107,6 +108,19 @@ pub enum MeterValue {
     ResponseBytes,
     /// The integer value of this response header (lowercase name).
     ResponseHeader(String),
+    /// A value the response body reported, read by ext_proc (CONTRACT §11): `genai:input_tokens`,
+    /// `genai:output_tokens`, `genai:total_tokens` or `response_json:<JSON pointer>`.
+    Usage(String),
+}
+
+/// A quota that counts a meter value (tokens) instead of calls: each call holds `reserve` at the Check and
+/// is settled to what its response reported (CONTRACT §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenQuota {
+    /// The usage key counted, as [`MeterValue::Usage`] names it.
+    pub counts: String,
+    /// Units held per call until its response ends; a call is admitted only while this fits.
+    pub reserve: u64,
 }
 
 /// A response status class or code that makes a call billable (`2xx` or `201`).
@@ -154,6 +168,10 @@ pub struct Product {
     pub prepaid: Option<Prepaid>,
     /// Stripe price ids whose paid invoice lines add this many credits per unit.
     pub credit_prices: Vec<(String, u64)>,
+    /// Custom attributes (Apigee's), for people and for `metadata_attributes`.
+    pub attributes: BTreeMap<String, String>,
+    /// When the product's quota counts tokens: what and how much a call reserves.
+    pub quota_tokens: Option<TokenQuota>,
 }
 
 impl Product {
@@ -178,10 +196,24 @@ pub struct Operation {
     pub methods: Vec<String>,
     /// The operation's own quota, which replaces the product's when present.
     pub quota: Option<Vec<Limit>>,
+    /// When the operation's own quota counts tokens: what and how much a call reserves.
+    pub quota_tokens: Option<TokenQuota>,
+    /// Operations of a product with the same group share one counter of their (equal) quota, as an Apigee
+    /// operation configuration's operations do.
+    pub quota_group: Option<String>,
+    /// The product's attributes overlaid with the operation's own: what `metadata_attributes` reads.
+    pub attributes: Arc<BTreeMap<String, String>>,
     /// Units one call spends.
     pub cost: u64,
     /// Credits one call spends, overriding the product's `prepaid.cost`.
     pub prepaid_cost: Option<u64>,
+}
+
+impl Operation {
+    /// The name of the counter the operation's own quota lives under: its group's, else its own.
+    pub fn counter(&self) -> &str {
+        self.quota_group.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A developer (a person or a company account) who owns apps.

@@ -41,16 +41,32 @@ pub struct WatchError {
 /// blocking thread: large catalogs take a while to parse.
 pub async fn read(path: &Path, known: Option<[u8; 32]>) -> Result<Option<Loaded>, SourceError> {
     let path = path.to_path_buf();
-    let task = tokio::task::spawn_blocking(move || {
-        let source = Source::read(&path)?;
-        let digest: [u8; 32] = Sha256::digest(source.text().as_bytes()).into();
-        if known == Some(digest) {
-            return Ok(None);
-        }
-        let catalog = super::parse(&source)?;
-        Ok(Some(Loaded { catalog, digest }))
-    });
-    match task.await {
+    blocking(move || validate(Source::read(&path)?, known)).await
+}
+
+/// Validates catalog `text` (named `name` in errors), unless it hashes to `known` (then `None`), on a blocking
+/// thread. The text is taken as it is: no `${VAR}` expansion.
+pub async fn parse_text(
+    name: PathBuf,
+    text: String,
+    known: Option<[u8; 32]>,
+) -> Result<Option<Loaded>, SourceError> {
+    blocking(move || validate(Source::from_text(name, text), known)).await
+}
+
+fn validate(source: Source, known: Option<[u8; 32]>) -> Result<Option<Loaded>, SourceError> {
+    let digest: [u8; 32] = Sha256::digest(source.text().as_bytes()).into();
+    if known == Some(digest) {
+        return Ok(None);
+    }
+    let catalog = super::parse(&source)?;
+    Ok(Some(Loaded { catalog, digest }))
+}
+
+async fn blocking(
+    load: impl FnOnce() -> Result<Option<Loaded>, SourceError> + Send + 'static,
+) -> Result<Option<Loaded>, SourceError> {
+    match tokio::task::spawn_blocking(load).await {
         Ok(result) => result,
         Err(e) => Err(SourceError {
             file: PathBuf::new(),

@@ -15,7 +15,7 @@ use crate::credits::{Credits, Spend, SpendError};
 use crate::history::HistoryStore;
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::{self, Caller, Presented};
-use crate::quota::{QuotaStore, StoreError};
+use crate::quota::{Hold, Limit, QuotaStore, StoreError};
 use crate::selfservice;
 use crate::util::clock::unix_now;
 use crate::util::throttle::OncePerSecond;
@@ -131,6 +131,7 @@ impl Authorizer {
             ratelimit: None,
             retry_after: None,
             credits_remaining: None,
+            quota_reserved: 0,
         };
         let answer = match entitle(caller, catalog, &self.settings, now, &mut decision.identity) {
             Err((reason, message)) => {
@@ -200,7 +201,10 @@ impl Authorizer {
         let now = unix_now();
         let decision = match plan::plan(request, caller, catalog, &self.settings, now) {
             Plan::Decided(decision) => decision,
-            Plan::Charge(pending) => self.charge(pending, now).await,
+            Plan::Charge(pending) => {
+                let request_id = request.headers.get("x-request-id").map(String::as_str);
+                self.charge(pending, request_id, now).await
+            }
         };
         self.metrics.record_decision(decision.reason);
         decision
@@ -208,7 +212,12 @@ impl Authorizer {
 
     /// Holds the call's credits, charges its quota, and completes the decision: credits are committed only
     /// when the call is allowed, so a refusal by either spends neither.
-    async fn charge<'a>(&'a self, pending: Pending<'a>, now: i64) -> Decision<'a> {
+    async fn charge<'a>(
+        &'a self,
+        pending: Pending<'a>,
+        request_id: Option<&str>,
+        now: i64,
+    ) -> Decision<'a> {
         let hold = match pending.credits() {
             None => None,
             Some(c) => {
@@ -233,11 +242,47 @@ impl Authorizer {
         } else {
             QuotaAnswer::NoQuota
         };
+        let token_bucket = pending.token_bucket();
         let mut decision = pending.finish(answer);
+        if let Some((bucket, limits)) = token_bucket
+            && decision.quota_reserved > 0
+        {
+            self.hold(request_id, &bucket, limits, decision.quota_reserved, now)
+                .await;
+        }
         if let (true, Some(hold), Some(credits)) = (decision.allowed(), hold, &self.credits) {
             decision.credits_remaining = Some(credits.commit(hold));
         }
         decision
+    }
+
+    /// Records a token quota's reserve as held until its access-log entry settles it. A failure leaves the
+    /// reserve charged without a timeout (its entry still settles it), so it is logged, not refused.
+    async fn hold(
+        &self,
+        request_id: Option<&str>,
+        bucket: &str,
+        limits: &[Limit],
+        reserve: u64,
+        now: i64,
+    ) {
+        let Some(id) = request_id.filter(|id| !id.is_empty()) else {
+            return;
+        };
+        let hold = Hold {
+            id,
+            bucket,
+            limits,
+            reserve,
+            at: now,
+            until: now.saturating_add(self.settings.hold_timeout),
+        };
+        if let Err(e) = self.quota.hold(&hold).await {
+            self.metrics.quota_store_errors.inc();
+            if self.last_store_warning.allow(now) {
+                tracing::warn!(error = %e, "token quota reserve not recorded: it is settled by the access log but never released by its timeout");
+            }
+        }
     }
 
     /// Asks the quota store, or the local fallback when it fails and the API's policy allows.

@@ -45,7 +45,7 @@ pub(crate) fn bucket_key(owner: Owner<'_>, product: &str, operation: Option<&str
 pub struct AppQuota<'a> {
     /// The product.
     pub product: &'a str,
-    /// The operation, when the counter is its own quota.
+    /// The operation (or its `quota_group`), when the counter is its own quota.
     pub operation: Option<&'a str>,
     /// The quota store's bucket.
     pub bucket: String,
@@ -82,12 +82,17 @@ pub(crate) fn owner_quotas<'a>(
                 limits: &product.quota,
             });
         }
-        for operation in &product.operations {
-            if let Some(limits) = operation.quota.as_deref().filter(|l| !l.is_empty()) {
+        for (i, operation) in product.operations.iter().enumerate() {
+            let grouped_before = product.operations[..i]
+                .iter()
+                .any(|o| o.quota_group.is_some() && o.quota_group == operation.quota_group);
+            if let Some(limits) = operation.quota.as_deref().filter(|l| !l.is_empty())
+                && !grouped_before
+            {
                 quotas.push(AppQuota {
                     product: &product.name,
-                    operation: Some(&operation.name),
-                    bucket: bucket_key(owner, &product.name, Some(&operation.name)),
+                    operation: Some(operation.counter()),
+                    bucket: bucket_key(owner, &product.name, Some(operation.counter())),
                     limits,
                 });
             }

@@ -1,5 +1,7 @@
 //! A decision while it is made: borrowed from the request and the catalog snapshot, so planning copies nothing.
 
+use std::collections::BTreeMap;
+
 use crate::check::Reason;
 use crate::quota::{LimitState, Outcome};
 
@@ -18,6 +20,8 @@ pub struct Identity<'a> {
     pub product: Option<&'a str>,
     /// The operation that covered the request.
     pub operation: Option<&'a str>,
+    /// The covered operation's attributes (its product's overlaid with its own).
+    pub attributes: Option<&'a BTreeMap<String, String>>,
 }
 
 /// The answer to one request.
@@ -39,6 +43,8 @@ pub struct Decision<'a> {
     pub retry_after: Option<u64>,
     /// On an allowed prepaid call: the owner's balance left (`tollgate-credits-remaining`).
     pub credits_remaining: Option<u64>,
+    /// On an allowed call under a token quota: the units it holds until its access-log entry settles them.
+    pub quota_reserved: u64,
 }
 
 impl Decision<'_> {

@@ -42,6 +42,7 @@ pub(crate) fn entitle<'a>(
             stripe_customer: developer.and_then(|d| d.stripe_customer.as_deref()),
             product: None,
             operation: None,
+            attributes: None,
         }
     };
     let (app, scopes) = match caller {
@@ -198,6 +199,7 @@ fn account<'a>(
             .or(listed.and_then(|d| d.stripe_customer.as_deref())),
         product: None,
         operation: None,
+        attributes: None,
     };
     let Some(owner) = known.company.or(developer) else {
         return Err((

@@ -21,6 +21,8 @@ pub struct Pending<'a> {
     bucket: String,
     limits: &'a [Limit],
     cost: u64,
+    /// The token quota's reserve (the call's cost then), or 0 for a call quota.
+    reserve: u64,
     product: &'a Product,
     credits: Option<CreditCharge<'a>>,
     now: i64,
@@ -64,6 +66,7 @@ pub fn plan<'a>(
         ratelimit: None,
         retry_after: None,
         credits_remaining: None,
+        quota_reserved: 0,
     };
     let deny = |mut d: Decision<'a>, reason: Reason, message: String| {
         d.reason = reason;
@@ -204,17 +207,21 @@ pub fn plan<'a>(
     };
     decision.identity.product = Some(&product.name);
     decision.identity.operation = Some(&operation.name);
+    decision.identity.attributes = Some(&operation.attributes);
 
-    let (limits, bucket) = match &operation.quota {
+    let (limits, bucket, tokens) = match &operation.quota {
         Some(limits) => (
             limits.as_slice(),
-            bucket_key(owner, &product.name, Some(&operation.name)),
+            bucket_key(owner, &product.name, Some(operation.counter())),
+            operation.quota_tokens.as_ref(),
         ),
         None => (
             product.quota.as_slice(),
             bucket_key(owner, &product.name, None),
+            product.quota_tokens.as_ref(),
         ),
     };
+    let reserve = tokens.map_or(0, |t| t.reserve);
     let credits = match product.prepaid {
         Some(prepaid) => {
             let cost = operation.prepaid_cost.unwrap_or(prepaid.cost);
@@ -247,7 +254,8 @@ pub fn plan<'a>(
         decision,
         bucket,
         limits,
-        cost: operation.cost,
+        cost: if reserve > 0 { reserve } else { operation.cost },
+        reserve,
         product,
         credits,
         now,
@@ -303,6 +311,11 @@ impl<'a> Pending<'a> {
         decision
     }
 
+    /// The bucket and limits charged, when the call's quota counts tokens (what its hold names).
+    pub fn token_bucket(&self) -> Option<(String, &'a [Limit])> {
+        (self.reserve > 0).then(|| (self.bucket.clone(), self.limits))
+    }
+
     /// What to ask the quota store.
     pub fn charge(&self, now: i64) -> Charge<'_> {
         Charge {
@@ -334,6 +347,7 @@ impl<'a> Pending<'a> {
         match outcome {
             Outcome::Allowed(state) => {
                 decision.ratelimit = Some(state);
+                decision.quota_reserved = self.reserve;
                 if fallback {
                     decision.reason = Reason::AllowedStoreError;
                 }

@@ -42,6 +42,10 @@ pub struct Settings {
     /// `self_service.path_prefix` when `self_service.enabled`: requests under it are answered by tollgate
     /// (`crate::selfservice`); `None` treats them as any other request.
     pub self_service: Option<Prefix>,
+    /// `metadata_attributes`: product and operation attributes the allow metadata carries as `attr_<name>`.
+    pub metadata_attributes: Vec<String>,
+    /// `quota.hold_timeout` in seconds: how long a token quota's reserve waits for its settlement.
+    pub hold_timeout: i64,
 }
 
 impl Settings {

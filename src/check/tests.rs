@@ -21,9 +21,10 @@ const CATALOG: &str = "\
 products:
   - name: free
     quota: {limit: 2, unit: minute}
+    attributes: {tier: free}
     operations:
       - {api: weather, paths: [/forecast], methods: [GET]}
-      - {api: weather, name: bulk, paths: [/bulk/**], quota: {limit: 100, unit: day}, cost: 10}
+      - {api: weather, name: bulk, paths: [/bulk/**], quota: {limit: 100, unit: day}, cost: 10, attributes: {deprecated: 'true'}}
   - name: open
     operations: [{api: status.example.com, paths: [/]}]
   - name: prodonly
@@ -44,6 +45,10 @@ products:
       - {api: weather, name: dear, paths: [/credits/dear], prepaid: {cost: 5}}
       - {api: weather, name: gratis, paths: [/credits/free], prepaid: {cost: 0}}
       - {api: weather, name: plain, paths: [/credits/**]}
+  - name: grouped
+    operations:
+      - {api: weather, name: read, paths: [/pets], methods: [GET], quota: {limit: 7, unit: day}, quota_group: pets}
+      - {api: weather, name: write, paths: [/pets], methods: [POST], quota: {limit: 7, unit: day}, quota_group: pets}
   - name: prepaid_quota
     prepaid: {cost: 1}
     quota: {limit: 3, unit: minute}
@@ -55,7 +60,7 @@ developers:
     apps:
       - name: weatherapp
         client_id: weatherapp-client
-        products: [{name: free}, {name: open}, {name: prodonly}, {name: pending}, {name: revoked, status: revoked}, {name: scoped}]
+        products: [{name: free}, {name: open}, {name: prodonly}, {name: pending}, {name: revoked, status: revoked}, {name: scoped}, {name: grouped}]
         keys:
           - {hash: 'sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'}
           - {hash: 'sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d', status: revoked}
@@ -92,6 +97,8 @@ fn world() -> World {
             upstream_identity_headers: true,
             stripe_grace: 100,
             self_service: None,
+            metadata_attributes: Vec::new(),
+            hold_timeout: 600,
         },
     }
 }
@@ -262,8 +269,14 @@ fn an_allowed_request_carries_identity_and_a_charge() {
             stripe_customer: Some("cus_1"),
             product: Some("free"),
             operation: Some("weather GET /forecast"),
+            attributes: w.catalog.products()[0].operations[0]
+                .attributes
+                .as_ref()
+                .into(),
         }
     );
+    let tier = d.identity.attributes.and_then(|a| a.get("tier"));
+    assert_eq!(tier.map(String::as_str), Some("free"));
     assert_eq!(d.environment, Some("test"));
 }
 
@@ -281,11 +294,22 @@ fn app_quotas_name_exactly_the_buckets_that_calls_charge() {
         [
             ("free", None, "weatherapp\u{1f}free", 2),
             ("free", Some("bulk"), "weatherapp\u{1f}free\u{1f}bulk", 100),
+            (
+                "grouped",
+                Some("pets"),
+                "weatherapp\u{1f}grouped\u{1f}pets",
+                7
+            ),
         ]
     );
     let h = headers(Some("abc"));
     let e = ext("weather");
-    for (method, path) in [("GET", "/forecast"), ("POST", "/bulk/x")] {
+    for (method, path) in [
+        ("GET", "/forecast"),
+        ("POST", "/bulk/x"),
+        ("GET", "/pets"),
+        ("POST", "/pets"),
+    ] {
         let Plan::Charge(pending) = decide_now(&w, method, path, &h, &e) else {
             panic!("expected a charge for {method} {path}");
         };

@@ -3,6 +3,8 @@
 //! Building it here rather than in the adapter keeps every rule about what reaches the upstream (credentials
 //! stripped, spoofed `x-tollgate-*` headers removed) in the protocol-free core, where it is unit-tested.
 
+use std::collections::BTreeMap;
+
 use crate::check::decision::{Decision, Identity};
 use crate::check::{Reason, Request, Settings};
 use crate::quota::LimitState;
@@ -39,6 +41,10 @@ pub struct Verdict {
     pub credits_remaining: Option<u64>,
     /// For a 401: the `www-authenticate` challenge naming every accepted scheme.
     pub challenge: Option<String>,
+    /// On allow: the covered operation's attributes that `metadata_attributes` lists, by name.
+    pub attributes: Vec<(String, String)>,
+    /// On an allowed call under a token quota: the units held (metadata `quota_reserved`; 0: none).
+    pub quota_reserved: u64,
     /// On allow: how the request is changed on its way upstream.
     pub upstream: Upstream,
     /// With [`Reason::SelfService`]: tollgate's own answer, sent to the client instead of the upstream's.
@@ -99,10 +105,13 @@ impl Verdict {
         challenge: &str,
     ) -> Verdict {
         let reason = decision.reason;
-        let upstream = if reason.allows() {
-            upstream(&decision.identity, request, settings)
+        let (upstream, attributes) = if reason.allows() {
+            (
+                upstream(&decision.identity, request, settings),
+                listed_attributes(decision.identity.attributes, &settings.metadata_attributes),
+            )
         } else {
-            Upstream::default()
+            (Upstream::default(), Vec::new())
         };
         let id = decision.identity;
         let own = |s: Option<&str>| s.map(str::to_owned);
@@ -124,11 +133,27 @@ impl Verdict {
             ratelimit: decision.ratelimit,
             retry_after: decision.retry_after,
             credits_remaining: decision.credits_remaining,
+            quota_reserved: decision.quota_reserved,
             challenge: (reason.http_status() == 401).then(|| challenge.to_owned()),
+            attributes,
             upstream,
             answer: None,
         }
     }
+}
+
+/// The attributes among `listed` that the covered operation (or its product) carries, in `listed` order.
+fn listed_attributes(
+    attributes: Option<&BTreeMap<String, String>>,
+    listed: &[String],
+) -> Vec<(String, String)> {
+    let Some(attributes) = attributes else {
+        return Vec::new();
+    };
+    listed
+        .iter()
+        .filter_map(|name| Some((name.clone(), attributes.get(name)?.clone())))
+        .collect()
 }
 
 /// One challenge per accepted scheme (RFC 9110 §11.6.1 allows several, comma-separated).
@@ -239,6 +264,7 @@ mod tests {
             }),
             retry_after: Some(30),
             credits_remaining: None,
+            quota_reserved: 0,
         }
     }
 
@@ -259,6 +285,29 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn only_listed_attributes_of_an_allowed_call_are_carried() {
+        let attributes: BTreeMap<String, String> = [("deprecated", "true"), ("tier", "gold")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut settings = settings();
+        settings.metadata_attributes = vec!["deprecated".into(), "absent".into()];
+        let headers = headers(&[]);
+        let request = request("/a", &headers);
+        let mut allowed = decision(Reason::Allowed);
+        allowed.identity.attributes = Some(&attributes);
+        let verdict = Verdict::new(allowed, &request, &settings, "c");
+        assert_eq!(
+            verdict.attributes,
+            vec![("deprecated".to_owned(), "true".to_owned())]
+        );
+        let mut denied = decision(Reason::QuotaExceeded);
+        denied.identity.attributes = Some(&attributes);
+        let verdict = Verdict::new(denied, &request, &settings, "c");
+        assert!(verdict.attributes.is_empty(), "allow metadata only");
     }
 
     #[test]

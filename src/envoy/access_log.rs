@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse,
 };
 use envoy_types::pb::google::protobuf::Timestamp;
+use envoy_types::pb::google::protobuf::value::Kind;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
 use tonic::service::Interceptor;
@@ -223,6 +224,16 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
         .and_then(|c| c.metadata.as_ref())
         .and_then(|m| m.filter_metadata.get(metadata::NAMESPACE));
     let field = |field: Field| metadata::read(authz, field);
+    let usage = common
+        .and_then(|c| c.metadata.as_ref())
+        .and_then(|m| m.filter_metadata.get(metadata::USAGE_NAMESPACE));
+    let quota_reserved = authz
+        .and_then(|s| s.fields.get(metadata::QUOTA_RESERVED))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => s.parse::<u64>().ok(),
+            _ => None,
+        })
+        .unwrap_or(0);
     let request_id = request
         .map(|r| {
             if r.request_id.is_empty() {
@@ -277,6 +288,8 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
                     .collect()
             })
             .unwrap_or_default(),
+        usage: metadata::read_usage(usage),
+        quota_reserved,
     }
 }
 

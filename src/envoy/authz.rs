@@ -235,6 +235,8 @@ mod tests {
             credits_remaining: None,
             challenge: (reason.http_status() == 401).then(|| "APIKey realm=\"tollgate\"".into()),
             upstream: Upstream::default(),
+            attributes: Vec::new(),
+            quota_reserved: 0,
             answer: None,
         }
     }

@@ -3,7 +3,7 @@
 //! The Check writes these fields on allow and on deny; Envoy hands them to the access log, whose entries
 //! become usage records. Both directions go through [`Field`], so a key is spelt exactly once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
@@ -11,6 +11,16 @@ use crate::check::Verdict;
 
 /// The dynamic-metadata namespace ext_authz writes and the access log reads.
 pub const NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// The namespace ext_proc writes what a response body reported into (CONTRACT §11), and the access log reads.
+pub const USAGE_NAMESPACE: &str = "tollgate.usage";
+
+/// The key of the ext_authz metadata that carries a token quota's reserve (a number, as a string like every
+/// other field), written on allowed calls under a token quota only.
+pub const QUOTA_RESERVED: &str = "quota_reserved";
+
+/// Prefix of the keys that carry `metadata_attributes` (`attr_deprecated`).
+pub const ATTRIBUTE_PREFIX: &str = "attr_";
 
 /// One metadata field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +96,7 @@ pub fn write(verdict: &mut Verdict) -> Struct {
         (Field::Environment, verdict.environment.take()),
     ];
     // Sized up front: collecting a filtered iterator would grow (and rehash) the table three times per Check.
-    let mut fields = HashMap::with_capacity(values.len());
+    let mut fields = HashMap::with_capacity(values.len() + verdict.attributes.len());
     for (field, value) in values {
         if let Some(value) = value {
             let value = Value {
@@ -95,8 +105,65 @@ pub fn write(verdict: &mut Verdict) -> Struct {
             fields.insert(field.key().to_owned(), value);
         }
     }
+    if verdict.quota_reserved > 0 {
+        let value = Value {
+            kind: Some(Kind::StringValue(verdict.quota_reserved.to_string())),
+        };
+        fields.insert(QUOTA_RESERVED.to_owned(), value);
+    }
+    for (name, value) in std::mem::take(&mut verdict.attributes) {
+        let value = Value {
+            kind: Some(Kind::StringValue(value)),
+        };
+        fields.insert(format!("{ATTRIBUTE_PREFIX}{name}"), value);
+    }
     Struct { fields }
 }
+
+/// The usage values of a `tollgate.usage` struct: whole, non-negative numbers (anything else is skipped: the
+/// meter then reports the value missing rather than a guess).
+pub fn read_usage(usage: Option<&Struct>) -> BTreeMap<String, u64> {
+    let Some(usage) = usage else {
+        return BTreeMap::new();
+    };
+    usage
+        .fields
+        .iter()
+        .filter_map(|(key, value)| match value.kind {
+            Some(Kind::NumberValue(n)) if n >= 0.0 && n.fract() == 0.0 && n <= MAX_EXACT => {
+                // Exact: a whole f64 up to 2^53 converts without loss.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                Some((key.clone(), n as u64))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The `tollgate.usage` struct of `usage` (values above 2^53 are clamped: no response reports that many).
+pub fn write_usage(usage: &BTreeMap<String, u64>, outcome: &str) -> Struct {
+    let mut fields: HashMap<String, Value> = usage
+        .iter()
+        .map(|(key, &n)| {
+            #[allow(clippy::cast_precision_loss)]
+            let n = n.min(MAX_EXACT as u64) as f64;
+            let value = Value {
+                kind: Some(Kind::NumberValue(n)),
+            };
+            (key.clone(), value)
+        })
+        .collect();
+    fields.insert(
+        "outcome".to_owned(),
+        Value {
+            kind: Some(Kind::StringValue(outcome.to_owned())),
+        },
+    );
+    Struct { fields }
+}
+
+/// The largest whole number an f64 holds exactly (2^53).
+const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
 
 /// The string value of `field` in `metadata`, empty when it is absent or not a string.
 pub fn read(metadata: Option<&Struct>, field: Field) -> String {
@@ -134,6 +201,8 @@ mod tests {
             credits_remaining: None,
             challenge: None,
             upstream: Upstream::default(),
+            attributes: Vec::new(),
+            quota_reserved: 0,
             answer: None,
         };
         let metadata = write(&mut verdict);
@@ -149,6 +218,32 @@ mod tests {
     }
 
     #[test]
+    fn listed_attributes_become_attr_fields() {
+        let mut verdict = Verdict {
+            reason: Reason::Allowed,
+            message: String::new(),
+            identity: Identified::default(),
+            api: None,
+            environment: None,
+            ratelimit: None,
+            retry_after: None,
+            credits_remaining: None,
+            challenge: None,
+            upstream: Upstream::default(),
+            attributes: vec![("deprecated".into(), "true".into())],
+            quota_reserved: 0,
+            answer: None,
+        };
+        let metadata = write(&mut verdict);
+        let value = metadata
+            .fields
+            .get("attr_deprecated")
+            .and_then(|v| v.kind.clone());
+        assert_eq!(value, Some(Kind::StringValue("true".into())));
+        assert!(verdict.attributes.is_empty(), "taken, not copied");
+    }
+
+    #[test]
     fn absent_names_are_left_out_and_read_as_empty() {
         let mut verdict = Verdict {
             reason: Reason::MissingCredential,
@@ -161,6 +256,8 @@ mod tests {
             credits_remaining: None,
             challenge: None,
             upstream: Upstream::default(),
+            attributes: Vec::new(),
+            quota_reserved: 0,
             answer: None,
         };
         let metadata = write(&mut verdict);

@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod authz;
+pub mod ext_proc;
 pub mod metadata;
 
 /// Largest gRPC message accepted from Envoy: a CheckRequest (with a buffered request body when Envoy is set to

@@ -21,6 +21,10 @@ pub(crate) struct MeteringMetrics {
     pub seal_lag: Histogram,
     /// `response_header:` meters that found a missing or non-integer value (counted as 0).
     pub invalid_header_values: IntCounter,
+    /// Billable records whose meter reads a body usage value the response did not report (counted as 0).
+    pub missing_usage_values: IntCounter,
+    /// Token quota reservations settled by access-log records, by result.
+    pub quota_settlements: IntCounterVec,
     /// Outbox rows not yet acknowledged by delivery.
     pub outbox_pending: IntGauge,
     /// Time of one group commit (write + fdatasync).
@@ -93,6 +97,17 @@ impl MeteringMetrics {
                 "metering_invalid_header_values_total",
                 "response_header meters that found a missing or non-integer header (counted as 0)",
             )?,
+            missing_usage_values: IntCounter::new(
+                "metering_missing_usage_values_total",
+                "genai:/response_json: meters whose response reported no such value (counted as 0)",
+            )?,
+            quota_settlements: IntCounterVec::new(
+                Opts::new(
+                    "quota_settlements_total",
+                    "token quota reservations settled from access-log records: settled (to the reported count), kept (2xx without a count), refunded (failed call without a count), error (store failed; the reserve stays)",
+                ),
+                &["result"],
+            )?,
             outbox_pending: IntGauge::new(
                 "metering_outbox_pending",
                 "sealed outbox rows not yet acknowledged by delivery",
@@ -142,6 +157,8 @@ impl MeteringMetrics {
         registry.register(Box::new(m.windows_sealed.clone()))?;
         registry.register(Box::new(m.seal_lag.clone()))?;
         registry.register(Box::new(m.invalid_header_values.clone()))?;
+        registry.register(Box::new(m.missing_usage_values.clone()))?;
+        registry.register(Box::new(m.quota_settlements.clone()))?;
         registry.register(Box::new(m.outbox_pending.clone()))?;
         registry.register(Box::new(m.commit_seconds.clone()))?;
         registry.register(Box::new(m.replay_dropped_bytes.clone()))?;

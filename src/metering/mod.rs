@@ -41,6 +41,7 @@ mod producer;
 mod record;
 mod rollup;
 mod seal;
+mod settle;
 mod spool;
 mod usage_api;
 mod window;
@@ -108,6 +109,8 @@ struct Inner {
     history: OnceLock<Arc<dyn HistoryStore>>,
     /// Closed windows not added to the history yet (the store failed).
     rollups: Mutex<Vec<rollup::Pending>>,
+    /// Where token quota reservations are settled (set once by `serve`).
+    settler: OnceLock<Arc<settle::Settler>>,
 }
 
 impl Metering {
@@ -132,6 +135,7 @@ impl Metering {
                     seal: tokio::sync::Mutex::new(()),
                     history: OnceLock::new(),
                     rollups: Mutex::new(Vec::new()),
+                    settler: OnceLock::new(),
                 }),
             })
         })
@@ -150,12 +154,21 @@ impl Metering {
         }
         let catalog = self.inner.catalog.snapshot();
         let metrics = &self.inner.shared.metrics;
+        let now_s = now_ms() / 1000;
+        let settler = self.inner.settler.get();
+        let mut settlements = Vec::new();
         let records = records
             .into_iter()
             .map(|r| {
                 let c = charge(&r, &catalog);
                 if c.invalid_header {
                     metrics.invalid_header_values.inc();
+                }
+                if c.missing_usage {
+                    metrics.missing_usage_values.inc();
+                }
+                if settler.is_some() {
+                    settlements.push(settle::settlement(&r, &catalog, now_s));
                 }
                 (r, c)
             })
@@ -166,7 +179,30 @@ impl Metering {
             .send(Job::Append { records, reply })
             .await
             .map_err(|_| MeteringError::Stopped)?;
-        answer.await.map_err(|_| MeteringError::Stopped)?
+        let fresh = answer.await.map_err(|_| MeteringError::Stopped)??;
+        let due: Vec<_> = settlements
+            .into_iter()
+            .zip(fresh)
+            .filter_map(|(s, new)| s.filter(|_| new))
+            .collect();
+        if let Some(settler) = settler
+            && !due.is_empty()
+        {
+            // Off the access-log stream: a slow quota store must not hold back durable usage.
+            let settler = Arc::clone(settler);
+            tokio::spawn(async move { settler.apply(due, now_s).await });
+        }
+        Ok(())
+    }
+
+    /// Settles token quota reservations (CONTRACT §11) of the records ingested from now on in `quota`; a
+    /// second call changes nothing.
+    pub fn settle_into(&self, quota: Arc<dyn crate::quota::QuotaStore>) {
+        let results = self.inner.shared.metrics.quota_settlements.clone();
+        let _ = self
+            .inner
+            .settler
+            .set(Arc::new(settle::Settler::new(quota, results)));
     }
 
     /// Adds every window closed from now on to `history` (CONTRACT §10), once per window; a second call

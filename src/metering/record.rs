@@ -61,6 +61,14 @@ pub struct UsageRecord {
     /// Response headers Envoy logged (`additional_response_headers_to_log`), lowercase names.
     #[prost(btree_map = "string, string", tag = "17")]
     pub response_headers: BTreeMap<String, String>,
+    /// What the response body reported (ext_proc's `tollgate.usage` metadata): `genai:input_tokens`, …,
+    /// `response_json:<pointer>`.
+    #[prost(btree_map = "string, uint64", tag = "18")]
+    pub usage: BTreeMap<String, u64>,
+    /// Units a token quota held for this call at the Check (ext_authz `quota_reserved`), settled against
+    /// `usage` once.
+    #[prost(uint64, tag = "19")]
+    pub quota_reserved: u64,
 }
 
 impl UsageRecord {
@@ -116,6 +124,8 @@ pub(crate) struct Charge {
     pub billable: bool,
     /// A `response_header:` meter found a missing or non-integer value (counted as 0).
     pub invalid_header: bool,
+    /// A `genai:`/`response_json:` meter found no value in the record's usage (counted as 0).
+    pub missing_usage: bool,
 }
 
 /// Applies the record's product meter: only allowed requests whose status matches a success class count.
@@ -152,6 +162,11 @@ pub(crate) fn charge(record: &UsageRecord, catalog: &Catalog) -> Charge {
                 .and_then(|(_, v)| v.trim().parse::<u64>().ok());
             charge.invalid_header = parsed.is_none();
             parsed.unwrap_or(0)
+        }
+        MeterValue::Usage(key) => {
+            let reported = record.usage.get(key).copied();
+            charge.missing_usage = reported.is_none();
+            reported.unwrap_or(0)
         }
     };
     charge

@@ -51,10 +51,11 @@ pub(super) struct State {
 
 /// A request to the writer thread.
 pub(super) enum Job {
-    /// Spool these records (one ingest call); the reply comes after the fsync.
+    /// Spool these records (one ingest call); the reply comes after the fsync and says, record by record,
+    /// which were new (the rest were duplicates).
     Append {
         records: Vec<(UsageRecord, Charge)>,
-        reply: oneshot::Sender<Result<(), MeteringError>>,
+        reply: oneshot::Sender<Result<Vec<bool>, MeteringError>>,
     },
     /// Delete the segments `horizon` no longer needs; the reply is the earliest window end still spooled.
     Collect {
@@ -204,7 +205,7 @@ fn writer(
     }
 }
 
-type Reply = oneshot::Sender<Result<(), MeteringError>>;
+type Reply = oneshot::Sender<Result<Vec<bool>, MeteringError>>;
 
 /// One group commit: dedup, window assignment and the disk bound per ingest call, then one append and fsync
 /// for all of them; an ingest call is answered `Ok` only once its records are durable.
@@ -217,13 +218,17 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
     let limit = shared.disk.limit();
     let mut out = Vec::new();
     let mut meta = BatchMeta::EMPTY;
-    let mut accepted: Vec<(Vec<SpooledRecord>, Reply)> = Vec::with_capacity(appends.len());
+    let mut accepted: Vec<(Vec<SpooledRecord>, Reply, Vec<bool>)> =
+        Vec::with_capacity(appends.len());
     let mut duplicates: Vec<String> = Vec::new();
     for (records, reply) in appends {
         let mut batch = Vec::with_capacity(records.len());
         let mut batch_duplicates = Vec::new();
+        let mut fresh = Vec::with_capacity(records.len());
         for (record, charge) in records {
-            if !state.dedup.insert(&record, now) {
+            let new = state.dedup.insert(&record, now);
+            fresh.push(new);
+            if !new {
                 batch_duplicates.push(record.app);
                 continue;
             }
@@ -240,7 +245,7 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
         }
         if batch.is_empty() {
             duplicates.extend(batch_duplicates);
-            accepted.push((batch, reply));
+            accepted.push((batch, reply, fresh));
             continue;
         }
         let mark = out.len();
@@ -255,21 +260,21 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
         }
         duplicates.extend(batch_duplicates);
         batch.iter().for_each(|r| meta.include(r));
-        accepted.push((batch, reply));
+        accepted.push((batch, reply, fresh));
     }
     if !out.is_empty()
         && let Err(e) = spool.append(&out, &meta)
     {
         tracing::error!(error = %e, "metering spool write failed; the records were refused");
         shared.health.commit(false, spool.is_poisoned(), now);
-        for (batch, reply) in accepted {
+        for (batch, reply, _) in accepted {
             forget(&mut state.dedup, &batch);
             let _ = reply.send(Err(MeteringError::Commit(e.to_string())));
         }
         return;
     }
     let mut spooled = 0;
-    for (batch, _) in &accepted {
+    for (batch, _, _) in &accepted {
         for record in batch {
             state.windows.add(record);
         }
@@ -286,8 +291,8 @@ fn commit(spool: &mut Spool, appends: Vec<(Vec<(UsageRecord, Charge)>, Reply)>, 
         .commit_seconds
         .observe(started.elapsed().as_secs_f64());
     shared.disk.refresh(spool.bytes(), false, &shared.metrics);
-    for (_, reply) in accepted {
-        let _ = reply.send(Ok(()));
+    for (_, reply, fresh) in accepted {
+        let _ = reply.send(Ok(fresh));
     }
 }
 

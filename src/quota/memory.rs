@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Charge, Limit, LimitState, LimitUsage, Outcome, QuotaStore, StoreError, Unit, Window};
+use super::{
+    Charge, Hold, Limit, LimitState, LimitUsage, Outcome, QuotaStore, Settled, StoreError, Unit,
+    Window,
+};
 
 /// One live counter as [`MemoryStore::snapshot`] exports it and [`MemoryStore::restore`] takes it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +28,25 @@ pub struct CounterRecord {
     pub used: u64,
 }
 
+/// Where a token quota reserve stands.
+#[derive(Debug)]
+enum HoldState {
+    /// Charged and waiting for its settlement.
+    Held(Held),
+    /// Given back by its timeout; forgotten once `forget` (the end of its last window) has passed.
+    Released { forget: i64 },
+}
+
+/// A token quota reserve held for a call.
+#[derive(Debug)]
+struct Held {
+    bucket: Box<str>,
+    limits: Vec<Limit>,
+    reserve: u64,
+    at: i64,
+    until: i64,
+}
+
 /// Counters of one window length of one bucket.
 #[derive(Debug, Clone, Copy)]
 struct Counter {
@@ -40,6 +62,10 @@ struct Counter {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     buckets: DashMap<Box<str>, Vec<Counter>>,
+    /// Token quota reserves by request id: held, or released by their timeout (kept until their last window
+    /// ends, so a late settlement knows). Not persisted: after a restart a settlement of an unknown id counts
+    /// as held, which the restored counters already include.
+    holds: DashMap<Box<str>, HoldState>,
     /// Bumped by every charge, so the persister writes only when something changed.
     changes: AtomicU64,
 }
@@ -120,6 +146,27 @@ impl MemoryStore {
                 window_end: window.end,
                 used,
             }),
+        }
+    }
+
+    /// Adds `delta` to `bucket`'s counter of each of `limits` in the window containing `at`, if that window is
+    /// still counted; never below 0, never refusing.
+    fn add(&self, bucket: &str, limits: &[Limit], delta: i64, at: i64) {
+        if delta == 0 {
+            return;
+        }
+        if let Some(mut counters) = self.buckets.get_mut(bucket) {
+            for limit in limits {
+                let window = limit.window(at);
+                if let Some(c) = counters.iter_mut().find(|c| {
+                    c.unit == limit.unit
+                        && c.interval == limit.interval
+                        && c.window_start == window.start
+                }) {
+                    c.used = c.used.saturating_add_signed(delta);
+                }
+            }
+            self.changes.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -244,6 +291,61 @@ impl QuotaStore for MemoryStore {
                 }
             })
             .collect())
+    }
+
+    async fn hold(&self, hold: &Hold<'_>) -> Result<(), StoreError> {
+        let held = Held {
+            bucket: hold.bucket.into(),
+            limits: hold.limits.to_vec(),
+            reserve: hold.reserve,
+            at: hold.at,
+            until: hold.until,
+        };
+        self.holds.insert(hold.id.into(), HoldState::Held(held));
+        Ok(())
+    }
+
+    async fn settle(&self, hold: &Hold<'_>, used: u64) -> Result<Settled, StoreError> {
+        let used = i64::try_from(used).unwrap_or(i64::MAX);
+        let reserve = i64::try_from(hold.reserve).unwrap_or(i64::MAX);
+        // One removal decides: a release racing this settlement either ran before (the mark is here) or finds
+        // nothing to release.
+        let (settled, delta) = match self.holds.remove(hold.id) {
+            Some((_, HoldState::Released { .. })) => (Settled::Released, used),
+            _ => (Settled::Held, used.saturating_sub(reserve)),
+        };
+        self.add(hold.bucket, hold.limits, delta, hold.at);
+        Ok(settled)
+    }
+
+    async fn release_expired(&self, now: i64) -> Result<usize, StoreError> {
+        let mut released = 0;
+        let mut refunds = Vec::new();
+        self.holds.retain(|_, state| match state {
+            HoldState::Held(held) if held.until < now => {
+                let forget = held
+                    .limits
+                    .iter()
+                    .map(|l| l.window(held.at).end)
+                    .max()
+                    .unwrap_or(now);
+                let HoldState::Held(held) =
+                    std::mem::replace(state, HoldState::Released { forget })
+                else {
+                    return true;
+                };
+                refunds.push(held);
+                released += 1;
+                true
+            }
+            HoldState::Held(_) => true,
+            HoldState::Released { forget } => *forget > now,
+        });
+        for held in refunds {
+            let reserve = i64::try_from(held.reserve).unwrap_or(i64::MAX);
+            self.add(&held.bucket, &held.limits, -reserve, held.at);
+        }
+        Ok(released)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -69,6 +69,33 @@ pub struct LimitUsage {
     pub reserved: u64,
 }
 
+/// A token quota's reservation (CONTRACT §11): the reserve a Check charged, held under the request's id until
+/// the access-log entry of the call settles it, or `until` passes and it is released.
+#[derive(Debug, Clone, Copy)]
+pub struct Hold<'a> {
+    /// The request id (`x-request-id`) the access log names the call by.
+    pub id: &'a str,
+    /// The bucket charged.
+    pub bucket: &'a str,
+    /// Its limits.
+    pub limits: &'a [Limit],
+    /// Units charged at the Check.
+    pub reserve: u64,
+    /// When the Check charged them (Unix seconds): the windows held are the ones containing it.
+    pub at: i64,
+    /// When the reserve is given back if the call was not settled by then (Unix seconds).
+    pub until: i64,
+}
+
+/// How [`QuotaStore::settle`] found its hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Held (or never recorded): the reserve was replaced by the reported count.
+    Held,
+    /// Released by its timeout before: the reported count was added afresh.
+    Released,
+}
+
 /// The answer of a store to a charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -101,6 +128,15 @@ pub trait QuotaStore: Send + Sync + 'static {
         limits: &[Limit],
         now: i64,
     ) -> Result<Vec<LimitUsage>, StoreError>;
+    /// Records a token quota's reserve, charged by the Check, as held under `hold.id` until `hold.until`.
+    async fn hold(&self, hold: &Hold<'_>) -> Result<(), StoreError>;
+    /// Settles hold `hold.id` to the `used` units its response reported, refusing nothing: a reserve still
+    /// held (or never recorded) is replaced by `used`, one already released by [`QuotaStore::release_expired`]
+    /// is followed by `used` afresh. Counters never go below 0; a window ended and forgotten is left alone.
+    async fn settle(&self, hold: &Hold<'_>, used: u64) -> Result<Settled, StoreError>;
+    /// Gives back the reserve of every hold whose `until` is before `now` (a response whose access-log entry
+    /// never came); returns how many were released.
+    async fn release_expired(&self, now: i64) -> Result<usize, StoreError>;
     /// Answers when the store is usable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Forgets windows that ended before `now`.

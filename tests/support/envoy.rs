@@ -164,6 +164,55 @@ static_resources:
     )
 }
 
+/// The filter that reads response bodies for tollgate (CONTRACT §11): off by default, turned on per route by
+/// [`LLM_ROUTE`]; what `envoy/llm.yaml` documents for operators.
+const EXT_PROC_FILTER: &str = r#"          - name: envoy.filters.http.ext_proc
+            disabled: true
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: { cluster_name: tollgate_grpc }
+              failure_mode_allow: true
+              message_timeout: 1s
+              allow_mode_override: true
+              processing_mode:
+                request_header_mode: SKIP
+                response_header_mode: SEND
+                request_body_mode: NONE
+                response_body_mode: STREAMED
+                request_trailer_mode: SKIP
+                response_trailer_mode: SKIP
+              metadata_options:
+                forwarding_namespaces: { untyped: [envoy.filters.http.ext_authz] }
+                receiving_namespaces: { untyped: [tollgate.usage] }
+"#;
+
+/// `/llm/` to the upstream under API `llmapi`, with the ext_proc filter on and no route timeout (streams).
+const LLM_ROUTE: &str = r#"              - match: { prefix: "/llm/" }
+                route: { cluster: upstream, timeout: 0s }
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings:
+                      context_extensions: { tollgate_api: llmapi }
+                  envoy.filters.http.ext_proc:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    config: {}
+"#;
+
+/// [`envoy_config_replicas`] plus the ext_proc filter, on for `/llm/` (API `llmapi`) only.
+pub fn envoy_config_llm(authz_ports: &[u16], upstream_port: u16) -> String {
+    let yaml = envoy_config_replicas(authz_ports, upstream_port);
+    let router = "          - name: envoy.filters.http.router\n";
+    let routes = "            - name: api_from_context_extension\n              domains: [\"*\"]\n              routes:\n";
+    assert!(
+        yaml.contains(router) && yaml.contains(routes),
+        "the test Envoy config changed shape"
+    );
+    yaml.replacen(router, &format!("{EXT_PROC_FILTER}{router}"), 1)
+        .replacen(routes, &format!("{routes}{LLM_ROUTE}"), 1)
+}
+
 /// A running Envoy; killed and reaped by PID on drop.
 pub struct Envoy {
     child: Child,

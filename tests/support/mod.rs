@@ -10,6 +10,8 @@
 mod access_log;
 mod echo;
 mod envoy;
+mod llm;
+mod pki;
 mod postgres;
 mod raw;
 mod redis;
@@ -17,7 +19,12 @@ mod tollgate;
 
 pub use access_log::{authz_entry, http_message, text};
 pub use echo::{EchoUpstream, Recorded};
-pub use envoy::{Envoy, envoy_binary, envoy_config, envoy_config_replicas, envoy_config_webhook};
+pub use envoy::{
+    Envoy, envoy_binary, envoy_config, envoy_config_llm, envoy_config_replicas,
+    envoy_config_webhook,
+};
+pub use llm::FakeLlm;
+pub use pki::{Leaf, Pki};
 pub use postgres::PostgresServer;
 pub use raw::{RawResponse, raw_request};
 pub use redis::{RedisConfig, RedisServer};

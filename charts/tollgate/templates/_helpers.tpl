@@ -51,6 +51,7 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- define "tollgate.meteringDir" -}}/var/lib/tollgate{{- end }}
 {{- define "tollgate.grpcTlsDir" -}}/etc/tollgate/tls/grpc{{- end }}
 {{- define "tollgate.adminTlsDir" -}}/etc/tollgate/tls/admin{{- end }}
+{{- define "tollgate.catalogCaDir" -}}/etc/tollgate/catalog-ca{{- end }}
 
 {{/* mTLS on the gRPC port: Envoy's client certificate authenticates it (a name for yes, empty for no). */}}
 {{- define "tollgate.grpcMtls" -}}
@@ -106,8 +107,36 @@ visible to the chart and counts as shared (Postgres).
 {{- if and (include "tollgate.configGenerated" .) (not .Values.state.existingSecret) (or (not .Values.state.url) (hasPrefix "sqlite:" .Values.state.url)) }}true{{- end }}
 {{- end }}
 
+{{/* tollgate fetches the catalog itself from catalog.remote.url (a name for yes, empty for no). */}}
+{{- define "tollgate.catalogRemote" -}}
+{{- if .Values.catalog.remote.url }}true{{- end }}
+{{- end }}
+
+{{/* The remote catalog's private CA comes from a ConfigMap or a Secret (a name for yes, empty for no). */}}
+{{- define "tollgate.catalogCa" -}}
+{{- if and (include "tollgate.catalogRemote" .) (or .Values.catalog.remote.caConfigMap .Values.catalog.remote.caSecret) }}true{{- end }}
+{{- end }}
+
+{{/* NOTES.txt's lines on a remote catalog (the URL without its query, which may hold a token). */}}
+{{- define "tollgate.catalogRemoteNote" -}}
+The catalog is fetched from {{ regexReplaceAll "[?#].*$" .Values.catalog.remote.url "" }} every {{ .Values.catalog.remote.pollInterval }}
+(catalog.remote); a failed or invalid fetch keeps the last good one, cached in {{ include "tollgate.meteringDir" . }}.
+{{- if .Values.persistence.enabled }}
+The cache is on the spool claim: a pod restarted while the remote is down still serves.
+{{- else }}
+The cache is on the spool's emptyDir: a new pod that cannot reach the remote exits until it can
+(persistence.enabled keeps the cache across pod restarts).
+{{- end }}
+{{- end }}
+
+{{/* catalog.inline holds something (a product, a developer, any other key with content). */}}
+{{- define "tollgate.catalogInlineSet" -}}
+{{- range $key, $val := .Values.catalog.inline }}{{ if $val }}true{{ end }}{{ end }}
+{{- end }}
+
+{{/* The chart renders and mounts the catalog ConfigMap: no existing ConfigMap/Secret and no remote URL. */}}
 {{- define "tollgate.catalogGenerated" -}}
-{{- if and (not .Values.catalog.existingConfigMap) (not .Values.catalog.existingSecret) }}true{{- end }}
+{{- if and (not .Values.catalog.existingConfigMap) (not .Values.catalog.existingSecret) (not (include "tollgate.catalogRemote" .)) }}true{{- end }}
 {{- end }}
 
 {{- define "tollgate.configGenerated" -}}
@@ -134,6 +163,26 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- end }}
 {{- if and $v.catalog.existingConfigMap $v.catalog.existingSecret }}
 {{- fail "catalog: set existingConfigMap or existingSecret, not both" }}
+{{- end }}
+{{- $remote := $v.catalog.remote }}
+{{- if $remote.url }}
+{{- if or $v.catalog.existingConfigMap $v.catalog.existingSecret }}
+{{- fail "catalog.remote.url is set, so tollgate fetches the catalog itself: leave catalog.existingConfigMap and catalog.existingSecret empty" }}
+{{- end }}
+{{- if include "tollgate.catalogInlineSet" . }}
+{{- fail "catalog.remote.url is set, so tollgate fetches the catalog itself: leave catalog.inline empty (products: [], developers: [])" }}
+{{- end }}
+{{- if not (regexMatch "^(?i)https://" $remote.url) }}
+{{- fail "catalog.remote.url must be an https:// URL: the catalog holds every key's hash, so tollgate fetches it over HTTPS only" }}
+{{- end }}
+{{- if regexMatch "^(?i)https://[^/?#]*@" $remote.url }}
+{{- fail "catalog.remote.url must not carry credentials: put the token in a Secret and name it in catalog.remote.tokenSecret.name" }}
+{{- end }}
+{{- if and $remote.caConfigMap $remote.caSecret }}
+{{- fail "catalog.remote: set caConfigMap or caSecret, not both" }}
+{{- end }}
+{{- else if or $remote.tokenSecret.name $remote.caConfigMap $remote.caSecret }}
+{{- fail "catalog.remote.tokenSecret, caConfigMap and caSecret apply only to a remote catalog: set catalog.remote.url, or leave them empty" }}
 {{- end }}
 {{- if and $v.redis.url $v.redis.existingSecret }}
 {{- fail "redis: set url or existingSecret, not both" }}
@@ -204,7 +253,20 @@ them, so `helm template` and `helm install` fail with one clear sentence.
 {{- $_ := set $cfg "admin_listen" (printf "0.0.0.0:%d" (int $v.ports.admin)) }}
 {{- $_ := set $cfg "admin_token" "${TOLLGATE_ADMIN_TOKEN:-}" }}
 {{- $_ := set $cfg "access_log_token" "${TOLLGATE_ACCESS_LOG_TOKEN:-}" }}
+{{- if include "tollgate.catalogRemote" . }}
+{{- /* Fetched over HTTPS and cached in metering.dir (contract section 12); the token stays in the pod's env. */}}
+{{- $remote := $v.catalog.remote }}
+{{- $catalog := dict "url" $remote.url "poll_interval" $remote.pollInterval "timeout" $remote.timeout }}
+{{- if $remote.tokenSecret.name }}
+{{- $_ := set $catalog "headers" (dict "authorization" "Bearer ${TOLLGATE_CATALOG_TOKEN}") }}
+{{- end }}
+{{- if include "tollgate.catalogCa" . }}
+{{- $_ := set $catalog "ca_path" (printf "%s/ca.crt" (include "tollgate.catalogCaDir" .)) }}
+{{- end }}
+{{- $_ := set $cfg "catalog" $catalog }}
+{{- else }}
 {{- $_ := set $cfg "catalog" (dict "path" (printf "%s/catalog.yaml" (include "tollgate.catalogDir" .))) }}
+{{- end }}
 {{- $metering := default (dict) $cfg.metering }}
 {{- $_ := set $metering "dir" (include "tollgate.meteringDir" .) }}
 {{- $_ := set $cfg "metering" $metering }}
@@ -302,6 +364,13 @@ them, so `helm template` and `helm install` fail with one clear sentence.
       name: {{ include "tollgate.stateSecretName" . }}
       key: {{ include "tollgate.stateSecretKey" . }}
 {{- end }}
+{{- if and (include "tollgate.catalogRemote" .) $v.catalog.remote.tokenSecret.name }}
+- name: TOLLGATE_CATALOG_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.catalog.remote.tokenSecret.name }}
+      key: {{ $v.catalog.remote.tokenSecret.key }}
+{{- end }}
 {{- range $name, $ref := $v.secretEnv }}
 - name: {{ $name }}
   valueFrom:
@@ -391,9 +460,17 @@ volumeMounts:
   - name: tollgate-config
     mountPath: {{ include "tollgate.configDir" . }}
     readOnly: true
+{{- /* A remote catalog is fetched by tollgate: no catalog folder, maybe its private CA. */}}
+{{- if not (include "tollgate.catalogRemote" .) }}
   - name: tollgate-catalog
     mountPath: {{ include "tollgate.catalogDir" . }}
     readOnly: true
+{{- end }}
+{{- if include "tollgate.catalogCa" . }}
+  - name: tollgate-catalog-ca
+    mountPath: {{ include "tollgate.catalogCaDir" . }}
+    readOnly: true
+{{- end }}
   - name: tollgate-spool
     mountPath: {{ include "tollgate.meteringDir" . }}
   - name: tollgate-tmp
@@ -424,6 +501,7 @@ volumeMounts:
   configMap:
     name: {{ default (printf "%s-config" (include "tollgate.fullname" .)) $v.existingConfig.configMap }}
   {{- end }}
+{{- if not (include "tollgate.catalogRemote" .) }}
 - name: tollgate-catalog
   {{- if $v.catalog.existingSecret }}
   secret:
@@ -441,6 +519,20 @@ volumeMounts:
   configMap:
     name: {{ include "tollgate.fullname" . }}-catalog
   {{- end }}
+{{- end }}
+{{- if include "tollgate.catalogCa" . }}
+- name: tollgate-catalog-ca
+  {{- if $v.catalog.remote.caSecret }}
+  secret:
+    secretName: {{ $v.catalog.remote.caSecret }}
+  {{- else }}
+  configMap:
+    name: {{ $v.catalog.remote.caConfigMap }}
+  {{- end }}
+    items:
+      - key: {{ $v.catalog.remote.caKey }}
+        path: ca.crt
+{{- end }}
 {{- if not (include "tollgate.perPodClaims" .) }}
 - name: tollgate-spool
   {{- if $v.persistence.enabled }}

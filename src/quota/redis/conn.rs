@@ -43,6 +43,13 @@ impl Conn {
         }
     }
 
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
+        match self.clone() {
+            Conn::Single(mut c) => cmd.query_async(&mut c).await,
+            Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
+
     async fn ping(&self) -> RedisResult<()> {
         let ping = redis::cmd("PING");
         let _: String = match self.clone() {
@@ -171,6 +178,16 @@ impl Client {
         call: &ScriptInvocation<'_>,
     ) -> Result<Vec<i64>, StoreError> {
         self.timed(metrics, op, self.conn.eval(call)).await
+    }
+
+    /// Runs one command, bounded, counted and timed as `op`.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        metrics: &StoreMetrics,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.timed(metrics, op, self.conn.query(cmd)).await
     }
 
     /// The `used` and `reserved` fields of each of `keys`, in one bounded `usage` call.

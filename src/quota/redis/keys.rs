@@ -9,8 +9,39 @@ pub const KEY_GRACE_SECS: i64 = 120;
 /// of a bucket on one Redis Cluster slot, so one script can touch all of them.
 pub(super) fn window_key(bucket: &str, unit: Unit, interval: u32, start: i64) -> String {
     let mut key = String::with_capacity(bucket.len() + 48);
-    key.push_str("tollgate:quota:{");
-    // Braces would end the hash tag early and split a bucket's keys over slots.
+    key.push_str("tollgate:quota:");
+    push_tag(&mut key, bucket);
+    key.push(':');
+    key.push_str(unit.as_str());
+    key.push(':');
+    key.push_str(&interval.max(1).to_string());
+    key.push(':');
+    key.push_str(&start.to_string());
+    key
+}
+
+/// `tollgate:holds:{<bucket>}`: the token quota reserves held on a bucket (request id -> `reserve|window
+/// key|…`, or `released`), in the slot of the bucket's windows so one script settles both.
+pub(super) fn holds_key(bucket: &str) -> String {
+    let mut key = String::from("tollgate:holds:");
+    push_tag(&mut key, bucket);
+    key
+}
+
+/// `tollgate:holds:{<bucket>}:due`: the bucket's held request ids scored by when they are released.
+pub(super) fn holds_due_key(bucket: &str) -> String {
+    let mut key = holds_key(bucket);
+    key.push_str(":due");
+    key
+}
+
+/// The set of buckets that may have holds to release (any slot: read one bucket at a time).
+pub(super) const HOLDS_INDEX: &str = "tollgate:holds:buckets";
+
+/// `{<bucket>}`: the hash tag of a bucket's keys. Braces in the name would end the tag early and split a
+/// bucket's keys over slots, so they are escaped.
+fn push_tag(key: &mut String, bucket: &str) {
+    key.push('{');
     for c in bucket.chars() {
         match c {
             '%' => key.push_str("%25"),
@@ -19,13 +50,7 @@ pub(super) fn window_key(bucket: &str, unit: Unit, interval: u32, start: i64) ->
             c => key.push(c),
         }
     }
-    key.push_str("}:");
-    key.push_str(unit.as_str());
-    key.push(':');
-    key.push_str(&interval.max(1).to_string());
-    key.push(':');
-    key.push_str(&start.to_string());
-    key
+    key.push('}');
 }
 
 /// Seconds a key of a window ending at `end` must live from `now`: the rest of the window plus the grace.

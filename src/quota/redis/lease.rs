@@ -304,7 +304,9 @@ impl Engine {
         charge: &Charge<'_>,
     ) -> Result<Outcome, StoreError> {
         let mut wanted = held_windows(charge);
-        if self.max_lease == 0 {
+        // A charge larger than any lease (a token quota's reserve) can never be served from one: taking a
+        // lease on it would only hold units that its next charge cannot use either.
+        if self.max_lease == 0 || charge.cost > self.max_lease {
             with_keys(charge.bucket, &mut wanted);
             return self.anonymous(charge, &wanted).await;
         }

@@ -13,7 +13,8 @@
 //! # Leases
 //! When a charge reaches Redis, the script may also reserve a lease of `L` units on *every* limit of the
 //! bucket at once, `L = min(max_lease, min over limits of (limit - used - reserved - cost) / LEASE_DIVISOR)`.
-//! The replica then allows up to `L` units of that bucket without Redis. Because the reservation is counted
+//! The replica then allows up to `L` units of that bucket without Redis. A charge that costs more than
+//! `max_lease` (a token quota's reserve) goes to Redis without taking a lease: no lease could serve it. Because the reservation is counted
 //! in Redis before any of it is served, and a lease spends all limits of the bucket together, **the overshoot
 //! bound is zero**: across all replicas, the units allowed in a window never exceed any of its limits.
 //!
@@ -47,6 +48,12 @@
 //! `max_lease = 0`, or for a bucket whose limits are too tight to lease: one round trip per request
 //! (4 commands inside Redis for one limit without a lease).
 //!
+//! # Token quotas
+//! A quota that counts tokens charges its reserve at the Check and records it as held (`holds`); the
+//! access-log entry settles it (the reserve replaced by the reported count in the window hashes), or its timeout
+//! releases it. `used` may then pass the limit: that overrun is what a reservation allows, and the charge
+//! script admits nothing while `used + reserved + cost` does not fit.
+//!
 //! # Failure modes
 //! Every call is bounded by `timeout` (the client's own response timeout and a `tokio::time::timeout` around
 //! the whole charge, including waiting for a bucket's renewal, and around each background renewal). Errors
@@ -74,6 +81,7 @@
 //! from leases; `metrics` holds the Prometheus series. This module is the public face.
 
 mod conn;
+mod holds;
 mod keys;
 mod lease;
 mod metrics;
@@ -87,7 +95,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use prometheus::Registry;
 
-use super::{Charge, Limit, LimitUsage, Outcome, QuotaStore, StoreError};
+use super::{Charge, Hold, Limit, LimitUsage, Outcome, QuotaStore, Settled, StoreError};
 use conn::Client;
 pub use keys::KEY_GRACE_SECS;
 use keys::window_key;
@@ -182,6 +190,8 @@ pub enum RedisStoreError {
 /// Counts quota units in Redis for every replica; see the module docs for the design and its bounds.
 pub struct RedisStore {
     engine: Arc<Engine>,
+    /// The scripts that hold, settle and release token quota reserves.
+    holds: holds::Scripts,
     /// The idle-lease returner; aborted on drop, as it only holds a weak reference to the engine.
     returner: tokio::task::JoinHandle<()>,
 }
@@ -214,7 +224,11 @@ impl RedisStore {
             tracing::info!(url = %engine.client.shown_url(), replica = %engine.replica(), max_lease = engine.max_lease(), "connected to the Redis quota store");
         }
         let returner = tokio::spawn(lease::return_idle_leases(Arc::downgrade(&engine)));
-        Ok(RedisStore { engine, returner })
+        Ok(RedisStore {
+            engine,
+            holds: holds::Scripts::new(),
+            returner,
+        })
     }
 
     /// Reports what every bucket served and returns every unused leased unit to Redis (for shutdown and
@@ -283,6 +297,18 @@ impl QuotaStore for RedisStore {
                 reserved: reserved.unwrap_or(0),
             })
             .collect())
+    }
+
+    async fn hold(&self, hold: &Hold<'_>) -> Result<(), StoreError> {
+        holds::hold(&self.engine, &self.holds, hold).await
+    }
+
+    async fn settle(&self, hold: &Hold<'_>, used: u64) -> Result<Settled, StoreError> {
+        holds::settle(&self.engine, &self.holds, hold, used.min(LUA_MAX)).await
+    }
+
+    async fn release_expired(&self, now: i64) -> Result<usize, StoreError> {
+        holds::release_expired(&self.engine, &self.holds, now).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
