@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::app::tls::{self, Alpn, TlsFiles};
 use crate::billing::BillingConfig;
-use crate::check::{OnStoreError, Settings};
+use crate::check::{MetadataMode, OnStoreError, RateLimitHeaders, Settings};
 use crate::credits::CreditOptions;
 use crate::identity::ApiKeyConfig;
 use crate::identity::jwt::JwtConfig;
@@ -78,6 +78,13 @@ pub struct Config {
     /// Reading LLM response bodies through ext_proc (CONTRACT §11).
     #[serde(default)]
     pub genai: GenAiConfig,
+    /// When allowed calls carry `ratelimit-*` headers: always (default), near_limit, on_deny. Envoy pays for every
+    /// header it adds (bench/answer-parts).
+    #[serde(default)]
+    pub ratelimit_headers: RateLimitHeaders,
+    /// What the ext_authz dynamic metadata carries: full (default) or billing (what metering reads).
+    #[serde(default)]
+    pub metadata: MetadataMode,
     /// Product and operation attributes put into the allow metadata as `attr_<name>` (CONTRACT §12).
     #[serde(default)]
     pub metadata_attributes: Vec<String>,
@@ -745,6 +752,8 @@ impl Config {
                 .flatten(),
             metadata_attributes: self.metadata_attributes.clone(),
             hold_timeout: i64::try_from(self.quota.hold_timeout.as_secs()).unwrap_or(i64::MAX),
+            ratelimit_headers: self.ratelimit_headers,
+            metadata: self.metadata,
         }
     }
 }

@@ -37,5 +37,5 @@ pub use metrics::CheckMetrics;
 pub use plan::{Pending, Plan, plan};
 pub use reason::Reason;
 pub use request::Request;
-pub use settings::{OnStoreError, Settings};
+pub use settings::{MetadataMode, OnStoreError, RateLimitHeaders, Settings};
 pub use verdict::{Answer, Identified, OWN_HEADER_PREFIX, Upstream, Verdict};

@@ -18,6 +18,32 @@ pub enum OnStoreError {
     Allow,
 }
 
+/// When allowed calls carry `ratelimit-*` response headers (`ratelimit_headers`); denials always do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitHeaders {
+    /// On every call with a quota (the contract's default).
+    #[default]
+    Always,
+    /// On allowed calls only once at most a tenth of the limit is left, and on denials.
+    NearLimit,
+    /// On denials only: Envoy adds no headers to allowed calls.
+    OnDeny,
+}
+
+/// What the ext_authz dynamic metadata carries (`metadata`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetadataMode {
+    /// Every field of CONTRACT §4.
+    #[default]
+    Full,
+    /// What metering, billing and token quotas read: decision, reason, app, stripe customer, product,
+    /// operation (a portal account's developer and company too), the reserve and listed attributes; no api,
+    /// environment, nor an app's developer and company.
+    Billing,
+}
+
 /// The parts of the config that decisions depend on.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -46,6 +72,10 @@ pub struct Settings {
     pub metadata_attributes: Vec<String>,
     /// `quota.hold_timeout` in seconds: how long a token quota's reserve waits for its settlement.
     pub hold_timeout: i64,
+    /// `ratelimit_headers`: when allowed calls carry `ratelimit-*` headers.
+    pub ratelimit_headers: RateLimitHeaders,
+    /// `metadata`: what the dynamic metadata carries.
+    pub metadata: MetadataMode,
 }
 
 impl Settings {

@@ -9,7 +9,7 @@ use crate::catalog::{Catalog, parse};
 use crate::check::buckets::app_quotas;
 use crate::check::decision::{Decision, Identity, QuotaAnswer};
 use crate::check::plan::{Plan, host_of, plan};
-use crate::check::{OnStoreError, Reason, Request, Settings};
+use crate::check::{MetadataMode, OnStoreError, RateLimitHeaders, Reason, Request, Settings};
 use crate::identity::jwt::{JwtRejection, VerifiedToken};
 use crate::identity::{ApiKeyConfig, Caller};
 use crate::quota::{LimitState, Outcome};
@@ -99,6 +99,8 @@ fn world() -> World {
             self_service: None,
             metadata_attributes: Vec::new(),
             hold_timeout: 600,
+            ratelimit_headers: RateLimitHeaders::Always,
+            metadata: MetadataMode::Full,
         },
     }
 }

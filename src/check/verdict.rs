@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::check::decision::{Decision, Identity};
-use crate::check::{Reason, Request, Settings};
+use crate::check::{MetadataMode, RateLimitHeaders, Reason, Request, Settings};
 use crate::quota::LimitState;
 
 /// Prefix of the headers tollgate sends upstream; clients may never set them.
@@ -113,7 +113,21 @@ impl Verdict {
         } else {
             (Upstream::default(), Vec::new())
         };
-        let id = decision.identity;
+        let mut id = decision.identity;
+        let mut api = Some(decision.api).filter(|a| !a.is_empty());
+        let mut environment = decision.environment;
+        if settings.metadata == MetadataMode::Billing {
+            // Metering reads none of these; a portal account (no app) keeps its owner for token quotas.
+            api = None;
+            environment = None;
+            if id.app.is_some() {
+                id.developer = None;
+                id.company = None;
+            }
+        }
+        let ratelimit = decision
+            .ratelimit
+            .filter(|state| shows_ratelimit(settings.ratelimit_headers, reason, *state));
         let own = |s: Option<&str>| s.map(str::to_owned);
         Verdict {
             reason,
@@ -126,11 +140,9 @@ impl Verdict {
                 product: own(id.product),
                 operation: own(id.operation),
             },
-            api: Some(decision.api)
-                .filter(|a| !a.is_empty())
-                .map(str::to_owned),
-            environment: own(decision.environment),
-            ratelimit: decision.ratelimit,
+            api: own(api),
+            environment: own(environment),
+            ratelimit,
             retry_after: decision.retry_after,
             credits_remaining: decision.credits_remaining,
             quota_reserved: decision.quota_reserved,
@@ -139,6 +151,16 @@ impl Verdict {
             upstream,
             answer: None,
         }
+    }
+}
+
+/// Whether a call decided for `reason` carries its quota state as `ratelimit-*` headers under `option`.
+fn shows_ratelimit(option: RateLimitHeaders, reason: Reason, state: LimitState) -> bool {
+    match option {
+        _ if !reason.allows() => true,
+        RateLimitHeaders::Always => true,
+        RateLimitHeaders::NearLimit => state.remaining.saturating_mul(10) <= state.limit,
+        RateLimitHeaders::OnDeny => false,
     }
 }
 
@@ -285,6 +307,62 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn ratelimit_headers_follow_the_option_and_denials_always_carry_them() {
+        let headers = headers(&[]);
+        let request = request("/a", &headers);
+        let with = |option: RateLimitHeaders, reason: Reason, remaining: u64| {
+            let mut settings = settings();
+            settings.ratelimit_headers = option;
+            let mut d = decision(reason);
+            d.ratelimit = Some(LimitState {
+                limit: 100,
+                remaining,
+                reset_secs: 30,
+            });
+            Verdict::new(d, &request, &settings, "c")
+                .ratelimit
+                .is_some()
+        };
+        assert!(with(RateLimitHeaders::Always, Reason::Allowed, 90));
+        assert!(!with(RateLimitHeaders::NearLimit, Reason::Allowed, 90));
+        assert!(with(RateLimitHeaders::NearLimit, Reason::Allowed, 10));
+        assert!(!with(RateLimitHeaders::OnDeny, Reason::Allowed, 0));
+        for option in [RateLimitHeaders::NearLimit, RateLimitHeaders::OnDeny] {
+            assert!(with(option, Reason::QuotaExceeded, 0), "{option:?}");
+        }
+    }
+
+    #[test]
+    fn billing_metadata_keeps_what_metering_reads() {
+        let headers = headers(&[]);
+        let request = request("/a", &headers);
+        let mut settings = settings();
+        settings.metadata = MetadataMode::Billing;
+        let v = Verdict::new(decision(Reason::Allowed), &request, &settings, "c");
+        assert_eq!(v.identity.app.as_deref(), Some("weatherapp"));
+        assert_eq!(v.identity.product.as_deref(), Some("free"));
+        assert_eq!(
+            (v.api, v.environment, v.identity.developer),
+            (None, None, None)
+        );
+        assert!(
+            v.upstream
+                .headers
+                .iter()
+                .any(|(name, value)| *name == "x-tollgate-developer" && value == "d@x"),
+            "the upstream still hears who called"
+        );
+        let mut portal = decision(Reason::Allowed);
+        portal.identity.app = None;
+        let v = Verdict::new(portal, &request, &settings, "c");
+        assert_eq!(
+            v.identity.developer.as_deref(),
+            Some("d@x"),
+            "an account's owner stays"
+        );
     }
 
     #[test]
