@@ -104,7 +104,7 @@ impl MeteringMetrics {
             quota_settlements: IntCounterVec::new(
                 Opts::new(
                     "quota_settlements_total",
-                    "token quota reservations settled from access-log records: settled (to the reported count), kept (2xx without a count), refunded (failed call without a count), error (store failed; the reserve stays)",
+                    "token quota reserves settled from access-log records: settled (to the reported count), kept (2xx without a count), refunded (failed call without a count), late (after its hold timed out: counted afresh), error (store failed; the reserve stays until its hold times out)",
                 ),
                 &["result"],
             )?,
