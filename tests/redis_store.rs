@@ -832,14 +832,14 @@ async fn holds_settle_and_release_the_charged_window(store: &dyn QuotaStore) {
     };
     let spend = |cost: u64, now: i64| async move {
         store
-            .charge(&Charge {
+            .reserve(&Charge {
                 bucket,
                 limits: &limits,
                 cost,
                 now,
             })
             .await
-            .expect("charge")
+            .expect("reserve")
     };
     let used = |now: i64| async move {
         let usage = store.usage(bucket, &limits, now).await.expect("usage");
@@ -914,6 +914,58 @@ async fn holds_settle_and_release_the_charged_window(store: &dyn QuotaStore) {
     );
 }
 
+/// Small reserves below `max_lease` are never served from a lease: a settlement must not be undone by a lease
+/// reported later, and a bucket name with any character (a portal account `auth0|…`) releases cleanly.
+async fn small_reserves_settle_exactly(store: &RedisStore) {
+    let limits = [limit(1000, Unit::Day)];
+    let bucket = "\u{1e}auth0|5f7c8ec7\u{1f}llm";
+    for id in ["s1", "s2", "s3"] {
+        let charged = store
+            .reserve(&Charge {
+                bucket,
+                limits: &limits,
+                cost: 50,
+                now: T0,
+            })
+            .await
+            .expect("reserve");
+        assert!(allowed(&charged));
+        let hold = Hold {
+            id,
+            bucket,
+            limits: &limits,
+            reserve: 50,
+            at: T0,
+            until: T0 + 10,
+        };
+        store.hold(&hold).await.expect("hold");
+        if id != "s3" {
+            store.settle(&hold, 0).await.expect("settle");
+        }
+    }
+    store.flush().await.expect("flush");
+    let used = |now: i64| async move {
+        let usage = store.usage(bucket, &limits, now).await.expect("usage");
+        usage[0].used + usage[0].reserved
+    };
+    assert_eq!(used(T0).await, 50, "two settled to 0, one still held");
+    assert_eq!(store.release_expired(T0 + 11).await.expect("release"), 1);
+    assert_eq!(used(T0).await, 0);
+    let late = Hold {
+        id: "s3",
+        bucket,
+        limits: &limits,
+        reserve: 50,
+        at: T0,
+        until: T0 + 10,
+    };
+    assert_eq!(
+        store.settle(&late, 20).await.expect("late"),
+        Settled::Released
+    );
+    assert_eq!(used(T0).await, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_are_the_same_on_every_store() {
     holds_settle_and_release_the_charged_window(&tollgate::quota::memory::MemoryStore::new()).await;
@@ -922,5 +974,6 @@ async fn holds_are_the_same_on_every_store() {
         server.cli(&["FLUSHALL"]);
         let redis = store(server.url(), max_lease).await;
         holds_settle_and_release_the_charged_window(&redis).await;
+        small_reserves_settle_exactly(&redis).await;
     }
 }

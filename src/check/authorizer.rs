@@ -289,7 +289,12 @@ impl Authorizer {
     async fn charge_quota(&self, pending: &Pending<'_>, now: i64) -> QuotaAnswer {
         let charge = pending.charge(now);
         let policy = pending.on_store_error(&self.settings);
-        match self.quota.charge(&charge).await {
+        let charged = if pending.token_bucket().is_some() {
+            self.quota.reserve(&charge).await
+        } else {
+            self.quota.charge(&charge).await
+        };
+        match charged {
             Ok(outcome) => {
                 if policy == OnStoreError::Allow {
                     self.fallback.observe(&charge, &outcome);

@@ -347,7 +347,10 @@ impl<'a> Pending<'a> {
         match outcome {
             Outcome::Allowed(state) => {
                 decision.ratelimit = Some(state);
-                decision.quota_reserved = self.reserve;
+                // Only a reserve the shared store holds is settled: one the local fallback counted stays there.
+                if !fallback {
+                    decision.quota_reserved = self.reserve;
+                }
                 if fallback {
                     decision.reason = Reason::AllowedStoreError;
                 }

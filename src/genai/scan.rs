@@ -111,6 +111,14 @@ impl Scanner {
                 ..Tally::default()
             },
             fatal: None,
+            // A compressed body may inflate to at most this much: past it the reading stops (too large), so a
+            // small hostile body cannot burn CPU for seconds. Plain bodies are bounded by Envoy's transfer.
+            budget: matches!(encoding, Encoding::Gzip | Encoding::Deflate).then(|| {
+                u64::try_from(max_buffer)
+                    .unwrap_or(u64::MAX)
+                    .saturating_mul(INFLATE_BUDGET)
+                    .max(1 << 20)
+            }),
         };
         if encoding == Encoding::Unsupported {
             body.mode = Mode::Ignore;
@@ -259,7 +267,12 @@ struct Body {
     tally: Tally,
     /// Usage cannot be read, whatever comes next.
     fatal: Option<Reason>,
+    /// Decoded bytes a compressed body may still produce (`None`: not compressed).
+    budget: Option<u64>,
 }
+
+/// How many times `max_buffer` a compressed body may inflate to in all.
+const INFLATE_BUDGET: u64 = 16;
 
 impl Body {
     /// Whether more bytes would change nothing (so the decoder may stop inflating).
@@ -345,6 +358,15 @@ impl Write for Body {
         if self.refuses() {
             // Stops the decoder: a gzip bomb is not inflated past the point where we stopped listening.
             return Err(io::Error::other("the body reader needs no more bytes"));
+        }
+        if let Some(budget) = &mut self.budget {
+            let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+            if len > *budget {
+                self.fatal = Some(Reason::TooLarge);
+                self.mode = Mode::Ignore;
+                return Err(io::Error::other("the body inflates past its budget"));
+            }
+            *budget -= len;
         }
         self.push(buf);
         Ok(buf.len())

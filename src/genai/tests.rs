@@ -782,8 +782,9 @@ fn gzip_bomb_json_stops_at_the_bound() {
 }
 
 #[test]
-fn gzip_bomb_sse_streams_in_bounded_memory() {
-    // 16 MiB of one endless line, then a usage event: the line is dropped as it comes, the usage read.
+fn gzip_bomb_sse_stops_at_its_inflate_budget() {
+    // 16 MiB of one endless line, then a usage event: a compressed body inflates to at most 16 times the
+    // buffer (at least 1 MiB), so the bomb is not inflated to its end and its usage is not read: too large.
     let mut e = GzEncoder::new(Vec::new(), Compression::best());
     e.write_all(b"data: ").unwrap();
     let zeros = vec![b'0'; 1 << 20];
@@ -794,6 +795,10 @@ fn gzip_bomb_sse_streams_in_bounded_memory() {
         .unwrap();
     let bomb = e.finish().unwrap();
     let seen = scan_with(SSE, Some("gzip"), &[], 64 * 1024, bomb.chunks(4096));
+    assert_eq!(counts(&seen), (None, None, None));
+    assert_eq!(seen.outcome, Outcome::Unreadable(Reason::TooLarge));
+    // The same stream within its budget is read whole.
+    let seen = scan_with(SSE, Some("gzip"), &[], 2 * 1024 * 1024, bomb.chunks(4096));
     assert_eq!(counts(&seen), (Some(3), Some(4), Some(7)));
     assert_eq!(
         (seen.outcome, seen.unreadable_events),

@@ -23,6 +23,13 @@ use crate::metering::UsageRecord;
 use crate::quota::{Hold, Limit, QuotaStore, Settled};
 use crate::util::throttle::OncePerSecond;
 
+/// Waits between the tries of a settlement the store failed (a Redis restart, a failover).
+const RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(8),
+];
+
 /// One hold to settle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Settlement {
@@ -132,10 +139,18 @@ impl Settler {
                 at: s.at,
                 until: s.at,
             };
-            let result = match self.quota.settle(&hold, s.used).await {
+            let mut settled = self.quota.settle(&hold, s.used).await;
+            for wait in RETRIES {
+                if settled.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                settled = self.quota.settle(&hold, s.used).await;
+            }
+            let result = match settled {
                 Err(e) => {
                     if self.warned.allow(now_s) {
-                        tracing::warn!(error = %e, "token quota settlement failed; the reserve stays counted until its hold times out");
+                        tracing::warn!(error = %e, "token quota settlement failed after retries; the reserve stays counted until its hold times out, then the call counts 0 there");
                     }
                     "error"
                 }

@@ -310,12 +310,32 @@ impl QuotaStore for MemoryStore {
         let reserve = i64::try_from(hold.reserve).unwrap_or(i64::MAX);
         // One removal decides: a release racing this settlement either ran before (the mark is here) or finds
         // nothing to release.
-        let (settled, delta) = match self.holds.remove(hold.id) {
-            Some((_, HoldState::Released { .. })) => (Settled::Released, used),
-            _ => (Settled::Held, used.saturating_sub(reserve)),
-        };
-        self.add(hold.bucket, hold.limits, delta, hold.at);
-        Ok(settled)
+        match self.holds.remove(hold.id) {
+            Some((_, HoldState::Released { .. })) => {
+                self.add(hold.bucket, hold.limits, used, hold.at);
+                Ok(Settled::Released)
+            }
+            // The windows the Check charged, as held (the access log's start may lie across a boundary).
+            Some((_, HoldState::Held(held))) => {
+                let reserve = i64::try_from(held.reserve).unwrap_or(i64::MAX);
+                self.add(
+                    &held.bucket,
+                    &held.limits,
+                    used.saturating_sub(reserve),
+                    held.at,
+                );
+                Ok(Settled::Held)
+            }
+            None => {
+                self.add(
+                    hold.bucket,
+                    hold.limits,
+                    used.saturating_sub(reserve),
+                    hold.at,
+                );
+                Ok(Settled::Held)
+            }
+        }
     }
 
     async fn release_expired(&self, now: i64) -> Result<usize, StoreError> {

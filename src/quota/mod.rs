@@ -128,6 +128,12 @@ pub trait QuotaStore: Send + Sync + 'static {
         limits: &[Limit],
         now: i64,
     ) -> Result<Vec<LimitUsage>, StoreError>;
+    /// Charges a token quota's reserve: as [`QuotaStore::charge`], but never served from a local lease (the
+    /// settlement and the release change the shared count directly, which a lease not yet reported would
+    /// undo).
+    async fn reserve(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
+        self.charge(charge).await
+    }
     /// Records a token quota's reserve, charged by the Check, as held under `hold.id` until `hold.until`.
     async fn hold(&self, hold: &Hold<'_>) -> Result<(), StoreError>;
     /// Settles hold `hold.id` to the `used` units its response reported, refusing nothing: a reserve still

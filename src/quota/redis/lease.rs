@@ -297,6 +297,14 @@ impl Engine {
         self.drop_clean(|b| b.windows.is_empty() || b.windows.iter().any(|w| w.end <= now));
     }
 
+    /// Charges a bucket through Redis without a lease (token quota reserves). Unbounded: the caller puts the
+    /// store's timeout around it.
+    pub(super) async fn charge_unleased(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
+        let mut wanted = held_windows(charge);
+        with_keys(charge.bucket, &mut wanted);
+        self.anonymous(charge, &wanted).await
+    }
+
     /// Charges a bucket with at least one limit: from its lease when it can, else through Redis. Unbounded:
     /// the caller puts the store's timeout around it.
     pub(super) async fn charge(
@@ -304,9 +312,7 @@ impl Engine {
         charge: &Charge<'_>,
     ) -> Result<Outcome, StoreError> {
         let mut wanted = held_windows(charge);
-        // A charge larger than any lease (a token quota's reserve) can never be served from one: taking a
-        // lease on it would only hold units that its next charge cannot use either.
-        if self.max_lease == 0 || charge.cost > self.max_lease {
+        if self.max_lease == 0 {
             with_keys(charge.bucket, &mut wanted);
             return self.anonymous(charge, &wanted).await;
         }

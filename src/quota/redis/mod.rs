@@ -13,8 +13,9 @@
 //! # Leases
 //! When a charge reaches Redis, the script may also reserve a lease of `L` units on *every* limit of the
 //! bucket at once, `L = min(max_lease, min over limits of (limit - used - reserved - cost) / LEASE_DIVISOR)`.
-//! The replica then allows up to `L` units of that bucket without Redis. A charge that costs more than
-//! `max_lease` (a token quota's reserve) goes to Redis without taking a lease: no lease could serve it. Because the reservation is counted
+//! The replica then allows up to `L` units of that bucket without Redis. A token quota's reserve
+//! ([`QuotaStore::reserve`]) always goes to Redis without a lease: its settlement changes `used` directly, which
+//! units served from a lease and reported later would undo. Because the reservation is counted
 //! in Redis before any of it is served, and a lease spends all limits of the bucket together, **the overshoot
 //! bound is zero**: across all replicas, the units allowed in a window never exceed any of its limits.
 //!
@@ -297,6 +298,24 @@ impl QuotaStore for RedisStore {
                 reserved: reserved.unwrap_or(0),
             })
             .collect())
+    }
+
+    async fn reserve(&self, charge: &Charge<'_>) -> Result<Outcome, StoreError> {
+        if charge.limits.is_empty() {
+            return Ok(Outcome::Allowed(UNLIMITED));
+        }
+        match tokio::time::timeout(
+            self.engine.client.timeout(),
+            self.engine.charge_unleased(charge),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => {
+                self.engine.metrics.timed_out();
+                Err(StoreError::Timeout)
+            }
+        }
     }
 
     async fn hold(&self, hold: &Hold<'_>) -> Result<(), StoreError> {
