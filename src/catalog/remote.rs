@@ -263,7 +263,7 @@ impl Remote {
             Ok(Fetched::Fresh(document)) => match self.parse(document.text.clone(), None).await {
                 Ok(Some(loaded)) => {
                     self.metrics.fetch("ok");
-                    return Ok((loaded, self.keep(document)));
+                    return Ok((loaded, self.keep(document).await));
                 }
                 Ok(None) => return Err(RemoteError::Setup("the document was not parsed".into())),
                 Err(invalid) => {
@@ -339,7 +339,7 @@ impl Remote {
                     Ok(installed) => {
                         self.metrics.fetch("ok");
                         digest = installed;
-                        validators = self.keep(document);
+                        validators = self.keep(document).await;
                     }
                     Err(e) => {
                         self.metrics.fetch("invalid");
@@ -453,19 +453,25 @@ impl Remote {
             }
             body.extend_from_slice(&chunk);
         }
-        let text = String::from_utf8(body)
-            .map_err(|_| self.refused("the catalog is not UTF-8".into(), false))?;
-        if json && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
-            return Err(self.refused(
-                format!(
+        // Up to MAX_BYTES of UTF-8 and JSON checks: off the async workers.
+        let checked = tokio::task::spawn_blocking(move || {
+            let text =
+                String::from_utf8(body).map_err(|_| "the catalog is not UTF-8".to_owned())?;
+            if json && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+                return Err(format!(
                     "served as JSON, but it is not JSON (line {}, column {}): {e}",
                     e.line(),
                     e.column()
-                ),
-                false,
-            ));
+                ));
+            }
+            Ok(text)
+        })
+        .await
+        .map_err(|e| format!("the check was interrupted: {e}"));
+        match checked {
+            Ok(Ok(text)) => Ok(Fetched::Fresh(Document { text, validators })),
+            Ok(Err(problem)) | Err(problem) => Err(self.refused(problem, false)),
         }
-        Ok(Fetched::Fresh(Document { text, validators }))
     }
 
     fn refused(&self, problem: String, retry: bool) -> FetchError {
@@ -491,26 +497,38 @@ impl Remote {
             .ok_or_else(|| RemoteError::Setup("the cached copy was not parsed".into()))
     }
 
-    /// Keeps `document` as the last good copy (a failure is logged: the catalog is served all the same) and
-    /// returns its validators.
-    fn keep(&self, document: Document) -> Validators {
+    /// Keeps `document` as the last good copy, written and fsynced on a blocking thread (a failure is logged:
+    /// the catalog is served all the same), and returns its validators.
+    async fn keep(&self, document: Document) -> Validators {
         self.metrics.fetched_at(SystemTime::now());
-        let meta = CacheMeta {
-            url: hex::encode(Sha256::digest(self.url.as_str().as_bytes())),
-            text: hex::encode(Sha256::digest(document.text.as_bytes())),
-            validators: document.validators,
-        };
-        let written = std::fs::create_dir_all(&self.cache_dir)
-            .map_err(|e| (self.cache_dir.clone(), e))
-            .and_then(|()| replace_file(&self.cache_dir, CACHE_FILE, document.text.as_bytes()))
-            .and_then(|()| {
-                let json = serde_json::to_vec(&meta).unwrap_or_default();
-                replace_file(&self.cache_dir, CACHE_META, &json)
-            });
-        if let Err((path, e)) = written {
-            tracing::warn!(path = %path.display(), error = %e, "cannot keep the remote catalog's copy; a restart without the remote will not serve it");
+        let validators = document.validators.clone();
+        let url = hex::encode(Sha256::digest(self.url.as_str().as_bytes()));
+        let dir = self.cache_dir.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let meta = CacheMeta {
+                url,
+                text: hex::encode(Sha256::digest(document.text.as_bytes())),
+                validators: document.validators,
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| (dir.clone(), e))
+                .and_then(|()| replace_file(&dir, CACHE_FILE, document.text.as_bytes()))
+                .and_then(|()| {
+                    let json = serde_json::to_vec(&meta).unwrap_or_default();
+                    replace_file(&dir, CACHE_META, &json)
+                })
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err((path, e))) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep the remote catalog's copy; a restart without the remote will not serve it")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the remote catalog's copy was interrupted")
+            }
         }
-        meta.validators
+        validators
     }
 
     /// The cached copy of this URL's catalog, when one is there and whole.
