@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -27,6 +26,7 @@ use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::access_log::AccessLogService;
 use crate::envoy::authz::AuthzService;
 use crate::envoy::ext_proc::ExtProcService;
+use crate::envoy::slim::authorization_server::AuthorizationServer;
 use crate::history;
 use crate::identity::jwt::{JwtConfigError, JwtMetrics, JwtVerifier};
 use crate::metering::{Metering, MeteringError};

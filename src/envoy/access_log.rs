@@ -9,23 +9,20 @@
 //! Response headers that a `response_header:<name>` meter reads must be listed in the access logger's
 //! `additional_response_headers_to_log`, or Envoy does not send them.
 //!
+//! Envoy's messages are decoded into the slim messages of `proto/tollgate/slim/v1/access_log.proto` (only what
+//! a usage record reads; addresses, TLS properties, most timings and flags are skipped on the wire).
+//!
 //! Records become billed usage, so with `access_log_token` set a stream must carry
 //! `authorization: Bearer <token>` (Envoy: the logger's `grpc_service.initial_metadata`); others are refused
 //! before a single entry is read.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
-    AccessLogService as AccessLogServiceApi, AccessLogServiceServer,
-};
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
-use envoy_types::pb::envoy::service::accesslog::v3::{
-    StreamAccessLogsMessage, StreamAccessLogsResponse,
-};
-use envoy_types::pb::google::protobuf::Timestamp;
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse;
 use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Duration, Struct, Timestamp};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
 use tonic::service::Interceptor;
@@ -34,6 +31,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::metadata::{self, Field};
+use crate::envoy::slim::access_log_service_server::{
+    AccessLogService as AccessLogServiceApi, AccessLogServiceServer,
+};
+use crate::envoy::slim::stream_access_logs_message::LogEntries;
+use crate::envoy::slim::{self, StreamAccessLogsMessage};
 use crate::metering::{Metering, MeteringError, UsageRecord};
 use crate::util::bearer;
 use crate::util::clock::now_ms;
@@ -215,18 +217,80 @@ impl AccessLogServiceApi for AccessLogService {
     }
 }
 
+/// A decoded HTTP access-log entry: the slim one tollgate serves, or envoy-types' full one (which tests, benches
+/// and the fuzz targets read too). Each accessor answers as an absent message or field would: empty or zero.
+pub trait LogEntry {
+    /// `request.request_id`.
+    fn request_id(&self) -> &str;
+    /// A logged request header (`additional_request_headers_to_log`).
+    fn request_header(&self, name: &str) -> Option<&str>;
+    /// `common_properties.start_time`.
+    fn start_time(&self) -> Option<&Timestamp>;
+    /// `common_properties.time_to_last_downstream_tx_byte`.
+    fn time_to_last_downstream_tx_byte(&self) -> Option<&Duration>;
+    /// `common_properties.metadata.filter_metadata[namespace]`.
+    fn filter_metadata(&self, namespace: &str) -> Option<&Struct>;
+    /// `response.response_code` (0: none, e.g. the client went away).
+    fn response_code(&self) -> u32;
+    /// `request.request_body_bytes`.
+    fn request_body_bytes(&self) -> u64;
+    /// `response.response_body_bytes`.
+    fn response_body_bytes(&self) -> u64;
+    /// `response.response_headers`: the logged response headers (`additional_response_headers_to_log`).
+    fn response_headers(&self) -> Option<&HashMap<String, String>>;
+}
+
+/// Implements [`LogEntry`] for an HTTP access-log entry type. The slim messages keep Envoy's names, so both
+/// types are read by this one text: the slim and full decodes can differ only on the wire, which is what
+/// tests/slim_decoding.rs checks.
+macro_rules! log_entry {
+    ($entry:ty) => {
+        impl LogEntry for $entry {
+            fn request_id(&self) -> &str {
+                self.request.as_ref().map_or("", |r| r.request_id.as_str())
+            }
+            fn request_header(&self, name: &str) -> Option<&str> {
+                let request = self.request.as_ref()?;
+                request.request_headers.get(name).map(String::as_str)
+            }
+            fn start_time(&self) -> Option<&Timestamp> {
+                self.common_properties.as_ref()?.start_time.as_ref()
+            }
+            fn time_to_last_downstream_tx_byte(&self) -> Option<&Duration> {
+                let common = self.common_properties.as_ref()?;
+                common.time_to_last_downstream_tx_byte.as_ref()
+            }
+            fn filter_metadata(&self, namespace: &str) -> Option<&Struct> {
+                let common = self.common_properties.as_ref()?;
+                common.metadata.as_ref()?.filter_metadata.get(namespace)
+            }
+            fn response_code(&self) -> u32 {
+                self.response
+                    .as_ref()
+                    .and_then(|r| r.response_code)
+                    .map_or(0, |c| c.value)
+            }
+            fn request_body_bytes(&self) -> u64 {
+                self.request.as_ref().map_or(0, |r| r.request_body_bytes)
+            }
+            fn response_body_bytes(&self) -> u64 {
+                self.response.as_ref().map_or(0, |r| r.response_body_bytes)
+            }
+            fn response_headers(&self) -> Option<&HashMap<String, String>> {
+                self.response.as_ref().map(|r| &r.response_headers)
+            }
+        }
+    };
+}
+
+log_entry!(slim::HttpAccessLogEntry);
+log_entry!(envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry);
+
 /// The usage record of one HTTP access-log entry.
-pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
-    let common = entry.common_properties.as_ref();
-    let request = entry.request.as_ref();
-    let response = entry.response.as_ref();
-    let authz = common
-        .and_then(|c| c.metadata.as_ref())
-        .and_then(|m| m.filter_metadata.get(metadata::NAMESPACE));
+pub fn usage_record(entry: &impl LogEntry) -> UsageRecord {
+    let authz = entry.filter_metadata(metadata::NAMESPACE);
     let field = |field: Field| metadata::read(authz, field);
-    let usage = common
-        .and_then(|c| c.metadata.as_ref())
-        .and_then(|m| m.filter_metadata.get(metadata::USAGE_NAMESPACE));
+    let usage = entry.filter_metadata(metadata::USAGE_NAMESPACE);
     let quota_reserved = authz
         .and_then(|s| s.fields.get(metadata::QUOTA_RESERVED))
         .and_then(|v| match &v.kind {
@@ -234,28 +298,19 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
             _ => None,
         })
         .unwrap_or(0);
-    let request_id = request
-        .map(|r| {
-            if r.request_id.is_empty() {
-                r.request_headers
-                    .get("x-request-id")
-                    .cloned()
-                    .unwrap_or_default()
-            } else {
-                r.request_id.clone()
-            }
-        })
-        .unwrap_or_default();
-    let start_ms = start_ms(common.and_then(|c| c.start_time.as_ref()), now_ms());
-    let duration_us = common
-        .and_then(|c| c.time_to_last_downstream_tx_byte.as_ref())
-        .map_or(0, |d| {
-            let us = d
-                .seconds
-                .saturating_mul(1_000_000)
-                .saturating_add(i64::from(d.nanos) / 1_000);
-            u64::try_from(us).unwrap_or(0)
-        });
+    let request_id = match entry.request_id() {
+        "" => entry.request_header("x-request-id").unwrap_or_default(),
+        id => id,
+    }
+    .to_owned();
+    let start_ms = start_ms(entry.start_time(), now_ms());
+    let duration_us = entry.time_to_last_downstream_tx_byte().map_or(0, |d| {
+        let us = d
+            .seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(d.nanos) / 1_000);
+        u64::try_from(us).unwrap_or(0)
+    });
     UsageRecord {
         request_id,
         start_ms,
@@ -270,17 +325,16 @@ pub fn usage_record(entry: &HttpAccessLogEntry) -> UsageRecord {
         operation: field(Field::Operation),
         api: field(Field::Api),
         environment: field(Field::Environment),
-        response_code: response
-            .and_then(|r| r.response_code)
-            .map_or(0, |c| c.value),
-        request_bytes: request.map_or(0, |r| r.request_body_bytes),
-        response_bytes: response.map_or(0, |r| r.response_body_bytes),
-        response_headers: response
-            .map(|r| {
+        response_code: entry.response_code(),
+        request_bytes: entry.request_body_bytes(),
+        response_bytes: entry.response_body_bytes(),
+        response_headers: entry
+            .response_headers()
+            .map(|headers| {
                 // Envoy sends lowercase names. Two that differ only in case resolve the same way whatever
                 // order the protobuf map yields them in (sorted: the last wins), so a record never depends on
                 // a hash seed.
-                let mut named: Vec<_> = r.response_headers.iter().collect();
+                let mut named: Vec<_> = headers.iter().collect();
                 named.sort_unstable();
                 named
                     .into_iter()
@@ -315,11 +369,11 @@ fn start_ms(start_time: Option<&Timestamp>, now_ms: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::config::core::v3::Metadata;
-    use envoy_types::pb::envoy::data::accesslog::v3::{
-        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
+    use crate::envoy::slim::{
+        AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+        Metadata,
     };
-    use envoy_types::pb::google::protobuf::{Duration, Struct, UInt32Value, Value, value::Kind};
+    use envoy_types::pb::google::protobuf::{UInt32Value, Value};
 
     fn text(s: &str) -> Value {
         Value {
@@ -355,9 +409,7 @@ mod tests {
                     filter_metadata: [(metadata::NAMESPACE.to_owned(), authz)]
                         .into_iter()
                         .collect(),
-                    ..Default::default()
                 }),
-                ..Default::default()
             }),
             request: Some(HttpRequestProperties {
                 request_id: "req-1".into(),
@@ -370,9 +422,7 @@ mod tests {
                 response_headers: [("X-Tokens".to_owned(), "7".to_owned())]
                     .into_iter()
                     .collect(),
-                ..Default::default()
             }),
-            ..Default::default()
         };
         let r = usage_record(&entry);
         assert_eq!(r.request_id, "req-1");

@@ -1,25 +1,28 @@
 //! `envoy.service.auth.v3.Authorization`: CheckRequest -> [`Request`], one call to
 //! [`Authorizer::check`], [`Verdict`] -> CheckResponse.
+//!
+//! Envoy's CheckRequest is decoded into the slim message of `proto/tollgate/slim/v1/authz.proto` (only what a
+//! Check reads; the body, peers, TLS and metadata contexts are skipped on the wire); the answer is envoy-types'
+//! full CheckResponse.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
+    HttpResponse, HttpStatus, OkHttpResponse,
 };
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::google::rpc;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::check::{Answer, Authorizer, Reason, Request, Verdict};
 use crate::envoy::metadata;
+use crate::envoy::slim;
+use crate::envoy::slim::authorization_server::Authorization;
 use crate::quota::LimitState;
 
-static EMPTY: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
-
-/// The ext_authz gRPC service.
+/// The ext_authz gRPC service (serve it with [`slim::authorization_server::AuthorizationServer`]).
 pub struct AuthzService {
     authorizer: Arc<Authorizer>,
 }
@@ -35,64 +38,109 @@ impl AuthzService {
 impl Authorization for AuthzService {
     async fn check(
         &self,
-        request: GrpcRequest<CheckRequest>,
+        request: GrpcRequest<slim::CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let check = request.into_inner();
-        let http = check
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
-        let Some(http) = http else {
+        let Some(parts) = check.parts() else {
             return Err(Status::invalid_argument(
                 "CheckRequest carries no HTTP request attributes",
             ));
         };
-        let headers = headers_of(http);
-        let context_extensions = check
-            .attributes
-            .as_ref()
-            .map_or(&*EMPTY, |a| &a.context_extensions);
-        let authority = if http.host.is_empty() {
-            headers.get(":authority").map_or("", String::as_str)
-        } else {
-            http.host.as_str()
-        };
-        let request = Request {
-            method: &http.method,
-            path: &http.path,
-            authority,
-            headers: &headers,
-            context_extensions,
-        };
-        let verdict = self.authorizer.check(&request).await;
+        let verdict = self.authorizer.check(&parts.request()).await;
         Ok(Response::new(check_response(verdict)))
     }
 }
 
-/// Request headers, from the plain map or, when Envoy sends raw headers (`encode_raw_headers`), the header map.
-fn headers_of(http: &HttpRequest) -> Cow<'_, HashMap<String, String>> {
-    match &http.header_map {
-        Some(map) if http.headers.is_empty() => {
-            let mut headers: HashMap<String, String> = HashMap::with_capacity(map.headers.len());
-            for h in &map.headers {
-                let value = if h.raw_value.is_empty() {
-                    h.value.clone()
-                } else {
-                    String::from_utf8_lossy(&h.raw_value).into_owned()
-                };
-                headers
-                    .entry(h.key.to_ascii_lowercase())
-                    .and_modify(|v| {
-                        v.push(',');
-                        v.push_str(&value);
-                    })
-                    .or_insert(value);
-            }
-            Cow::Owned(headers)
+/// What a Check reads of a CheckRequest, borrowed from the decoded message.
+pub struct CheckParts<'a> {
+    method: &'a str,
+    path: &'a str,
+    host: &'a str,
+    headers: Cow<'a, HashMap<String, String>>,
+    context_extensions: &'a HashMap<String, String>,
+}
+
+impl CheckParts<'_> {
+    /// The request the core decides.
+    pub fn request(&self) -> Request<'_> {
+        let authority = if self.host.is_empty() {
+            self.headers.get(":authority").map_or("", String::as_str)
+        } else {
+            self.host
+        };
+        Request {
+            method: self.method,
+            path: self.path,
+            authority,
+            headers: &self.headers,
+            context_extensions: self.context_extensions,
         }
-        _ => Cow::Borrowed(&http.headers),
     }
+}
+
+/// A decoded CheckRequest: the slim one tollgate serves, or envoy-types' full one (which tests and benches
+/// hold the slim one to).
+pub trait CheckMessage {
+    /// What a Check reads of it; `None` when it carries no HTTP request attributes.
+    fn parts(&self) -> Option<CheckParts<'_>>;
+}
+
+/// Implements [`CheckMessage`] for a CheckRequest type. The slim messages keep Envoy's names, so both types
+/// are read by this one text: the slim and full decodes can differ only on the wire, which is what
+/// tests/slim_decoding.rs checks.
+macro_rules! check_message {
+    ($check:ty) => {
+        impl CheckMessage for $check {
+            fn parts(&self) -> Option<CheckParts<'_>> {
+                let attributes = self.attributes.as_ref()?;
+                let http = attributes.request.as_ref()?.http.as_ref()?;
+                // With `encode_raw_headers` Envoy sends the header map and leaves the plain map empty.
+                let headers = match &http.header_map {
+                    Some(map) if http.headers.is_empty() => Cow::Owned(joined_headers(
+                        map.headers.len(),
+                        map.headers.iter().map(|h| {
+                            let value = if h.raw_value.is_empty() {
+                                Cow::Borrowed(h.value.as_str())
+                            } else {
+                                String::from_utf8_lossy(&h.raw_value)
+                            };
+                            (h.key.as_str(), value)
+                        }),
+                    )),
+                    _ => Cow::Borrowed(&http.headers),
+                };
+                Some(CheckParts {
+                    method: &http.method,
+                    path: &http.path,
+                    host: &http.host,
+                    headers,
+                    context_extensions: &attributes.context_extensions,
+                })
+            }
+        }
+    };
+}
+
+check_message!(slim::CheckRequest);
+check_message!(envoy_types::pb::envoy::service::auth::v3::CheckRequest);
+
+/// The plain header map of a header list: lowercase names, repeated headers joined with commas (as Envoy
+/// joins them in the plain map).
+fn joined_headers<'a>(
+    len: usize,
+    headers: impl Iterator<Item = (&'a str, Cow<'a, str>)>,
+) -> HashMap<String, String> {
+    let mut joined: HashMap<String, String> = HashMap::with_capacity(len);
+    for (key, value) in headers {
+        joined
+            .entry(key.to_ascii_lowercase())
+            .and_modify(|v| {
+                v.push(',');
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    joined
 }
 
 /// Builds Envoy's answer to a verdict.
