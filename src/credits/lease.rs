@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::credits::journal::{Journal, Previous};
+use crate::credits::journal::{Journal, Previous, Slot};
 use crate::credits::ledger::{CreditLedger, LeaseAnswer, LeaseCall, Refill};
 use crate::credits::metrics::CreditMetrics;
 use crate::state::StoreError;
 use crate::util::sync::lock;
 use crate::util::throttle::OncePerSecond;
 
-/// A renewal starts in the background once fewer than 1/n of the last lease is left.
+/// A renewal starts in the background once fewer than 1/n of the last lease is left (or sooner when the
+/// ledger is slow: [`Account::wants_prefetch`]).
 const PREFETCH_DIVISOR: u64 = 4;
 /// An owner without Checks for this long returns its lease and reports what it served.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
@@ -79,18 +80,27 @@ pub struct Hold {
 }
 
 impl Hold {
+    fn new(cell: Arc<Cell>, cost: u64, remaining: u64) -> Hold {
+        Hold {
+            cell,
+            cost,
+            remaining,
+            done: false,
+        }
+    }
+
     /// Marks the credits served, journaling the new total under the account's lock (so totals reach the
     /// journal in order); returns the cost and the balance left as this replica sees it.
-    fn commit(mut self, journal: Option<&Journal>) -> (u64, u64, Option<std::io::Error>) {
+    fn commit(mut self, journal: Option<&Journal>) -> (u64, u64) {
         self.done = true;
         let mut a = self.cell.state();
         a.pending -= self.cost;
         a.served_total += self.cost;
-        let failed = match (journal, self.cell.slot.get().copied().flatten()) {
-            (Some(journal), Some(at)) => journal.record(at, a.served_total).err(),
-            _ => None,
-        };
-        (self.cost, self.remaining, failed)
+        // A store into the mapped slot, not a syscall: cheap enough to stay under the lock that orders totals.
+        if let (Some(journal), Some(Some(slot))) = (journal, self.cell.slot.get()) {
+            journal.record(slot, a.served_total);
+        }
+        (self.cost, self.remaining)
     }
 }
 
@@ -117,6 +127,11 @@ struct Account {
     reported: u64,
     /// Size of the last lease, for the prefetch rule.
     last_lease: u64,
+    /// Credits taken from the lease since this process started, in total (given back or not).
+    taken: u64,
+    /// Credits taken while the last ledger call was in flight: what the lease must still hold when a renewal
+    /// starts for it to land before the lease runs dry, for the prefetch rule.
+    consumed: u64,
     /// Free balance at the last answer (every replica's lease counted as spent).
     balance: u64,
     /// When the ledger last could not cover a call.
@@ -158,13 +173,21 @@ impl Account {
         }
         self.left -= cost;
         self.pending += cost;
+        self.taken = self.taken.wrapping_add(cost);
         Some(self.balance.saturating_add(self.left))
     }
 
-    fn wants_prefetch(&self) -> bool {
+    /// Whether a renewal should start: fewer than 1/[`PREFETCH_DIVISOR`] of the last lease is left, or fewer
+    /// than twice what Checks took during the last ledger call. The second rule makes a renewal land before
+    /// the lease runs dry when the ledger is slow for the owner's rate (Checks would otherwise queue for it);
+    /// it never starts one with more than half of `max_lease` left, so a renewal still asks for at least half
+    /// a lease. Neither changes what a lease may hold: `max_lease` bounds it.
+    fn wants_prefetch(&self, max_lease: u64) -> bool {
+        let slow_ledger = self.consumed.saturating_mul(2).min(max_lease / 2);
         self.exhausted_at.is_none()
-            && self.left.saturating_mul(PREFETCH_DIVISOR) <= self.last_lease
             && self.last_lease > 0
+            && (self.left.saturating_mul(PREFETCH_DIVISOR) <= self.last_lease
+                || self.left <= slow_ledger)
     }
 
     /// Owes the ledger nothing: no lease, nothing unreported.
@@ -180,7 +203,7 @@ struct Cell {
     /// Where the owner's served total is journaled: taken before the owner's first lease in this life, so a
     /// lease the ledger records always has a slot (`None` inside: no journal, a name too long, or a failed
     /// write; a restart then keeps that owner's lease as spent).
-    slot: OnceLock<Option<u64>>,
+    slot: OnceLock<Option<Slot>>,
     io: Mutex<()>,
     state: std::sync::Mutex<Account>,
     /// A background renewal is queued or running.
@@ -199,6 +222,8 @@ impl Cell {
                 served_total: 0,
                 reported: 0,
                 last_lease: 0,
+                taken: 0,
+                consumed: 0,
                 balance: 0,
                 exhausted_at: None,
                 refilled: Vec::new(),
@@ -349,14 +374,15 @@ impl Credits {
         now: i64,
     ) -> Result<Spend, SpendError> {
         let inner = &self.inner;
-        let cell = inner.cell(owner);
-        if let Some(spend) = inner.local(&cell, cost, refill.as_ref()) {
-            return Ok(spend);
-        }
+        // The cell moves into the hold on the local path: one reference count taken per Check, not two.
+        let cell = match inner.local(inner.cell(owner), cost, refill.as_ref()) {
+            Ok(spend) => return Ok(spend),
+            Err(cell) => cell,
+        };
         let asked = tokio::time::timeout(inner.options.timeout, async {
             let _io = cell.io.lock().await;
             // A renewal may have landed while this call waited for its turn.
-            if let Some(spend) = inner.local(&cell, cost, refill.as_ref()) {
+            if let Ok(spend) = inner.local(Arc::clone(&cell), cost, refill.as_ref()) {
                 return Ok(spend);
             }
             let ask = Ask {
@@ -369,7 +395,7 @@ impl Credits {
             let mut a = cell.state();
             let (spend, result) = match a.take(cost, None) {
                 Some(remaining) => (
-                    Spend::Held(inner.hold(&cell, cost, remaining)),
+                    Spend::Held(Hold::new(Arc::clone(&cell), cost, remaining)),
                     &inner.metrics.checks_ledger,
                 ),
                 None => {
@@ -397,10 +423,7 @@ impl Credits {
     /// Marks a held call's credits served (the call was allowed); returns the balance left as this replica
     /// sees it.
     pub fn commit(&self, hold: Hold) -> u64 {
-        let (cost, remaining, failed) = hold.commit(self.inner.journal.as_ref());
-        if let Some(e) = failed {
-            self.inner.journal_failed(&e);
-        }
+        let (cost, remaining) = hold.commit(self.inner.journal.as_ref());
         self.inner.metrics.spent.inc_by(cost);
         remaining
     }
@@ -517,33 +540,24 @@ impl Inner {
         }
     }
 
-    fn hold(&self, cell: &Arc<Cell>, cost: u64, remaining: u64) -> Hold {
-        Hold {
-            cell: Arc::clone(cell),
-            cost,
-            remaining,
-            done: false,
-        }
-    }
-
-    /// Serves from the lease, or refuses from a recent "exhausted" answer; `None` when the ledger must be
-    /// asked.
+    /// Serves from the lease (the hold keeps `cell`), or refuses from a recent "exhausted" answer; gives
+    /// `cell` back when the ledger must be asked.
     fn local(
         self: &Arc<Self>,
-        cell: &Arc<Cell>,
+        cell: Arc<Cell>,
         cost: u64,
         refill: Option<&Refill<'_>>,
-    ) -> Option<Spend> {
+    ) -> Result<Spend, Arc<Cell>> {
         let mut a = cell.state();
         a.touched = Instant::now();
         if let Some(remaining) = a.take(cost, refill) {
-            let prefetch = a.wants_prefetch();
+            let prefetch = a.wants_prefetch(self.options.max_lease);
             drop(a);
             self.metrics.checks_local.inc();
             if prefetch && !cell.renewing.swap(true, Ordering::AcqRel) {
-                tokio::spawn(renew(Arc::clone(self), Arc::clone(cell)));
+                tokio::spawn(renew(Arc::clone(self), Arc::clone(&cell)));
             }
-            return Some(Spend::Held(self.hold(cell, cost, remaining)));
+            return Ok(Spend::Held(Hold::new(cell, cost, remaining)));
         }
         let refill_due = a.refill_due(refill);
         let exhausted = a
@@ -551,11 +565,11 @@ impl Inner {
             .is_some_and(|at| at.elapsed() < self.options.exhausted_for);
         if exhausted && !refill_due {
             self.metrics.checks_exhausted.inc();
-            return Some(Spend::Exhausted {
-                balance: a.balance.saturating_add(a.left),
-            });
+            let balance = a.balance.saturating_add(a.left);
+            return Ok(Spend::Exhausted { balance });
         }
-        None
+        drop(a);
+        Err(cell)
     }
 
     /// One ledger call for the cell's owner, made by the holder of its `io` lock: reports what was served,
@@ -574,7 +588,7 @@ impl Inner {
                 })
             });
         }
-        let (served_total, keep, need, max_extra) = {
+        let (served_total, keep, need, max_extra, taken_before) = {
             let mut a = cell.state();
             if ask.op == Op::Return {
                 // Given up before the call: a Check racing it must not serve credits the ledger frees.
@@ -588,7 +602,7 @@ impl Inner {
             // Under the same lock as the snapshot: a cheaper call served from `left` meanwhile cannot make
             // this answer fall short.
             let need = ask.want.saturating_sub(a.left);
-            (a.served_total, a.left + a.pending, need, max_extra)
+            (a.served_total, a.left + a.pending, need, max_extra, a.taken)
         };
         let call = LeaseCall {
             owner,
@@ -619,6 +633,9 @@ impl Inner {
         a.left = a.left.saturating_sub(void);
         a.left += answer.granted;
         a.last_lease = answer.granted;
+        if ask.op != Op::Return {
+            a.consumed = a.taken.wrapping_sub(taken_before);
+        }
         a.balance = answer.balance;
         a.exhausted_at = (need > 0 && answer.granted == 0).then(Instant::now);
         if let Some(r) = &ask.refill {
@@ -654,7 +671,7 @@ impl Inner {
 async fn renew(inner: Arc<Inner>, cell: Arc<Cell>) {
     let _io = cell.io.lock().await;
     cell.renewing.store(false, Ordering::Release);
-    if !cell.state().wants_prefetch() {
+    if !cell.state().wants_prefetch(inner.options.max_lease) {
         return;
     }
     let ask = Ask {
@@ -717,5 +734,225 @@ async fn return_idle(inner: Weak<Inner>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An account holding `left` of a lease of `last_lease`, whose last ledger call saw `consumed` taken.
+    fn account(left: u64, last_lease: u64, consumed: u64) -> Cell {
+        let cell = Cell::new("acme");
+        {
+            let mut a = cell.state();
+            a.left = left;
+            a.last_lease = last_lease;
+            a.consumed = consumed;
+        }
+        cell
+    }
+
+    fn prefetch(left: u64, last_lease: u64, consumed: u64, max_lease: u64) -> bool {
+        account(left, last_lease, consumed)
+            .state()
+            .wants_prefetch(max_lease)
+    }
+
+    #[test]
+    fn a_renewal_starts_at_a_quarter_of_the_lease_or_sooner_when_the_ledger_is_slow() {
+        // A fast ledger: a quarter of the last lease.
+        assert!(!prefetch(201, 800, 0, 1_000));
+        assert!(prefetch(200, 800, 0, 1_000));
+        assert!(prefetch(200, 800, 90, 1_000));
+        // The last call saw 150 taken while it ran: start with twice that left.
+        assert!(prefetch(300, 800, 150, 1_000));
+        assert!(!prefetch(301, 800, 150, 1_000));
+        // Never with more than half of max_lease left, however slow the ledger.
+        assert!(prefetch(500, 800, 5_000, 1_000));
+        assert!(!prefetch(501, 800, 5_000, 1_000));
+        // No lease yet, or an exhausted balance: nothing to renew.
+        assert!(!prefetch(0, 0, 150, 1_000));
+        let exhausted = account(0, 800, 150);
+        exhausted.state().exhausted_at = Some(Instant::now());
+        assert!(!exhausted.state().wants_prefetch(1_000));
+    }
+
+    /// A ledger whose lease calls wait for the test to answer them, so the test decides how many Checks run
+    /// while one is in flight: the ledger's latency, counted in Checks.
+    struct Gated {
+        calls: tokio::sync::mpsc::UnboundedSender<(
+            LeaseAnswer,
+            tokio::sync::oneshot::Sender<LeaseAnswer>,
+        )>,
+    }
+
+    fn unused() -> StoreError {
+        StoreError::Corrupt("not used by this test".to_owned())
+    }
+
+    #[async_trait::async_trait]
+    impl CreditLedger for Gated {
+        async fn lease(&self, call: &LeaseCall<'_>) -> Result<LeaseAnswer, StoreError> {
+            // A balance that never runs out: every call gets what it asks, up to its bound.
+            let answer = LeaseAnswer {
+                kept: call.keep,
+                granted: call.need + call.max_extra,
+                balance: 1 << 40,
+                crossed_low: false,
+                refilled: 0,
+                conflicted: false,
+            };
+            let (reply, answered) = tokio::sync::oneshot::channel();
+            self.calls.send((answer, reply)).map_err(|_| unused())?;
+            answered.await.map_err(|_| unused())
+        }
+
+        async fn grant(
+            &self,
+            _: &crate::credits::ledger::GrantInput<'_>,
+        ) -> Result<crate::credits::ledger::Granted, StoreError> {
+            Err(unused())
+        }
+
+        async fn balance(
+            &self,
+            _: &str,
+        ) -> Result<Option<crate::credits::ledger::Balance>, StoreError> {
+            Ok(None)
+        }
+
+        async fn grants(
+            &self,
+            _: &str,
+            _: u32,
+        ) -> Result<Vec<crate::credits::ledger::GrantRecord>, StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn balances(
+            &self,
+            _: Option<u64>,
+            _: Option<&str>,
+            _: u32,
+        ) -> Result<Vec<crate::credits::ledger::Balance>, StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn recover(
+            &self,
+            _: &str,
+            _: Option<&std::collections::HashMap<String, u64>>,
+            _: i64,
+        ) -> Result<crate::credits::ledger::Settled, StoreError> {
+            Ok(crate::credits::ledger::Settled::default())
+        }
+
+        async fn reap(&self, _: i64, _: i64) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    /// Lets the engine's spawned renewal run up to the ledger, or book the answer it was just given.
+    async fn settle() {
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ledger_slower_than_a_quarter_lease_lasts_stalls_checks_once_not_every_lease()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+
+        // 300 Checks run while a ledger call is in flight; a quarter of a 1,000-credit lease lasts 250.
+        const LATENCY: u64 = 300;
+        let (calls, mut asked) = tokio::sync::mpsc::unbounded_channel();
+        let options = CreditOptions::default();
+        let max_lease = options.max_lease;
+        let credits = Credits::start(
+            Arc::new(Gated { calls }),
+            "r1".to_owned(),
+            options,
+            CreditMetrics::new(&prometheus::Registry::new())?,
+            None,
+        );
+        // The first Check waits for the first lease.
+        let answer_first = async {
+            let (answer, reply) = asked.recv().await.ok_or("no first lease call")?;
+            reply.send(answer).map_err(|_| "first lease not awaited")?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        };
+        let (first, answered) = tokio::join!(credits.take("acme", 1, None, 0), answer_first);
+        answered?;
+        match first? {
+            Spend::Held(hold) => credits.commit(hold),
+            Spend::Exhausted { .. } => return Err("the first Check was refused".into()),
+        };
+
+        type Reply = tokio::sync::oneshot::Sender<LeaseAnswer>;
+        let mut in_flight: Option<(u64, (LeaseAnswer, Reply))> = None;
+        let mut stalled = Vec::new();
+        let mut per_call = Vec::new();
+        for check in 0..20_000u64 {
+            let mut take = std::pin::pin!(credits.take("acme", 1, None, 0));
+            match take.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(Spend::Held(hold))) => {
+                    credits.commit(hold);
+                }
+                Poll::Ready(other) => return Err(format!("Check {check}: {other:?}").into()),
+                // It waits for the renewal in flight: the lease ran dry before the ledger answered. The
+                // call lands now (the wait) and the Check is not counted.
+                Poll::Pending => {
+                    stalled.push(check);
+                    let Some((_, (answer, reply))) = in_flight.take() else {
+                        return Err(
+                            format!("Check {check} waits with no ledger call in flight").into()
+                        );
+                    };
+                    per_call.push(answer);
+                    reply.send(answer).map_err(|_| "renewal not awaited")?;
+                    settle().await;
+                    continue;
+                }
+            }
+            settle().await;
+            match in_flight.take() {
+                Some((since, (answer, reply))) if check - since >= LATENCY => {
+                    per_call.push(answer);
+                    reply.send(answer).map_err(|_| "renewal not awaited")?;
+                    settle().await;
+                }
+                Some(call) => in_flight = Some(call),
+                None => in_flight = asked.try_recv().ok().map(|call| (check, call)),
+            }
+        }
+        // The first renewal starts at a quarter of the lease and lands late; the engine then starts the next
+        // ones with twice what it saw spent during a call left (at most half a lease): none lands late.
+        assert_eq!(
+            stalled.len(),
+            1,
+            "Checks that waited for a renewal: {stalled:?}"
+        );
+        assert!(stalled[0] < 1_500, "{stalled:?}");
+        // Each renewal still brings at least half a lease, and no lease exceeds max_lease.
+        assert!(per_call.len() >= 30, "{} renewals", per_call.len());
+        assert!(
+            per_call
+                .iter()
+                .all(|a| (max_lease / 2..=max_lease).contains(&a.granted)),
+            "{per_call:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn taking_counts_what_the_prefetch_rule_measures() {
+        let cell = account(10, 10, 0);
+        let mut a = cell.state();
+        assert_eq!(a.take(3, None), Some(7));
+        assert_eq!(a.take(8, None), None);
+        assert_eq!((a.left, a.pending, a.taken), (7, 3, 3));
     }
 }

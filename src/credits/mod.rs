@@ -23,16 +23,17 @@
 //! - Durable: a credit is reserved in the ledger (committed) before any call spends it, so a crash never gives
 //!   a spent credit back. A grant is a committed row before it is acknowledged.
 //! - Exact after a process crash: each spend is written to the replica's [`journal`] (`metering.dir`) before
-//!   the call is allowed. The write goes to the kernel's page cache, which outlives the process, so after a
-//!   kill -9 (same replica id, kept in `metering.dir`) [`ledger::CreditLedger::recover`] spends exactly what
+//!   the call is allowed: the owner's served total, stored through a shared mapping of its slot in the file
+//!   (no syscall per Check). The store lands in the kernel's page cache, which outlives the process, so after
+//!   a kill -9 (same replica id, kept in `metering.dir`) [`ledger::CreditLedger::recover`] spends exactly what
 //!   the dead life served and returns the rest of its leases to the balance.
 //! - Bounded, against the owner, when the journal cannot be trusted (the machine rebooted, so the page cache
-//!   may have lost writes; no journal; a write failed, or the owner's slot could not be written): the restart
-//!   keeps everything the dead life held as spent, since some of it may have been served. The cost is at most
-//!   `max_lease` + the calls in flight + one call's cost, per owner the replica held a lease for
-//!   (`tollgate_credits_recovered_total`); a graceful stop returns everything. A replica whose id is lost for
-//!   good (its folder gone) is settled the same way by any replica once its leases sat idle for
-//!   [`lease::DEAD_AFTER`].
+//!   may have lost writes; no journal; the journal could not be started, or the owner's slot could not be
+//!   written): the restart keeps everything the dead life held as spent, since some of it may have been
+//!   served. The cost is at most `max_lease` + the calls in flight + one call's cost, per owner the replica
+//!   held a lease for (`tollgate_credits_recovered_total`); a graceful stop returns everything. A replica
+//!   whose id is lost for good (its folder gone) is settled the same way by any replica once its leases sat
+//!   idle for [`lease::DEAD_AFTER`].
 //! - Bounded, refusals: near zero a replica may refuse (402) while another still holds leased credits; the
 //!   holder serves them or returns them within [`lease::IDLE_RETURN`] of its last call for the owner. After an
 //!   exhausted answer a replica refuses that owner from memory for `exhausted_for` (1 s): a grant made through
