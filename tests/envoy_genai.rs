@@ -14,10 +14,13 @@ use serde_json::Value as Json;
 use stripe_support::{API_KEY, StripeEmulator};
 use support::{
     Envoy, FakeLlm, RedisServer, Tollgate, envoy_config_llm, http_client, key_hash, poll_until,
+    with_stream_token,
 };
 
 const KEY: &str = "tg_test_GenAiTokensKeyZBoBcuk7Kp4aggzLahAQ5tvTRefxE";
 const KEY_CUT: &str = "tg_test_GenAiCutStreamKeyBcuk7Kp4aggzLahAQ5tvTRefxE";
+const KEY_CUT_OPENAI: &str = "tg_test_GenAiCutOpenAiKeyBcuk7Kp4aggzLahAQ5tvTRefxE";
+const KEY_CUT_ANTHROPIC: &str = "tg_test_GenAiCutAnthropicKeyk7Kp4aggzLahAQ5tvTRefxE";
 const KEY_QUOTA: &str = "tg_test_GenAiQuotaKeyBoBcuk7Kp4aggzLahAQ5tvTRefxE";
 
 /// How long usage may take to reach the emulator.
@@ -49,6 +52,18 @@ developers:
       - name: cutapp
         products: [{{name: chat}}]
         keys: [{{hash: "{}"}}]
+  - email: cut-openai@example.com
+    stripe_customer: cus_CutOpenai
+    apps:
+      - name: cutopenai
+        products: [{{name: chat}}]
+        keys: [{{hash: "{}"}}]
+  - email: cut-anthropic@example.com
+    stripe_customer: cus_CutAnthropic
+    apps:
+      - name: cutanthropic
+        products: [{{name: chat}}]
+        keys: [{{hash: "{}"}}]
   - email: quota@example.com
     apps:
       - name: quotaapp
@@ -57,6 +72,8 @@ developers:
 "#,
         key_hash(KEY),
         key_hash(KEY_CUT),
+        key_hash(KEY_CUT_OPENAI),
+        key_hash(KEY_CUT_ANTHROPIC),
         key_hash(KEY_QUOTA)
     )
 }
@@ -138,6 +155,16 @@ async fn tokens_of_every_provider_json_and_sse_are_billed_exactly() {
     let (status, _) = call(&client, &envoy, KEY, "/llm/chat/x?gzip=1&input=7&output=8").await;
     assert_eq!(status, 200);
     total += 15;
+    // A chat stream whose client did not ask for usage bills the output it sent: one token per delta.
+    let (status, _) = call(
+        &client,
+        &envoy,
+        KEY,
+        "/llm/chat/x?stream=1&include_usage=0&chunks=6",
+    )
+    .await;
+    assert_eq!(status, 200);
+    total += 6;
     let (status, _) = call(&client, &envoy, KEY, "/llm/custom/x?input=5&output=44").await;
     assert_eq!(status, 200);
     completion += 44;
@@ -147,7 +174,6 @@ async fn tokens_of_every_provider_json_and_sse_are_billed_exactly() {
         "/llm/chat/x?garbage=1",
         "/llm/chat/x?nonutf8=1",
         "/llm/chat/x?pad=200000",
-        "/llm/chat/x?stream=1&include_usage=0",
         "/llm/chat/x?stream=1&pad=200000&chunks=1&provider=gemini",
     ] {
         let (status, body) = call(&client, &envoy, KEY, path).await;
@@ -181,7 +207,7 @@ async fn tokens_of_every_provider_json_and_sse_are_billed_exactly() {
         }
     };
     assert_eq!(outcomes("complete").await, 10.0);
-    assert!(outcomes("missing").await >= 1.0, "the stream without usage");
+    assert_eq!(outcomes("counted").await, 1.0, "the stream without usage");
     assert!(outcomes("too_large").await >= 2.0);
     assert!(
         outcomes("not_utf8").await + outcomes("malformed").await + outcomes("truncated").await
@@ -208,26 +234,50 @@ async fn tokens_of_every_provider_json_and_sse_are_billed_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_cuts_a_stream_is_billed_what_was_sent() {
-    let emulator = StripeEmulator::start();
+async fn with_an_access_log_token_only_the_envoy_presenting_it_reads_bodies() {
+    let config = format!("access_log_token: s3cret-token\n{}", config(None, ""));
     let llm = FakeLlm::start();
-    let tollgate = Tollgate::start(&config(Some(&emulator), ""), &catalog()).await;
-    let envoy = Envoy::start(&envoy_config_llm(&[tollgate.grpc_port], llm.port)).await;
+    let tollgate = Tollgate::start(&config, &catalog()).await;
+    let plain = envoy_config_llm(&[tollgate.grpc_port], llm.port);
+    let trusted = Envoy::start(&with_stream_token(&plain, "s3cret-token")).await;
+    let stranger = Envoy::start(&with_stream_token(&plain, "guessed")).await;
     let client = http_client();
-    // Gemini reports the usage so far in every chunk: 20 input, then 50 output tokens over 10 chunks.
-    let response =
-        client
-            .get(envoy.url(
-                "/llm/chat/x?provider=gemini&stream=1&input=20&output=50&chunks=10&delay_ms=150",
-            ))
-            .header("x-api-key", KEY_CUT)
-            .send()
+    let complete = || async {
+        tollgate
+            .metric("tollgate_genai_responses_total", &[("outcome", "complete")])
             .await
-            .expect("stream through Envoy");
-    assert_eq!(response.status(), 200);
-    let mut response = response;
+            .unwrap_or(0.0)
+    };
+    let (status, _) = call(&client, &trusted, KEY, "/llm/chat/x?input=5&output=7").await;
+    assert_eq!(status, 200);
+    assert_eq!(complete().await, 1.0, "the trusted Envoy's body is read");
+    // ext_proc fails open (envoy/llm.yaml): the stranger's caller gets the answer, tollgate reads nothing.
+    let (status, body) = call(&client, &stranger, KEY, "/llm/chat/x?input=5&output=7").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("usage"), "the body still reaches the client");
+    assert_eq!(complete().await, 1.0, "the stranger's body is not read");
+    let refused = tollgate
+        .metric("tollgate_genai_streams_unauthenticated_total", &[])
+        .await;
+    assert!(refused >= Some(1.0), "refusals are counted: {refused:?}");
+    assert!(
+        !tollgate.logs().contains("s3cret-token") && !tollgate.logs().contains("guessed"),
+        "a token reached the log"
+    );
+}
+
+/// Streams `path` with `key`, reads until `events` server-sent events reached the client, then drops the
+/// connection (Envoy resets the upstream stream and ends ext_proc's without `end_of_stream`).
+async fn cut_after(client: &reqwest::Client, envoy: &Envoy, key: &str, path: &str, events: usize) {
+    let mut response = client
+        .get(envoy.url(path))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .expect("stream through Envoy");
+    assert_eq!(response.status(), 200, "{path}");
     let mut seen = 0;
-    while seen < 3 {
+    while seen < events {
         let chunk = response
             .chunk()
             .await
@@ -235,30 +285,78 @@ async fn a_client_that_cuts_a_stream_is_billed_what_was_sent() {
             .expect("a chunk");
         seen += chunk.windows(5).filter(|w| w == b"data:").count();
     }
-    drop(response);
+}
 
+/// What Stripe was told `customer` used of `llm_tokens`, once it was told.
+async fn billed_tokens(emulator: &StripeEmulator, customer: &str) -> u64 {
     let deadline = Instant::now() + BILLED;
-    let billed = loop {
+    loop {
         let totals = emulator.totals().await;
-        if let Some(total) = totals.get(&("cus_Cut".to_owned(), "llm_tokens".to_owned())) {
-            break *total;
+        if let Some(total) = totals.get(&(customer.to_owned(), "llm_tokens".to_owned())) {
+            return *total;
         }
-        assert!(Instant::now() < deadline, "the cut stream was never billed");
+        assert!(
+            Instant::now() < deadline,
+            "the cut stream of {customer} was never billed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let possible: Vec<u64> = (1..10).map(|k| 20 + 50 * k / 10).collect();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cuts_a_stream_is_billed_what_was_sent() {
+    let emulator = StripeEmulator::start();
+    let llm = FakeLlm::start();
+    let tollgate = Tollgate::start(&config(Some(&emulator), ""), &catalog()).await;
+    let envoy = Envoy::start(&envoy_config_llm(&[tollgate.grpc_port], llm.port)).await;
+    let client = http_client();
+    // Gemini reports the usage so far in every chunk: 20 input, then 50 output tokens over 10 chunks.
+    // OpenAI reports nothing before its last chunk (input 20 is never said): each of the 50 content deltas
+    // is one token, as OpenAI streams them (padded text: no delta is empty). Anthropic says its input (20) at the start and its output (50)
+    // at the end: each of its 10 deltas counts at least one token.
+    let gemini = "/llm/chat/x?provider=gemini&stream=1&input=20&output=50&chunks=10&delay_ms=150";
+    let openai =
+        "/llm/chat/x?provider=openai&stream=1&input=20&output=50&chunks=50&delay_ms=40&pad=60";
+    let anthropic =
+        "/llm/chat/x?provider=anthropic&stream=1&input=20&output=50&chunks=10&delay_ms=150";
+    tokio::join!(
+        cut_after(&client, &envoy, KEY_CUT, gemini, 3),
+        cut_after(&client, &envoy, KEY_CUT_OPENAI, openai, 3),
+        cut_after(&client, &envoy, KEY_CUT_ANTHROPIC, anthropic, 3),
+    );
+
+    let billed = billed_tokens(&emulator, "cus_Cut").await;
+    let possible: Vec<u64> = (3..10).map(|k| 20 + 50 * k / 10).collect();
     assert!(
         possible.contains(&billed),
-        "billed {billed}: what the chunks sent before the cut reported ({possible:?}), not the whole answer"
+        "Gemini billed {billed}: what a chunk from the third on reported ({possible:?}), not the whole answer"
     );
+    let billed = billed_tokens(&emulator, "cus_CutOpenai").await;
     assert!(
-        billed >= 20 + 15,
-        "at least the three chunks the client read"
+        (3..=50).contains(&billed),
+        "OpenAI billed {billed}: the deltas sent, at least the 3 the client read, not the whole answer (70)"
+    );
+    let billed = billed_tokens(&emulator, "cus_CutAnthropic").await;
+    assert!(
+        (20 + 1..=20 + 10).contains(&billed),
+        "Anthropic billed {billed}: the input and at least one token per delta sent, not the whole answer (70)"
     );
     let partial = tollgate
         .metric("tollgate_genai_responses_total", &[("outcome", "partial")])
         .await;
-    assert_eq!(partial, Some(1.0));
+    assert_eq!(
+        partial,
+        Some(2.0),
+        "Gemini and Anthropic had reported usage"
+    );
+    let counted = tollgate
+        .metric("tollgate_genai_responses_total", &[("outcome", "counted")])
+        .await;
+    assert_eq!(counted, Some(1.0), "OpenAI had reported none");
+    assert_eq!(
+        emulator.state().await["schema_errors"],
+        serde_json::json!([])
+    );
 }
 
 /// The quota counter of `quotaapp`: used units in today's window.

@@ -352,30 +352,14 @@ async fn usage_records(tollgate: &Tollgate, customer: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The access logger's `grpc_service` in [`support::envoy_config`], with the bearer token Envoy must present.
-fn with_access_log_token(envoy_yaml: &str, token: &str) -> String {
-    let service = "                grpc_service:\n                  envoy_grpc: { cluster_name: tollgate_grpc }\n";
-    assert!(
-        envoy_yaml.contains(service),
-        "the access logger's grpc_service moved"
-    );
-    envoy_yaml.replacen(
-        service,
-        &format!(
-            "{service}                  initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]\n"
-        ),
-        1,
-    )
-}
-
 #[tokio::test]
 async fn with_an_access_log_token_only_the_envoy_presenting_it_is_metered() {
     let config = format!("access_log_token: s3cret-token\n{}", config("1s", "1s"));
     let upstream = support::EchoUpstream::start();
     let tollgate = Tollgate::start(&config, &catalog()).await;
     let plain = support::envoy_config(tollgate.grpc_port, upstream.port);
-    let trusted = support::Envoy::start(&with_access_log_token(&plain, "s3cret-token")).await;
-    let stranger = support::Envoy::start(&with_access_log_token(&plain, "guessed")).await;
+    let trusted = support::Envoy::start(&support::with_stream_token(&plain, "s3cret-token")).await;
+    let stranger = support::Envoy::start(&support::with_stream_token(&plain, "guessed")).await;
     let client = support::http_client();
     for envoy in [&trusted, &stranger] {
         for _ in 0..5 {

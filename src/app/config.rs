@@ -34,7 +34,8 @@ pub struct Config {
     /// Bearer token required by `/v1/...` when set (empty means unset).
     #[serde(default, deserialize_with = "empty_is_none")]
     pub admin_token: Option<String>,
-    /// Bearer token every access-log stream must carry when set (empty means unset): records are billed.
+    /// Bearer token every access-log and ext_proc stream must carry when set (empty means unset): both write
+    /// what is billed.
     #[serde(default, deserialize_with = "empty_is_none")]
     pub access_log_token: Option<String>,
     /// The environment this gateway serves; products may be limited to environments.

@@ -325,6 +325,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
 
+    let stream_token: Option<Arc<str>> = config.access_log_token.as_deref().map(Arc::from);
     let grpc = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -334,14 +335,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             AuthorizationServer::new(AuthzService::new(authorizer.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(access_log.into_server(config.access_log_token.as_deref().map(Arc::from)))
+        .add_service(access_log.into_server(stream_token.clone()))
         .add_service(
             ExtProcService::new(
                 handle.clone(),
                 config.genai.max_buffer_bytes,
                 &metrics.registry,
             )?
-            .into_server(),
+            .into_server(stream_token),
         );
     let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &grpc_tls {

@@ -12,9 +12,7 @@
 //! Envoy's messages are decoded into the slim messages of `proto/tollgate/slim/v1/access_log.proto` (only what
 //! a usage record reads; addresses, TLS properties, most timings and flags are skipped on the wire).
 //!
-//! Records become billed usage, so with `access_log_token` set a stream must carry
-//! `authorization: Bearer <token>` (Envoy: the logger's `grpc_service.initial_metadata`); others are refused
-//! before a single entry is read.
+//! Records become billed usage, so with `access_log_token` set a stream must carry it ([`TokenCheck`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +23,6 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Duration, Struct, Timestamp};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -36,8 +33,8 @@ use crate::envoy::slim::access_log_service_server::{
 };
 use crate::envoy::slim::stream_access_logs_message::LogEntries;
 use crate::envoy::slim::{self, StreamAccessLogsMessage};
+use crate::envoy::stream_token::TokenCheck;
 use crate::metering::{Metering, MeteringError, UsageRecord};
-use crate::util::bearer;
 use crate::util::clock::now_ms;
 
 /// Messages of one stream being made durable at once (they share group commits).
@@ -51,33 +48,6 @@ pub struct AccessLogService {
     tcp_ignored: IntCounter,
     rejected: IntCounterVec,
     unauthenticated: IntCounter,
-}
-
-/// Refuses access-log streams without the configured bearer token; lets all through when none is set.
-#[derive(Clone)]
-pub struct TokenCheck {
-    token: Option<Arc<str>>,
-    refused: IntCounter,
-}
-
-impl Interceptor for TokenCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else {
-            return Ok(request);
-        };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if bearer::matches(presented, token) {
-            return Ok(request);
-        }
-        self.refused.inc();
-        tracing::warn!("access-log stream refused: it carries no valid access_log_token");
-        Err(Status::unauthenticated(
-            "access-log streams need the access_log_token as a bearer token (grpc_service.initial_metadata)",
-        ))
-    }
 }
 
 impl AccessLogService {
@@ -123,10 +93,7 @@ impl AccessLogService {
         self,
         token: Option<Arc<str>>,
     ) -> InterceptedService<AccessLogServiceServer<Self>, TokenCheck> {
-        let check = TokenCheck {
-            token,
-            refused: self.unauthenticated.clone(),
-        };
+        let check = TokenCheck::new(token, self.unauthenticated.clone(), "access-log");
         let server = AccessLogServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES);
         InterceptedService::new(server, check)
     }

@@ -28,11 +28,13 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::CatalogHandle;
 use crate::envoy::MAX_MESSAGE_BYTES;
 use crate::envoy::metadata::{self, Field};
+use crate::envoy::stream_token::TokenCheck;
 use crate::genai::Outcome;
 use crate::genai::session::{self, Report, Session};
 
@@ -56,6 +58,8 @@ struct ExtProcMetrics {
     skipped: IntCounter,
     /// SSE events skipped as unreadable.
     unreadable_events: IntCounter,
+    /// Streams refused for want of the `access_log_token`.
+    unauthenticated: IntCounter,
 }
 
 impl ExtProcService {
@@ -69,7 +73,7 @@ impl ExtProcService {
         let responses = IntCounterVec::new(
             Opts::new(
                 "genai_responses_total",
-                "response bodies read by ext_proc, by outcome: complete, partial (cut: what was seen is billed), missing (no usage in the body: 0), or why unreadable (0)",
+                "response bodies read by ext_proc, by outcome: complete, partial (cut: what was seen is billed, output at least one token per content delta sent), counted (a stream without usage: one output token per content delta sent), missing (no usage, no content: 0), or why unreadable (0)",
             ),
             &["outcome"],
         )?;
@@ -83,7 +87,12 @@ impl ExtProcService {
         )?;
         registry.register(Box::new(responses.clone()))?;
         registry.register(Box::new(skipped.clone()))?;
+        let unauthenticated = IntCounter::new(
+            "genai_streams_unauthenticated_total",
+            "ext_proc streams refused for want of the access_log_token",
+        )?;
         registry.register(Box::new(unreadable_events.clone()))?;
+        registry.register(Box::new(unauthenticated.clone()))?;
         Ok(ExtProcService {
             catalog,
             max_buffer,
@@ -91,15 +100,22 @@ impl ExtProcService {
                 responses,
                 skipped,
                 unreadable_events,
+                unauthenticated,
             },
         })
     }
 
-    /// The tonic server for this service.
-    pub fn into_server(self) -> ExternalProcessorServer<Self> {
-        ExternalProcessorServer::new(self)
+    /// The tonic server for this service; with `token`, only streams bearing it are served (each stream
+    /// reads a body and writes billed counts, so it is guarded like the access log's).
+    pub fn into_server(
+        self,
+        token: Option<Arc<str>>,
+    ) -> InterceptedService<ExternalProcessorServer<Self>, TokenCheck> {
+        let check = TokenCheck::new(token, self.metrics.unauthenticated.clone(), "ext_proc");
+        let server = ExternalProcessorServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, check)
     }
 }
 

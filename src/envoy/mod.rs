@@ -5,6 +5,7 @@ pub mod authz;
 pub mod ext_proc;
 pub mod metadata;
 pub mod slim;
+pub mod stream_token;
 
 /// Largest gRPC message accepted from Envoy: a CheckRequest (with a buffered request body when Envoy is set to
 /// send one) or an access-log batch; Envoy's batches are 16 KiB by default, so this bound only stops abuse.

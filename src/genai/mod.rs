@@ -63,8 +63,25 @@
 //! |---|---|
 //! | `Complete` | `finish` ran and some usage was read (for SSE: and no event after the last usage was unreadable) |
 //! | `Partial` | usage was seen, but the stream was not finished (client gone: bill [`Scanner::usage`]), its encoding broke later, or an event after the last usage was unreadable |
-//! | `Missing` | the body said nothing about usage (chat stream without `include_usage`, not JSON, empty) |
+//! | `Counted` | a stream reported no usage but sent content deltas: its output is their count (below) |
+//! | `Missing` | the body said nothing about usage and sent no content (not JSON, empty) |
 //! | `Unreadable(reason)` | no usage, and something could not be read: [`Reason`] says what |
+//!
+//! # Floors: a stream bills at least what it sent
+//!
+//! OpenAI reports a stream's usage only in its last event, and only when the client asked for it
+//! (`stream_options.include_usage`); Anthropic reports the output count at the end (`message_delta`). A client
+//! that cuts the stream before that event, or never asks, must not get the answer for free (CONTRACT §11:
+//! "streams cut by the client bill what was sent"). So every stream event is also read for the content it
+//! sends: a non-empty OpenAI chat `choices[].delta` (`content`, `refusal`, `reasoning_content`, tool-call
+//! `arguments`), an OpenAI responses `*.delta` string, an Anthropic `content_block_delta` (`text`,
+//! `partial_json`, `thinking`). Each such delta carries at least one token, so until the body ends with its
+//! usage read, the output billed is max(reported output, deltas sent) and the total at least the reported
+//! input plus that output. OpenAI streams one token per delta, so for OpenAI this is the output sent;
+//! Anthropic streams several tokens per delta, so for Anthropic it is a floor (its input is exact, from
+//! `message_start`). Not counted: the input of an OpenAI stream cut before its usage (OpenAI never says it
+//! earlier; counting it means tokenizing the request), and text in a chunk Envoy had not yet passed on. A
+//! body that ends with its usage read bills exactly that usage.
 //!
 //! # Bounds
 //!

@@ -56,7 +56,10 @@ pub enum Outcome {
     /// its encoding broke after the usage, or an event after the last usage could not be read. Bill what
     /// [`Scanner::usage`] says.
     Partial,
-    /// The body carried no usage (e.g. an OpenAI chat stream without `stream_options.include_usage`).
+    /// The stream reported no usage but sent content: its output is counted from the content deltas sent,
+    /// one token each (an OpenAI chat stream without `stream_options.include_usage`, or cut before its usage).
+    Counted,
+    /// The body carried no usage and sent no content delta.
     Missing,
     /// Usage could not be read at all; the record counts 0.
     Unreadable(Reason),
@@ -68,6 +71,7 @@ impl Outcome {
         match self {
             Outcome::Complete => "complete",
             Outcome::Partial => "partial",
+            Outcome::Counted => "counted",
             Outcome::Missing => "missing",
             Outcome::Unreadable(reason) => reason.as_str(),
         }
@@ -153,15 +157,24 @@ impl Scanner {
         if !self.corrupt {
             self.pipe.sink_mut().finish();
         }
-        self.pipe.sink_mut().tally.changed = false;
         let outcome = self.outcome(true);
+        let tally = &mut self.pipe.sink_mut().tally;
+        tally.bill(outcome == Outcome::Complete);
+        tally.changed = false;
         self.done = Some(outcome);
         outcome
     }
 
-    /// The usage known now: cumulative, the latest reported value of each field wins.
+    /// The usage to bill now: what the provider reported (cumulative, the latest value of each field wins),
+    /// and unless the body ended with its usage read ([`Outcome::Complete`]), at least one output token per
+    /// content delta sent (see the module doc, "Floors").
     pub fn usage(&self) -> &Usage {
-        &self.pipe.sink().tally.usage
+        &self.pipe.sink().tally.billed
+    }
+
+    /// Content deltas sent so far (each carried at least one output token).
+    pub fn deltas(&self) -> u64 {
+        self.pipe.sink().tally.deltas
     }
 
     /// The outcome if the body stopped here: after `finish`, its outcome; before, `Partial` when some usage
@@ -329,7 +342,11 @@ impl Body {
                 match std::str::from_utf8(&buf) {
                     Err(_) => self.fatal = Some(Reason::NotUtf8),
                     Ok(text) => match self.tally.read(text) {
-                        Ok(reading) => self.tally.apply(reading),
+                        Ok(mut reading) => {
+                            // A whole body's usage is all or nothing: floors are for streams.
+                            reading.deltas = 0;
+                            self.tally.apply(reading);
+                        }
                         Err(e) => self.fatal = Some(json_reason(&e)),
                     },
                 }
@@ -348,6 +365,7 @@ impl Body {
             Mode::Json(buf) if !buf.is_empty() => Outcome::Unreadable(Reason::Truncated),
             Mode::Sse(_) if tally.seen && (!finished || tally.bad_since_usage) => Outcome::Partial,
             _ if tally.seen => Outcome::Complete,
+            _ if tally.deltas > 0 => Outcome::Counted,
             _ => tally.last_bad.map_or(Outcome::Missing, Outcome::Unreadable),
         }
     }
@@ -382,8 +400,13 @@ impl Write for Body {
 struct Tally {
     pointers: Vec<String>,
     parts: Parts,
-    usage: Usage,
-    /// The usage changed since `feed` last returned.
+    /// What the provider reported.
+    reported: Usage,
+    /// What is billed: `usage` with the delta floor (see [`Tally::bill`]).
+    billed: Usage,
+    /// Content deltas sent (SSE events only).
+    deltas: u64,
+    /// The billed usage changed since `feed` last returned.
     changed: bool,
     /// Some document carried usage (a provider count or a pointer value).
     seen: bool,
@@ -431,37 +454,41 @@ impl Tally {
 
     fn apply(&mut self, reading: Reading) {
         self.unreadable_pointers += reading.bad_pointers;
-        if reading.parts.is_empty() && reading.values.is_empty() {
-            return;
-        }
-        self.seen = true;
-        self.bad_since_usage = false;
-        self.parts.merge(&reading.parts);
-        let counts = (
-            self.parts.input_tokens(),
-            self.parts.output_tokens(),
-            self.parts.total_tokens(),
-        );
-        let usage = &mut self.usage;
-        if counts != (usage.input_tokens, usage.output_tokens, usage.total_tokens) {
-            (usage.input_tokens, usage.output_tokens, usage.total_tokens) = counts;
-            self.changed = true;
-        }
-        for (index, value) in reading.values {
-            let Some(pointer) = self.pointers.get(index) else {
-                continue;
-            };
-            match usage.pointers.get_mut(pointer) {
-                Some(old) if *old == value => {}
-                Some(old) => {
-                    *old = value;
-                    self.changed = true;
-                }
-                None => {
+        self.deltas = self.deltas.saturating_add(reading.deltas);
+        if !reading.parts.is_empty() || !reading.values.is_empty() {
+            self.seen = true;
+            self.bad_since_usage = false;
+            self.parts.merge(&reading.parts);
+            let usage = &mut self.reported;
+            (usage.input_tokens, usage.output_tokens, usage.total_tokens) = (
+                self.parts.input_tokens(),
+                self.parts.output_tokens(),
+                self.parts.total_tokens(),
+            );
+            for (index, value) in reading.values {
+                if let Some(pointer) = self.pointers.get(index) {
                     usage.pointers.insert(pointer.clone(), value);
-                    self.changed = true;
                 }
             }
+        }
+        self.bill(false);
+    }
+
+    /// Recomputes what is billed. A body that ended with its usage read (`complete`) bills exactly that.
+    /// Otherwise the content deltas sent are a floor for the output (each carried at least one token; OpenAI
+    /// streams one token per delta), and the total is at least the input reported plus that output: a client
+    /// that cuts a stream before the provider's usage, or never asks for it, still pays what it received.
+    fn bill(&mut self, complete: bool) {
+        let mut billed = self.reported.clone();
+        if !complete && self.deltas > 0 {
+            let output = billed.output_tokens.unwrap_or(0).max(self.deltas);
+            let sent = billed.input_tokens.unwrap_or(0).saturating_add(output);
+            billed.output_tokens = Some(output);
+            billed.total_tokens = Some(billed.total_tokens.unwrap_or(0).max(sent));
+        }
+        if billed != self.billed {
+            self.billed = billed;
+            self.changed = true;
         }
     }
 }

@@ -37,7 +37,7 @@ type Fixture = (
 );
 
 fn fixtures() -> Vec<Fixture> {
-    use Outcome::{Complete, Missing};
+    use Outcome::{Complete, Counted};
     let f = |(name, body): (&'static str, &'static str), ct, i, o, t, outcome| {
         (name, body, ct, i, o, t, outcome)
     };
@@ -62,9 +62,9 @@ fn fixtures() -> Vec<Fixture> {
             fixture!("openai_chat_stream_no_usage.sse"),
             SSE,
             None,
-            None,
-            None,
-            Missing,
+            Some(7),
+            Some(7),
+            Counted,
         ),
         f(
             fixture!("openai_responses.json"),
@@ -241,16 +241,21 @@ fn feed_reports_exactly_when_usage_changes() {
         .collect();
     assert_eq!(changes, [true, true, true]);
     assert_eq!(s.usage().total_tokens, Some(42));
-    // OpenAI chat: only the final usage chunk changes anything.
+    // OpenAI chat: each content delta raises the floor, then the usage chunk; not the role chunk (empty
+    // content), the finish chunk (empty delta) or `[DONE]`.
     let (_, body) = fixture!("openai_chat_stream.sse");
     let mut s = Scanner::new(SSE, None, &[], MAX);
     let changes: Vec<bool> = body
         .split_inclusive("\n\n")
         .map(|event| s.feed(event.as_bytes()))
         .collect();
-    let n = changes.len();
-    assert!(changes[n - 2], "the usage chunk");
-    assert_eq!(changes.iter().filter(|c| **c).count(), 1);
+    assert_eq!(
+        changes,
+        [
+            false, true, true, true, true, true, true, true, false, true, false
+        ]
+    );
+    assert_eq!(s.deltas(), 7);
     // JSON is parsed at the end: feed never reports a change, finish does the work.
     let (_, body) = fixture!("openai_chat.json");
     let mut s = Scanner::new(JSON, None, &[], MAX);
@@ -285,14 +290,26 @@ fn cut_streams_bill_what_was_seen() {
         ((Some(9), Some(18), Some(27)), Outcome::Partial)
     );
     let (_, chat) = fixture!("openai_chat_stream.sse");
+    // OpenAI says nothing before its last event: the content sent is the floor, one token per delta (the
+    // fixture's usage chunk says 7 completion tokens for its 7 deltas).
     assert_eq!(
         cut(chat, SSE, "\"finish_reason\":\"stop\""),
-        ((None, None, None), Outcome::Missing)
+        ((None, Some(7), Some(7)), Outcome::Counted)
+    );
+    assert_eq!(
+        cut(chat, SSE, "\"content\":\" gopher\""),
+        ((None, Some(3), Some(3)), Outcome::Counted)
     );
     let (_, responses) = fixture!("openai_responses_stream.sse");
     assert_eq!(
         cut(responses, SSE, "response.output_text.done"),
-        ((None, None, None), Outcome::Missing)
+        ((None, Some(8), Some(8)), Outcome::Counted)
+    );
+    // Anthropic: the input is known from `message_start`; the output floor is the deltas sent (6), above
+    // the initial count (2), below the final one (89).
+    assert_eq!(
+        cut(anthropic, SSE, "event: content_block_stop"),
+        ((Some(1496), Some(6), Some(1502)), Outcome::Partial)
     );
     // An event half received is not read before finish.
     assert_eq!(
@@ -661,7 +678,10 @@ fn a_million_tiny_chunks() {
         changes += usize::from(s.feed(std::slice::from_ref(b)));
     }
     assert_eq!(s.finish(), Outcome::Complete);
-    assert_eq!(changes, 1);
+    // One report per content delta (the floor rises), one for the usage chunk; the end bills the usage.
+    let deltas = 7 * (1_000_000 / head.len());
+    assert_eq!(s.deltas(), u64::try_from(deltas).unwrap());
+    assert_eq!(changes, deltas + 1);
     assert_eq!(counts_of(s.usage()), (Some(13), Some(7), Some(20)));
     assert!(s.held() < 4096, "held {}", s.held());
 }
@@ -1138,4 +1158,72 @@ proptest! {
         let whole: Parts = read_document(&text, &[]).unwrap().parts;
         prop_assert_eq!(fast, whole, "{}", text);
     }
+}
+
+// ---- floors: content deltas sent ----
+
+#[test]
+fn content_deltas_of_every_stream_shape_are_counted_and_nothing_else() {
+    let cases: [(&str, u64); 16] = [
+        // OpenAI chat: content, refusal, reasoning, tool-call arguments; one per choice.
+        (r#"{"choices":[{"delta":{"content":"Hi"}}]}"#, 1),
+        (r#"{"choices":[{"delta":{"refusal":"No"}}]}"#, 1),
+        (r#"{"choices":[{"delta":{"reasoning_content":"Hm"}}]}"#, 1),
+        (
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a"}}]}}]}"#,
+            1,
+        ),
+        (
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#,
+            2,
+        ),
+        // Nothing sent: the role chunk, a tool call's name chunk, the finish chunk, the usage chunk.
+        (
+            r#"{"choices":[{"delta":{"role":"assistant","content":"","refusal":null}}]}"#,
+            0,
+        ),
+        (
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"f","arguments":""}}]}}]}"#,
+            0,
+        ),
+        (
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+            0,
+        ),
+        (r#"{"choices":[],"usage":{"prompt_tokens":1}}"#, 0),
+        // OpenAI responses: any `*.delta` event's string.
+        (
+            r#"{"type":"response.function_call_arguments.delta","delta":"{\"x"}"#,
+            1,
+        ),
+        (r#"{"type":"response.output_text.delta","delta":""}"#, 0),
+        // Anthropic: text, tool input, thinking; not the signature or the message_delta.
+        (
+            r#"{"type":"content_block_delta","delta":{"type":"input_json_delta","partial_json":"{\"q"}}"#,
+            1,
+        ),
+        (
+            r#"{"type":"content_block_delta","delta":{"type":"thinking_delta","thinking":"so"}}"#,
+            1,
+        ),
+        (
+            r#"{"type":"content_block_delta","delta":{"type":"signature_delta","signature":"EqQB"}}"#,
+            0,
+        ),
+        (
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":9}}"#,
+            0,
+        ),
+        // Odd types are valid JSON that sends nothing, not an error.
+        (r#"{"choices":"x","delta":7}"#, 0),
+    ];
+    for (doc, want) in cases {
+        assert_eq!(read_parts(doc).unwrap().deltas, want, "{doc}");
+        assert_eq!(read_document(doc, &[]).unwrap().deltas, want, "{doc}");
+    }
+    // A whole JSON body (not a stream) is never floored: its usage is all or nothing.
+    let mut s = Scanner::new(JSON, None, &[], MAX);
+    s.feed(br#"{"choices":[{"delta":{"content":"Hi"}}]}"#);
+    assert_eq!(s.finish(), Outcome::Missing);
+    assert_eq!(s.usage(), &Usage::default());
 }

@@ -225,6 +225,49 @@ fn parts_of(
 /// The parts of a parsed document. A top-level array is a sequence of documents, latest wins (Gemini's
 /// `streamGenerateContent` without `alt=sse` answers a JSON array of cumulative responses); arrays are
 /// followed one level only.
+/// Whether a delta field carries something sent: a non-empty string or array.
+fn says(value: Option<&Value>) -> bool {
+    match value {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(items)) => !items.is_empty(),
+        _ => false,
+    }
+}
+
+/// The content deltas one stream event sent (see [`Reading::deltas`]): OpenAI responses' `*.delta` events
+/// (a string `delta`), Anthropic's `content_block_delta` (a `delta` with `text`, `partial_json` or `thinking`;
+/// a `signature_delta` or the `message_delta`'s stop reason send no tokens), and each OpenAI chat choice
+/// whose `delta` has `content`, `refusal`, `reasoning_content` or tool-call `arguments`.
+fn deltas_of(delta: Option<&Value>, choices: Option<&Value>) -> u64 {
+    let top = match delta {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Object(d)) => ["text", "partial_json", "thinking"]
+            .iter()
+            .any(|k| says(d.get(*k))),
+        _ => false,
+    };
+    let Some(Value::Array(choices)) = choices else {
+        return u64::from(top);
+    };
+    let chosen = choices
+        .iter()
+        .filter_map(|choice| choice.get("delta")?.as_object())
+        .filter(|d| {
+            ["content", "refusal", "reasoning_content"]
+                .iter()
+                .any(|k| says(d.get(*k)))
+                || d.get("tool_calls")
+                    .and_then(Value::as_array)
+                    .is_some_and(|calls| {
+                        calls
+                            .iter()
+                            .any(|c| says(c.get("function").and_then(|f| f.get("arguments"))))
+                    })
+        })
+        .count();
+    u64::from(top).saturating_add(u64::try_from(chosen).unwrap_or(u64::MAX))
+}
+
 fn parts_of_value(value: &Value, in_array: bool) -> Parts {
     match value {
         Value::Object(object) => parts_of(
@@ -253,15 +296,19 @@ pub(crate) struct Reading {
     pub values: Vec<(usize, u64)>,
     /// Pointers that held something other than a count or `null`.
     pub bad_pointers: u64,
+    /// Content deltas the document sent to the client (stream events; a whole body has none), each carrying
+    /// at least one output token (the floor of a stream whose provider did not report its output).
+    pub deltas: u64,
 }
 
 /// Reads the provider parts of one document without building it (no pointers to answer).
 pub(crate) fn read_parts(json: &str) -> Result<Reading, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(json);
-    let parts = Doc { in_array: false }.deserialize(&mut de)?;
+    let (parts, deltas) = Doc { in_array: false }.deserialize(&mut de)?;
     de.end()?;
     Ok(Reading {
         parts,
+        deltas,
         ..Reading::default()
     })
 }
@@ -271,6 +318,10 @@ pub(crate) fn read_document(json: &str, pointers: &[String]) -> Result<Reading, 
     let value: Value = serde_json::from_str(json)?;
     let mut reading = Reading {
         parts: parts_of_value(&value, false),
+        deltas: match &value {
+            Value::Object(object) => deltas_of(object.get("delta"), object.get("choices")),
+            _ => 0,
+        },
         ..Reading::default()
     };
     for (index, pointer) in pointers.iter().enumerate() {
@@ -289,6 +340,8 @@ enum Key {
     UsageMetadata,
     Response,
     Message,
+    Delta,
+    Choices,
     Other,
 }
 
@@ -306,6 +359,8 @@ impl<'de> de::Deserialize<'de> for Key {
                     "usageMetadata" => Key::UsageMetadata,
                     "response" => Key::Response,
                     "message" => Key::Message,
+                    "delta" => Key::Delta,
+                    "choices" => Key::Choices,
                     _ => Key::Other,
                 })
             }
@@ -339,29 +394,30 @@ macro_rules! scalars_say_nothing {
     };
 }
 
-/// One document (or, at the top, an array of them) read into [`Parts`].
+/// One document (or, at the top, an array of them) read into [`Parts`] and its content deltas.
 struct Doc {
     in_array: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Doc {
-    type Value = Parts;
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Parts, D::Error> {
+    type Value = (Parts, u64);
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(Parts, u64), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Doc {
-    type Value = Parts;
+    type Value = (Parts, u64);
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON document")
     }
 
-    scalars_say_nothing!(Parts::default());
+    scalars_say_nothing!((Parts::default(), 0));
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Parts, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(Parts, u64), A::Error> {
         let (mut response, mut message, mut usage, mut meta) = (None, None, None, None);
+        let (mut delta, mut choices) = (None, None);
         // Duplicate keys: the last one wins, as in serde_json's `Value`.
         while let Some(key) = map.next_key::<Key>()? {
             match key {
@@ -369,29 +425,33 @@ impl<'de> Visitor<'de> for Doc {
                 Key::UsageMetadata => meta = Some(map.next_value::<Value>()?),
                 Key::Response => response = map.next_value::<Nested>()?.0,
                 Key::Message => message = map.next_value::<Nested>()?.0,
-                Key::Other => {
+                // Arrays of documents (Gemini without SSE) are whole bodies: their deltas send nothing apart.
+                Key::Delta if !self.in_array => delta = Some(map.next_value::<Value>()?),
+                Key::Choices if !self.in_array => choices = Some(map.next_value::<Value>()?),
+                Key::Delta | Key::Choices | Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(parts_of(
+        let parts = parts_of(
             response.as_ref(),
             message.as_ref(),
             usage.as_ref(),
             meta.as_ref(),
-        ))
+        );
+        Ok((parts, deltas_of(delta.as_ref(), choices.as_ref())))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parts, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(Parts, u64), A::Error> {
         let mut parts = Parts::default();
         if self.in_array {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
         } else {
-            while let Some(item) = seq.next_element_seed(Doc { in_array: true })? {
+            while let Some((item, _)) = seq.next_element_seed(Doc { in_array: true })? {
                 parts.merge(&item);
             }
         }
-        Ok(parts)
+        Ok((parts, 0))
     }
 }
 

@@ -213,6 +213,28 @@ pub fn envoy_config_llm(authz_ports: &[u16], upstream_port: u16) -> String {
         .replacen(routes, &format!("{routes}{LLM_ROUTE}"), 1)
 }
 
+/// `envoy_yaml` with every `grpc_service` to tollgate (ext_authz, the access logger, ext_proc) sending
+/// `authorization: Bearer <token>`, as operators set it for `access_log_token`.
+pub fn with_stream_token(envoy_yaml: &str, token: &str) -> String {
+    let target = "envoy_grpc: { cluster_name: tollgate_grpc }";
+    assert!(
+        envoy_yaml.contains(target),
+        "the grpc_service shape changed"
+    );
+    let mut out = String::with_capacity(envoy_yaml.len() + 512);
+    for line in envoy_yaml.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim() == target {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            out.push_str(&format!(
+                "{indent}initial_metadata: [{{key: authorization, value: \"Bearer {token}\"}}]\n"
+            ));
+        }
+    }
+    out
+}
+
 /// A running Envoy; killed and reaped by PID on drop.
 pub struct Envoy {
     child: Child,

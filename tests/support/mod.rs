@@ -21,7 +21,7 @@ pub use access_log::{authz_entry, http_message, text};
 pub use echo::{EchoUpstream, Recorded};
 pub use envoy::{
     Envoy, envoy_binary, envoy_config, envoy_config_llm, envoy_config_replicas,
-    envoy_config_webhook,
+    envoy_config_webhook, with_stream_token,
 };
 pub use llm::FakeLlm;
 pub use pki::{Leaf, Pki};
