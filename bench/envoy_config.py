@@ -4,6 +4,16 @@
   plain      Envoy alone (variant 1)
   ext_authz  Envoy + an ext_authz gRPC server on --authz-port: the do-nothing one or tollgate (variants 2-5)
   jwt_authn  Envoy's own jwt_authn filter with a local JWKS (variant 6)
+  genai      ext_authz + the gRPC access log in front of a streaming LLM upstream (--upstream-port), three
+             routes (bench/run --phases genai):
+               /llm/on/   ext_authz + ext_proc (enabled on this route only, as in envoy/llm.yaml)
+               /llm/off/  the same route without ext_proc (same upstream, same tollgate_api)
+               /plain/    a direct_response route with ext_authz only (tollgate_api --plain-api)
+             With --ext-proc the ext_proc filter is in the chain, disabled by default (envoy/llm.yaml's
+             settings: STREAMED response body, metadata namespaces); without it there is no ext_proc filter
+             at all and no /llm/on/ route. --nofilter-listen-port adds a second listener to the same Envoy
+             whose chain has no ext_proc filter (and no /llm/on/ route): what routes without ext_proc pay for
+             the filter being there, measured in one process (same worker, same connections to tollgate).
 
 The route answers with a direct_response by default, so the figures isolate what the authorizer costs;
 --upstream-port proxies to an upstream instead. The path is kept as the client sent it, as in envoy/.
@@ -17,7 +27,7 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kind", choices=["plain", "ext_authz", "jwt_authn"], required=True)
+    ap.add_argument("--kind", choices=["plain", "ext_authz", "jwt_authn", "genai"], required=True)
     ap.add_argument("--listen-port", type=int, required=True)
     ap.add_argument("--admin-port", type=int, required=True)
     ap.add_argument("--authz-port", type=int, default=0)
@@ -27,13 +37,27 @@ def main() -> int:
     ap.add_argument("--jwks", help="JWKS file (jwt_authn)")
     ap.add_argument("--issuer", default="https://issuer.bench.example")
     ap.add_argument("--audience", default="https://api.bench.example")
+    ap.add_argument("--ext-proc", action="store_true", help="genai: the ext_proc filter (to --authz-port)")
+    ap.add_argument("--plain-api", default="plainapi", help="genai: the /plain/ route's tollgate_api")
+    ap.add_argument("--nofilter-listen-port", type=int, default=0,
+                    help="genai: a second listener without the ext_proc filter")
     a = ap.parse_args()
-    if a.kind == "ext_authz" and not a.authz_port:
-        ap.error("ext_authz needs --authz-port")
+    if a.kind in ("ext_authz", "genai") and not a.authz_port:
+        ap.error(f"{a.kind} needs --authz-port")
+    if a.kind == "genai" and not a.upstream_port:
+        ap.error("genai needs --upstream-port (the streaming upstream)")
     if a.kind == "jwt_authn" and not a.jwks:
         ap.error("jwt_authn needs --jwks")
     if a.access_log and not a.authz_port:
         ap.error("--access-log needs --authz-port (the server that receives the entries)")
+
+    def authz_per_route(api):
+        return {
+            "envoy.filters.http.ext_authz": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                "check_settings": {"context_extensions": {"tollgate_api": api}},
+            }
+        }
 
     route = {"match": {"prefix": "/"}}
     if a.upstream_port:
@@ -41,15 +65,25 @@ def main() -> int:
     else:
         route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
     if a.kind == "ext_authz":
-        route["typed_per_filter_config"] = {
-            "envoy.filters.http.ext_authz": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
-                "check_settings": {"context_extensions": {"tollgate_api": a.api}},
-            }
-        }
+        route["typed_per_filter_config"] = authz_per_route(a.api)
+    routes = [route]
+    if a.kind == "genai":
+        # No route timeout on the streaming routes, as in envoy/llm.yaml.
+        on = {"match": {"prefix": "/llm/on/"}, "route": {"cluster": "upstream", "timeout": "0s"},
+              "typed_per_filter_config": authz_per_route(a.api)}
+        # Turns the ext_proc filter on for this route with the listener's settings (an empty config).
+        on["typed_per_filter_config"]["envoy.filters.http.ext_proc"] = {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}
+        off = {"match": {"prefix": "/llm/off/"}, "route": {"cluster": "upstream", "timeout": "0s"},
+               "typed_per_filter_config": authz_per_route(a.api)}
+        plain = {"match": {"prefix": "/plain/"},
+                 "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
+                 "typed_per_filter_config": authz_per_route(a.plain_api)}
+        routes = ([on] if a.ext_proc else []) + [off, plain]
+        routes_nofilter = [off, plain]
 
     filters = []
-    if a.kind == "ext_authz":
+    if a.kind in ("ext_authz", "genai"):
         filters.append({
             "name": "envoy.filters.http.ext_authz",
             "typed_config": {
@@ -78,10 +112,39 @@ def main() -> int:
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}],
             },
         })
-    filters.append({
+    filters_nofilter = list(filters)
+    if a.kind == "genai" and a.ext_proc:
+        # envoy/llm.yaml's ext_proc filter: off unless a route turns it on, response headers and the streamed
+        # response body only, the ext_authz metadata forwarded, tollgate.usage accepted back.
+        filters.append({
+            "name": "envoy.filters.http.ext_proc",
+            "disabled": True,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}},
+                "failure_mode_allow": True,
+                "message_timeout": "1s",
+                "allow_mode_override": True,
+                "processing_mode": {
+                    "request_header_mode": "SKIP",
+                    "response_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "response_body_mode": "STREAMED",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "metadata_options": {
+                    "forwarding_namespaces": {"untyped": ["envoy.filters.http.ext_authz"]},
+                    "receiving_namespaces": {"untyped": ["tollgate.usage"]},
+                },
+            },
+        })
+    router = {
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-    })
+    }
+    filters.append(router)
+    filters_nofilter.append(router)
 
     hcm = {
         "@type": HCM,
@@ -91,7 +154,7 @@ def main() -> int:
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "route_config": {
             "name": "bench",
-            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": [route]}],
+            "virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": routes}],
         },
         "http_filters": filters,
     }
@@ -134,19 +197,33 @@ def main() -> int:
     clusters = []
     if a.authz_port:
         clusters.append(cluster("authz", a.authz_port, True))
+        if a.kind == "genai":
+            # As envoy/llm.yaml: every streamed response holds an ext_proc stream as long as it lasts.
+            clusters[-1]["circuit_breakers"] = {"thresholds": [
+                {"max_connections": 8192, "max_pending_requests": 8192, "max_requests": 8192}]}
     if a.upstream_port:
         clusters.append(cluster("upstream", a.upstream_port, False))
+    def listener(name, port, typed_config):
+        return {
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": typed_config,
+            }]}],
+        }
+
+    listeners = [listener("ingress", a.listen_port, hcm)]
+    if a.kind == "genai" and a.nofilter_listen_port:
+        # The same connection manager without the ext_proc filter (and its route), its own stats prefix.
+        bare = dict(hcm, stat_prefix="ingress_nofilter", http_filters=filters_nofilter,
+                    route_config={"name": "bench", "virtual_hosts": [
+                        {"name": "bench", "domains": ["*"], "routes": routes_nofilter}]})
+        listeners.append(listener("ingress_nofilter", a.nofilter_listen_port, bare))
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": a.admin_port}}},
         "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": a.listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": listeners,
             "clusters": clusters,
         },
     }

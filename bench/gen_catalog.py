@@ -10,6 +10,10 @@ the app's last subscribed product covers (`key<TAB>api<TAB>path`), for the load 
 `--prepaid-cost N` makes every product prepaid (`prepaid: {cost: N}`, quota kept), and `--owners FILE` lists the
 credit owners of the apps in the request list (the developer's company; one a line, first appearance first),
 so a benchmark can grant them balances before loading.
+
+`--genai` adds two products every app subscribes to, after its others (bench/run --phases genai):
+`llm_tokens` (API `llmapi`, `/llm/**`, metered by `genai:total_tokens`: ext_proc reads the response body) and
+`plain_calls` (API `plainapi`, `/plain/**`, metered by calls).
 """
 import argparse
 import hashlib
@@ -37,6 +41,8 @@ def main() -> int:
     ap.add_argument("--prepaid-cost", type=int, default=0,
                     help="make every product prepaid with this cost per call (0: none is prepaid)")
     ap.add_argument("--owners", help="write the credit owners of the request list's apps here, one a line")
+    ap.add_argument("--genai", action="store_true",
+                    help="add the products llm_tokens (genai:total_tokens meter) and plain_calls, for every app")
     a = ap.parse_args()
     if min(a.keys, a.products, a.ops, a.keys_per_app, a.apps_per_developer, a.subs_per_app, a.apis) < 1:
         ap.error("every size must be at least 1")
@@ -61,6 +67,20 @@ def main() -> int:
         for o in range(a.ops):
             methods = "[GET]" if o % 2 == 0 else "[GET, POST]"
             w(f"      - {{api: api{p % a.apis}, paths: [/v1/p{p}/r{o}/**], methods: {methods}}}\n")
+    if a.genai:
+        # The call quota is as large as the others'; what differs between the two is the meter's value.
+        w("  - name: llm_tokens\n")
+        w("    approval: auto\n")
+        w("    quota: {limit: 1000000000000, unit: day}\n")
+        w("    operations:\n")
+        w("      - {api: llmapi, paths: [/llm/**], methods: [GET, POST]}\n")
+        w("    meter: {event_name: llm_tokens, value: genai:total_tokens, success: [2xx]}\n")
+        w("  - name: plain_calls\n")
+        w("    approval: auto\n")
+        w("    quota: {limit: 1000000000000, unit: day}\n")
+        w("    operations:\n")
+        w("      - {api: plainapi, paths: [/plain/**], methods: [GET, POST]}\n")
+        w("    meter: {event_name: plain_calls, value: calls, success: [2xx]}\n")
     w("developers:\n")
     requests = []
     owners = []
@@ -83,6 +103,9 @@ def main() -> int:
                 p = (p + 1) % a.products
             chosen.append(p)
             w(f"          - {{name: p{p:05d}, status: approved}}\n")
+        if a.genai:
+            w("          - {name: llm_tokens, status: approved}\n")
+            w("          - {name: plain_calls, status: approved}\n")
         w("        keys:\n")
         first = None
         for _ in range(a.keys_per_app):

@@ -62,6 +62,164 @@ def h2load_latencies(path):
     return lat, bad
 
 
+GENAI_TARGETS = ["llm-extproc", "llm-off", "llm-nofilter", "plain", "plain-nofilter"]
+GENAI_LABEL = {
+    "llm-extproc": "A `/llm/on/`: streamed response, ext_authz + ext_proc + access log",
+    "llm-off": "A `/llm/off/`: the same route without ext_proc (filter present, disabled)",
+    "llm-nofilter": "B `/llm/off/`: the same route, listener without the ext_proc filter",
+    "plain": "A `/plain/`: direct_response, ext_authz + access log (filter present, disabled)",
+    "plain-nofilter": "B `/plain/`: the same route, listener without the ext_proc filter",
+}
+
+
+def genai_section(recs, meta, w):
+    """The genai phase: ext_proc on a streamed response against the same route without it, and what routes
+    without ext_proc pay for the filter being in the chain."""
+    gen = [r for r in recs if r["phase"] == "genai"]
+    glat = [r for r in recs if r["phase"] == "genai-latency"]
+    setup = next((r for r in recs if r["phase"] == "genai-setup"), None)
+    total = next((r for r in recs if r["phase"] == "genai-total"), None)
+    if not gen and not glat:
+        return
+    for r in glat:
+        values, bad = h2load_latencies(r["log"])
+        r["n"], r["non2xx"] = len(values), bad
+        r["p50_us"], r["p99_us"], r["p999_us"] = (pct(values, q) for q in (50, 99, 99.9))
+
+    def rps(r):
+        return r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
+
+    def us_per(r, key):
+        n = r["wrk"]["requests"]
+        return r[key] / r["tick"] / n * 1e6 if n else None
+
+    def counter(d, *subs):
+        return sum(v for k, v in d.items() if all(s in k for s in subs))
+
+    def msgs(r):
+        n = r["wrk"]["requests"]
+        return counter(r["extproc"], ".stream_msgs_sent") / n if n else None
+
+    def by_round(rs):
+        out = {}
+        for r in rs:
+            out.setdefault(r["round"], {})[r["target"]] = r
+        return out
+
+    w("## GenAI: ext_proc on a streamed response (phase genai)\n\n")
+    if setup:
+        w(f"One tollgate (memory quota, gRPC access log {'on' if setup['access_log'] else 'off'}) serving ext_authz, "
+          f"the access log and ext_proc; a {setup['upstream']} upstream streaming {setup['body_bytes']:,} bytes of "
+          f"server-sent events in {setup['events']} events (OpenAI chat completions, usage in the last event, "
+          f"{'back to back' if not setup['gap_ms'] else str(setup['gap_ms']) + ' ms before each event'}), each "
+          f"event one HTTP/1.1 chunk written on its own. One Envoy, two listeners: A's chain has the ext_proc filter "
+          f"as in envoy/llm.yaml (disabled by default, enabled on `/llm/on/` only, STREAMED response body), B's "
+          f"the same chain without it. Same catalog product (metered by `genai:total_tokens`) on both `/llm/` routes. wrk: "
+          f"{meta.get('connections')} connections, {meta.get('duration_s')} s per target per round; h2load at "
+          f"{setup['rate']} req/s for {meta.get('latency_s')} s.\n\n")
+    w("| target | req/s | req/s min-max | p50 ms | p99 ms | p99.9 ms | tollgate CPU us / response | "
+      "Envoy CPU us / response | upstream CPU us / response | ext_proc messages / response | non-2xx |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for t in GENAI_TARGETS:
+        rs = [r for r in gen if r["target"] == t]
+        if not rs:
+            continue
+        rates = [rps(r) for r in rs]
+        w(f"| {GENAI_LABEL[t]} | {fmt(med(rates), 0)} | {fmt(min(rates), 0)}-{fmt(max(rates), 0)} "
+          f"| {fmt(ms(med([r['wrk']['p50_us'] for r in rs])))} | {fmt(ms(med([r['wrk']['p99_us'] for r in rs])))} "
+          f"| {fmt(ms(med([r['wrk']['p999_us'] for r in rs])))} | {fmt(med([us_per(r, 'tollgate_ticks') for r in rs]), 1)} "
+          f"| {fmt(med([us_per(r, 'envoy_ticks') for r in rs]), 1)} | {fmt(med([us_per(r, 'upstream_ticks') for r in rs]), 1)} "
+          f"| {fmt(med([msgs(r) for r in rs]), 2)} "
+          f"| {sum(r['wrk']['errors_status'] + r['wrk']['errors_socket'] for r in rs)} |\n")
+    w("\n")
+    if glat:
+        w(f"Latency at a fixed rate (h2load, HTTP/2, {glat[0]['rate']} req/s, medians over rounds):\n\n")
+        w("| target | p50 ms | p99 ms | p99.9 ms | requests | non-2xx |\n|---|---|---|---|---|---|\n")
+        for t in GENAI_TARGETS:
+            rs = [r for r in glat if r["target"] == t]
+            if rs:
+                w(f"| {GENAI_LABEL[t]} | {fmt(ms(med([r['p50_us'] for r in rs])))} | {fmt(ms(med([r['p99_us'] for r in rs])))} "
+                  f"| {fmt(ms(med([r['p999_us'] for r in rs])))} | {sum(r['n'] for r in rs)} | {sum(r['non2xx'] for r in rs)} |\n")
+        w("\n")
+
+    w("Within each round, then the median over rounds:\n\n")
+    w("| comparison | per round | median |\n|---|---|---|\n")
+
+    def line(name, vals, digits=3):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return  # a target of the comparison was not loaded (--genai-targets)
+        w(f"| {name} | {', '.join(fmt(x, digits) for x in vals) or 'n/a'} | {fmt(med(vals), digits)} |\n")
+
+    def per_round(rs, a, b, f):
+        return [f(x[a], x[b]) for x in by_round(rs).values() if a in x and b in x]
+
+    def safe_ratio(x, y):
+        return x / y if x is not None and y else None
+
+    line("(a) req/s: ext_proc on / off, same route", per_round(gen, "llm-extproc", "llm-off", lambda x, y: rps(x) / rps(y)))
+    line("(a) p99 ms (wrk, saturated): ext_proc on - off", per_round(gen, "llm-extproc", "llm-off",
+         lambda x, y: (x["wrk"]["p99_us"] - y["wrk"]["p99_us"]) / 1000))
+    if glat:
+        line(f"(a) p50 ms at {glat[0]['rate']} req/s: ext_proc on - off", per_round(glat, "llm-extproc", "llm-off",
+             lambda x, y: (x["p50_us"] - y["p50_us"]) / 1000 if x["p50_us"] is not None and y["p50_us"] is not None else None))
+        line(f"(a) p99 ms at {glat[0]['rate']} req/s: ext_proc on - off", per_round(glat, "llm-extproc", "llm-off",
+             lambda x, y: (x["p99_us"] - y["p99_us"]) / 1000 if x["p99_us"] is not None and y["p99_us"] is not None else None))
+    line("(b) tollgate CPU us per streamed response, ext_proc on", [us_per(r, "tollgate_ticks") for r in gen if r["target"] == "llm-extproc"], 1)
+    line("(b) tollgate CPU us per response: on - off (what ext_proc adds)", per_round(gen, "llm-extproc", "llm-off",
+         lambda x, y: us_per(x, "tollgate_ticks") - us_per(y, "tollgate_ticks")), 1)
+    line("(b) tollgate CPU per response: on / off", per_round(gen, "llm-extproc", "llm-off",
+         lambda x, y: safe_ratio(us_per(x, "tollgate_ticks"), us_per(y, "tollgate_ticks"))))
+    line("(b) Envoy CPU us per response: on - off", per_round(gen, "llm-extproc", "llm-off",
+         lambda x, y: us_per(x, "envoy_ticks") - us_per(y, "envoy_ticks")), 1)
+    line("(b) ext_proc messages Envoy sent per response", [msgs(r) for r in gen if r["target"] == "llm-extproc"], 2)
+    line("(c) req/s: streamed route without ext_proc, filter present / absent",
+         per_round(gen, "llm-off", "llm-nofilter", lambda x, y: rps(x) / rps(y)))
+    line("(c) req/s: plain route, filter present / absent", per_round(gen, "plain", "plain-nofilter", lambda x, y: rps(x) / rps(y)))
+    line("(c) Envoy CPU per request: plain route, filter present / absent", per_round(gen, "plain", "plain-nofilter",
+         lambda x, y: safe_ratio(us_per(x, "envoy_ticks"), us_per(y, "envoy_ticks"))))
+    line("(c) Envoy CPU per request: streamed route without ext_proc, filter present / absent",
+         per_round(gen, "llm-off", "llm-nofilter", lambda x, y: safe_ratio(us_per(x, "envoy_ticks"), us_per(y, "envoy_ticks"))))
+    if glat:
+        line(f"(c) p99 ms at {glat[0]['rate']} req/s: plain route, filter present - absent", per_round(glat, "plain", "plain-nofilter",
+             lambda x, y: (x["p99_us"] - y["p99_us"]) / 1000 if x["p99_us"] is not None and y["p99_us"] is not None else None))
+    w("\n")
+
+    ext = [r for r in gen if r["target"] == "llm-extproc"]
+    if ext:
+        started = sum(counter(r["extproc"], ".streams_started") for r in ext)
+        sent = sum(counter(r["extproc"], ".stream_msgs_sent") for r in ext)
+        received = sum(counter(r["extproc"], ".stream_msgs_received") for r in ext)
+        failed = sum(counter(r["extproc"], ".streams_failed") + counter(r["extproc"], ".failure_mode_allowed")
+                     + counter(r["extproc"], ".message_timeouts") for r in ext)
+        others = sum(sum(counter(r["extproc"], ".streams_started") for r in gen if r["target"] == t)
+                     for t in GENAI_TARGETS if t != "llm-extproc")
+        w(f"ext_proc over the ext_proc route's wrk windows: {int(started):,} streams, {int(sent):,} messages sent, "
+          f"{int(received):,} answers, {int(failed):,} failed, timed out or let through unread "
+          f"(`streams_failed` + `failure_mode_allowed` + `message_timeouts`); {int(others):,} ext_proc streams during "
+          f"the other targets' windows.")
+        if total:
+            t = total["tollgate"]
+            complete = counter(t, "genai_responses_total", 'outcome="complete"')
+            read = counter(t, "genai_responses_total")
+            missing = counter(t, "metering_missing_usage_values_total")
+            w(f" Over all rounds tollgate read {int(read):,} response bodies ({int(complete):,} complete, usage found) "
+              f"and metering counted {int(missing):,} `genai:total_tokens` values missing (the routes without "
+              f"ext_proc: their access-log entries carry no usage).")
+        w("\n\n")
+
+    w("Per round (req/s from wrk, latencies in us, CPU in clock ticks of 1/100 s):\n\n")
+    w("| round | target | req/s | p50 | p99 | p99.9 | tollgate ticks | Envoy ticks | upstream ticks | ext_proc msgs | non-2xx |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in sorted(gen, key=lambda r: (r["round"], GENAI_TARGETS.index(r["target"]))):
+        w(f"| {r['round']} | {r['target']} | {rps(r):.0f} | {r['wrk']['p50_us']} | {r['wrk']['p99_us']} | {r['wrk']['p999_us']} "
+          f"| {r['tollgate_ticks']} | {r['envoy_ticks']} | {r['upstream_ticks']} | {int(counter(r['extproc'], '.stream_msgs_sent'))} "
+          f"| {r['wrk']['errors_status'] + r['wrk']['errors_socket']} |\n")
+    for r in sorted(glat, key=lambda r: (r["round"], GENAI_TARGETS.index(r["target"]))):
+        w(f"| {r['round']} | {r['target']} (h2load {r['rate']} req/s) | | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | | | | | {r['non2xx']} |\n")
+    w("\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", required=True)
@@ -154,8 +312,10 @@ def main():
         vals = [value(x[num]) / value(x[den]) for x in by.values() if num in x and den in x and value(x[den])]
         return vals
 
-    w("## Ratios in the same run and the issue's targets\n\n")
-    w("| comparison | per round | median | target | verdict |\n|---|---|---|---|---|\n")
+    direct = [r for r in recs if r["phase"] == "direct"]
+    if http or lat or direct:
+        w("## Ratios in the same run and the issue's targets\n\n")
+        w("| comparison | per round | median | target | verdict |\n|---|---|---|---|---|\n")
 
     def line(name, vals, target=None, ok=None, digits=3):
         verdict = "" if ok is None or not vals else ("**met**" if ok(med(vals)) else "**missed**")
@@ -201,7 +361,6 @@ def main():
         total = n * (1 + 1 / float(meta.get("duration_s", 10)))
         return r["server_ticks"] / r["tick"] / total * 1e6 if total else None
 
-    direct = [r for r in recs if r["phase"] == "direct"]
     if direct:
         h2 = [r for r in direct if r["tool"] == "h2load"]
         cl = [r for r in direct if r["tool"] == "check_load"]
@@ -297,6 +456,8 @@ def main():
               + ", ".join(f"{k} {fmt(b.get(k))}" for k in ("balance", "granted", "spent", "reserved")) + " |\n")
         w("\n")
 
+    genai_section(recs, meta, w)
+
     scale = [r for r in recs if r["phase"] == "scale"]
     if scale:
         w("## Scale\n\n")
@@ -349,7 +510,7 @@ def main():
     w("\nRecords as bench/run wrote them:\n\n```\n")
     for r in recs:
         r = dict(r)
-        r.pop("log", None) if r.get("phase") == "latency" else None
+        r.pop("log", None) if r.get("phase") in ("latency", "genai-latency") else None
         w(json.dumps(r, separators=(",", ":")) + "\n")
     w("```\n")
     with open(a.out, "w") as f:
