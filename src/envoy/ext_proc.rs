@@ -147,7 +147,11 @@ impl ExtProcService {
             Message::RequestHeaders(_) => Answer::RequestHeaders(HeadersResponse::default()),
             Message::RequestBody(_) => Answer::RequestBody(BodyResponse::default()),
             Message::RequestTrailers(_) => Answer::RequestTrailers(TrailersResponse::default()),
-            Message::ResponseTrailers(_) => Answer::ResponseTrailers(TrailersResponse::default()),
+            Message::ResponseTrailers(_) => {
+                // Trailers follow the last body chunk, which then did not say end_of_stream: the body ended.
+                self.read(stream, &[], true, &mut out);
+                Answer::ResponseTrailers(TrailersResponse::default())
+            }
             Message::ResponseHeaders(headers) => {
                 match std::mem::replace(stream, Stream::Skip) {
                     Stream::Wanted(pointers) => {
@@ -291,7 +295,7 @@ mod tests {
     use crate::catalog::{Catalog, parse};
     use crate::source::Source;
     use envoy_types::pb::envoy::config::core::v3::{HeaderValue, Metadata};
-    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, HttpTrailers};
 
     const CATALOG: &str = "
 products:
@@ -401,6 +405,28 @@ products:
                 .get(),
             1
         );
+    }
+
+    #[test]
+    fn trailers_end_the_body_that_did_not_say_so() {
+        let service = service();
+        let mut stream = Stream::New;
+        service.answer(
+            &mut stream,
+            with_identity("allow", "llm", response_headers("application/json")),
+        );
+        service.answer(
+            &mut stream,
+            body("{\"usage\": {\"total_tokens\": 9}}", false),
+        );
+        let trailers = ProcessingRequest {
+            request: Some(Message::ResponseTrailers(HttpTrailers::default())),
+            ..ProcessingRequest::default()
+        };
+        let answer = service.answer(&mut stream, trailers);
+        assert!(matches!(answer.response, Some(Answer::ResponseTrailers(_))));
+        assert_eq!(reported(&answer, "genai:total_tokens"), Some(9.0));
+        assert!(matches!(stream, Stream::Done));
     }
 
     #[test]
