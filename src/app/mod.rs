@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod http;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod serve;
 pub mod tls;

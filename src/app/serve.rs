@@ -14,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::app::admin::{self, AdminState};
 use crate::app::config::{Config, StoreKind};
 use crate::app::http::{self, Acceptor, HttpLimits};
+use crate::app::memory;
 use crate::app::metrics::{Metrics, MetricsError};
 use crate::app::tls::{self, Alpn, TlsError, TlsServer};
 use crate::billing::{Billing, BillingError};
@@ -431,6 +432,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let releaser = tokio::spawn(release_holds(
         Arc::clone(&quota),
         config.quota.hold_timeout,
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(memory::release_after_reloads(
+        handle.clone(),
         shutdown_rx.clone(),
     ));
     let sweeper = tokio::spawn(sweep(authorizer.clone(), shutdown_rx));

@@ -12,6 +12,7 @@ pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -504,6 +505,8 @@ impl Catalog {
 #[derive(Debug)]
 pub struct CatalogHandle {
     current: ArcSwap<Catalog>,
+    /// How many times the snapshot was replaced (the memory releaser purges after each).
+    replaced: AtomicU64,
 }
 
 impl CatalogHandle {
@@ -511,7 +514,13 @@ impl CatalogHandle {
     pub fn new(catalog: Catalog) -> Self {
         CatalogHandle {
             current: ArcSwap::from_pointee(catalog),
+            replaced: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the snapshot was replaced since the handle was made.
+    pub fn replacements(&self) -> u64 {
+        self.replaced.load(Ordering::Relaxed)
     }
 
     /// The current snapshot; it stays valid for as long as the caller holds it, even across a reload.
@@ -522,5 +531,6 @@ impl CatalogHandle {
     /// Makes `catalog` the current snapshot.
     pub fn replace(&self, catalog: Catalog) {
         self.current.store(Arc::new(catalog));
+        self.replaced.fetch_add(1, Ordering::Relaxed);
     }
 }
