@@ -2,7 +2,7 @@
 """Writes the Envoy 1.40 bootstrap for one bench variant (all on loopback).
 
   plain      Envoy alone (variant 1)
-  ext_authz  Envoy + an ext_authz gRPC server on --authz-port: the do-nothing one or tollgate (variants 2-5)
+  ext_authz  Envoy + an ext_authz gRPC server on --authz-port: the do-nothing one or tollgate (variants 2-5, 7-13)
   jwt_authn  Envoy's own jwt_authn filter with a local JWKS (variant 6)
   genai      ext_authz + the gRPC access log in front of a streaming LLM upstream (--upstream-port), three
              routes (bench/run --phases genai):
@@ -17,6 +17,14 @@
 
 The route answers with a direct_response by default, so the figures isolate what the authorizer costs;
 --upstream-port proxies to an upstream instead. The path is kept as the client sent it, as in envoy/.
+
+--ratelimit-port adds Envoy's global rate limit filter (envoy.filters.http.ratelimit) after ext_authz, calling a
+rate limit service (Limitador, variant 10 "the peer stack") over gRPC: `domain: bench`, one descriptor per request
+`api_key = <x-api-key header>` (a route action: the filter reads its descriptors from the route), fail closed.
+Envoy's ratelimit filter does nothing on a direct_response route (it needs a route entry with a cluster), so
+without --upstream-port the route names an empty cluster (`local_reply`, never connected to) and the fault filter,
+last before the router, answers 200 itself (`abort: {http_status: 200}` for every request, body "fault filter
+abort"): the same kind of local reply as direct_response, by another filter.
 """
 import argparse
 import json
@@ -41,6 +49,9 @@ def main() -> int:
     ap.add_argument("--plain-api", default="plainapi", help="genai: the /plain/ route's tollgate_api")
     ap.add_argument("--nofilter-listen-port", type=int, default=0,
                     help="genai: a second listener without the ext_proc filter")
+    ap.add_argument("--ratelimit-port", type=int, default=0,
+                    help="Envoy's ratelimit filter calling a rate limit service (Limitador) on this port")
+    ap.add_argument("--ratelimit-domain", default="bench")
     a = ap.parse_args()
     if a.kind in ("ext_authz", "genai") and not a.authz_port:
         ap.error(f"{a.kind} needs --authz-port")
@@ -50,6 +61,8 @@ def main() -> int:
         ap.error("jwt_authn needs --jwks")
     if a.access_log and not a.authz_port:
         ap.error("--access-log needs --authz-port (the server that receives the entries)")
+    if a.ratelimit_port and a.kind == "genai":
+        ap.error("--ratelimit-port is for the variants' kinds, not genai")
 
     def authz_per_route(api):
         return {
@@ -62,8 +75,15 @@ def main() -> int:
     route = {"match": {"prefix": "/"}}
     if a.upstream_port:
         route["route"] = {"cluster": "upstream"}
+    elif a.ratelimit_port:
+        # The ratelimit filter skips routes without a cluster: an empty one, the fault filter answers (above).
+        route["route"] = {"cluster": "local_reply"}
     else:
         route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+    if a.ratelimit_port:
+        # One descriptor per request, api_key = the x-api-key header (none without it: no call).
+        route["route"]["rate_limits"] = [
+            {"actions": [{"request_headers": {"header_name": "x-api-key", "descriptor_key": "api_key"}}]}]
     if a.kind == "ext_authz":
         route["typed_per_filter_config"] = authz_per_route(a.api)
     routes = [route]
@@ -112,6 +132,30 @@ def main() -> int:
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}],
             },
         })
+    if a.ratelimit_port:
+        # As ../shared/reference/envoy/authz-ratelimit.yaml: after ext_authz, fail closed, V3, no x-ratelimit-*
+        # headers (Limitador's default answers carry none).
+        filters.append({
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                "domain": a.ratelimit_domain,
+                "failure_mode_deny": True,
+                "timeout": "0.5s",
+                "rate_limit_service": {
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"}},
+                },
+            },
+        })
+        if not a.upstream_port:
+            filters.append({
+                "name": "envoy.filters.http.fault",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "abort": {"http_status": 200, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+                },
+            })
     filters_nofilter = list(filters)
     if a.kind == "genai" and a.ext_proc:
         # envoy/llm.yaml's ext_proc filter: off unless a route turns it on, response headers and the streamed
@@ -203,6 +247,11 @@ def main() -> int:
                 {"max_connections": 8192, "max_pending_requests": 8192, "max_requests": 8192}]}
     if a.upstream_port:
         clusters.append(cluster("upstream", a.upstream_port, False))
+    if a.ratelimit_port:
+        clusters.append(cluster("ratelimit", a.ratelimit_port, True))
+        if not a.upstream_port:
+            clusters.append({"name": "local_reply", "type": "STATIC", "connect_timeout": "1s",
+                             "load_assignment": {"cluster_name": "local_reply"}})
     def listener(name, port, typed_config):
         return {
             "name": name,
