@@ -34,6 +34,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         // own well-known-type defaults off (they would map `UInt32Value` to a bare `u32`).
         .compile_well_known_types()
         .extern_path(".google.protobuf", "::envoy_types::pb::google::protobuf")
+        // Cloned per Check from the answer cache: a reference count, not a copy.
+        .bytes([".tollgate.slim.v1.CheckResponse.dynamic_metadata"])
         .compile_fds(files)?;
 
     let check = Method::builder()
@@ -41,13 +43,13 @@ fn main() -> Result<(), Box<dyn Error>> {
         .route_name("Check")
         .comment("Decides one request (a slim CheckRequest: only the fields tollgate reads).")
         .input_type(format!("{SLIM}::CheckRequest"))
-        .output_type("::envoy_types::pb::envoy::service::auth::v3::CheckResponse")
+        .output_type(format!("{SLIM}::CheckResponse"))
         .codec_path(CODEC)
         .build();
     let authorization = Service::builder()
         .name("Authorization")
         .package("envoy.service.auth.v3")
-        .comment("Envoy's ext_authz service, reading slim CheckRequests and answering Envoy's full CheckResponse.")
+.comment("Envoy's ext_authz service, reading slim CheckRequests and answering slim CheckResponses.")
         .method(check)
         .build();
     let stream = Method::builder()

@@ -2,24 +2,26 @@
 //! [`Authorizer::check`], [`Verdict`] -> CheckResponse.
 //!
 //! Envoy's CheckRequest is decoded into the slim message of `proto/tollgate/slim/v1/authz.proto` (only what a
-//! Check reads; the body, peers, TLS and metadata contexts are skipped on the wire); the answer is envoy-types'
-//! full CheckResponse.
+//! Check reads; the body, peers, TLS and metadata contexts are skipped on the wire); the answer is the slim
+//! CheckResponse of the same file, Envoy's on the wire, whose dynamic metadata is copied already encoded from
+//! [`answers`](crate::envoy::answers).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use envoy_types::ext_authz::v3::pb::{
-    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
-    HttpResponse, HttpStatus, OkHttpResponse,
-};
 use envoy_types::pb::google::rpc;
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::check::{Answer, Authorizer, Reason, Request, Verdict};
-use crate::envoy::metadata;
+use crate::envoy::answers;
 use crate::envoy::slim;
 use crate::envoy::slim::authorization_server::Authorization;
+use crate::envoy::slim::check_response::HttpResponse;
+use crate::envoy::slim::{
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption,
+    HttpStatus, OkHttpResponse,
+};
 use crate::quota::LimitState;
 
 /// The ext_authz gRPC service (serve it with [`slim::authorization_server::AuthorizationServer`]).
@@ -157,17 +159,16 @@ pub fn check_response(mut verdict: Verdict) -> CheckResponse {
         (None, 503) => rpc::Code::Unavailable,
         (None, _) => rpc::Code::PermissionDenied,
     };
-    let dynamic_metadata = Some(metadata::write(&mut verdict));
+    let dynamic_metadata = answers::encoded_metadata(&verdict);
     let http_response = match answer {
         Some(answer) => HttpResponse::DeniedResponse(answered_response(answer)),
         None if reason.allows() => HttpResponse::OkResponse(ok_response(verdict)),
         None => HttpResponse::DeniedResponse(denied_response(verdict)),
     };
     CheckResponse {
-        status: Some(rpc::Status {
+        status: Some(slim::Status {
             code: code as i32,
             message: String::new(),
-            details: Vec::new(),
         }),
         dynamic_metadata,
         http_response: Some(http_response),
@@ -192,7 +193,6 @@ fn ok_response(verdict: Verdict) -> OkHttpResponse {
         headers_to_remove: upstream.remove_headers,
         response_headers_to_add: response_headers,
         query_parameters_to_remove: upstream.remove_query_params,
-        ..Default::default()
     }
 }
 
@@ -251,16 +251,23 @@ fn header(key: &str, value: String) -> HeaderValueOption {
             raw_value: Vec::new(),
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::ext_authz::v3::pb::{CheckResponse, HeaderValueOption, HttpResponse};
     use envoy_types::pb::google::protobuf::value::Kind;
+    use prost::Message;
 
-    use super::*;
+    use super::{Answer, LimitState, Reason, Verdict, rpc};
     use crate::check::{Identified, Upstream};
+
+    /// tollgate's answer to `verdict` as Envoy reads it: the slim response's bytes decoded as Envoy's own.
+    fn check_response(verdict: Verdict) -> CheckResponse {
+        let bytes = super::check_response(verdict).encode_to_vec();
+        CheckResponse::decode(bytes.as_slice()).expect("Envoy's CheckResponse decodes tollgate's")
+    }
 
     fn verdict(reason: Reason) -> Verdict {
         Verdict {

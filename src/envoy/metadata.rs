@@ -79,45 +79,68 @@ impl Field {
     }
 }
 
-/// The metadata of `verdict`, taking its names (the verdict is not needed after this).
-pub fn write(verdict: &mut Verdict) -> Struct {
-    let id = &mut verdict.identity;
-    let decision = verdict.reason.decision();
-    let values = [
-        (Field::Decision, Some(decision.to_owned())),
-        (Field::Reason, Some(verdict.reason.as_str().to_owned())),
-        (Field::App, id.app.take()),
-        (Field::Developer, id.developer.take()),
-        (Field::Company, id.company.take()),
-        (Field::StripeCustomer, id.stripe_customer.take()),
-        (Field::Product, id.product.take()),
-        (Field::Operation, id.operation.take()),
-        (Field::Api, verdict.api.take()),
-        (Field::Environment, verdict.environment.take()),
-    ];
-    // Sized up front: collecting a filtered iterator would grow (and rehash) the table three times per Check.
-    let mut fields = HashMap::with_capacity(values.len() + verdict.attributes.len());
-    for (field, value) in values {
+/// The string fields of `verdict`'s metadata, in the contract's order (absent ones `None`).
+fn values(verdict: &Verdict) -> [(Field, Option<&str>); 10] {
+    let id = &verdict.identity;
+    [
+        (Field::Decision, Some(verdict.reason.decision())),
+        (Field::Reason, Some(verdict.reason.as_str())),
+        (Field::App, id.app.as_deref()),
+        (Field::Developer, id.developer.as_deref()),
+        (Field::Company, id.company.as_deref()),
+        (Field::StripeCustomer, id.stripe_customer.as_deref()),
+        (Field::Product, id.product.as_deref()),
+        (Field::Operation, id.operation.as_deref()),
+        (Field::Api, verdict.api.as_deref()),
+        (Field::Environment, verdict.environment.as_deref()),
+    ]
+}
+
+/// The metadata of `verdict`.
+pub fn write(verdict: &Verdict) -> Struct {
+    let string = |value: &str| Value {
+        kind: Some(Kind::StringValue(value.to_owned())),
+    };
+    // Sized up front: collecting a filtered iterator would grow (and rehash) the table three times.
+    let mut fields = HashMap::with_capacity(Field::ALL.len() + 1 + verdict.attributes.len());
+    for (field, value) in values(verdict) {
         if let Some(value) = value {
-            let value = Value {
-                kind: Some(Kind::StringValue(value)),
-            };
-            fields.insert(field.key().to_owned(), value);
+            fields.insert(field.key().to_owned(), string(value));
         }
     }
     if verdict.quota_reserved > 0 {
-        let value = Value {
-            kind: Some(Kind::StringValue(verdict.quota_reserved.to_string())),
-        };
-        fields.insert(QUOTA_RESERVED.to_owned(), value);
+        fields.insert(
+            QUOTA_RESERVED.to_owned(),
+            string(&verdict.quota_reserved.to_string()),
+        );
     }
-    for (name, value) in std::mem::take(&mut verdict.attributes) {
-        let value = Value {
-            kind: Some(Kind::StringValue(value)),
-        };
-        fields.insert(format!("{ATTRIBUTE_PREFIX}{name}"), value);
+    for (name, value) in &verdict.attributes {
+        fields.insert(format!("{ATTRIBUTE_PREFIX}{name}"), string(value));
     }
     Struct { fields }
+}
+
+/// Appends to `key` everything [`write`] reads of `verdict`, unambiguously (each value length-prefixed), so
+/// two verdicts with the same key have the same metadata.
+pub fn key(verdict: &Verdict, key: &mut Vec<u8>) {
+    let mut push = |value: Option<&str>| match value {
+        None => key.push(0),
+        Some(value) => {
+            key.push(1);
+            key.extend_from_slice(&value.len().to_le_bytes());
+            key.extend_from_slice(value.as_bytes());
+        }
+    };
+    for (_, value) in values(verdict) {
+        push(value);
+    }
+    for (name, value) in &verdict.attributes {
+        push(Some(name));
+        push(Some(value));
+    }
+    // After the attributes' pairs (which start with 1) a 0 ends them, then the reserve.
+    push(None);
+    key.extend_from_slice(&verdict.quota_reserved.to_le_bytes());
 }
 
 /// The usage values of a `tollgate.usage` struct: whole, non-negative numbers (anything else is skipped: the
@@ -183,7 +206,7 @@ mod tests {
 
     #[test]
     fn every_field_written_reads_back() {
-        let mut verdict = Verdict {
+        let verdict = Verdict {
             reason: Reason::QuotaExceeded,
             message: String::new(),
             identity: Identified {
@@ -205,7 +228,7 @@ mod tests {
             quota_reserved: 0,
             answer: None,
         };
-        let metadata = write(&mut verdict);
+        let metadata = write(&verdict);
         assert_eq!(metadata.fields.len(), Field::ALL.len());
         for field in Field::ALL {
             let expected = match field {
@@ -219,7 +242,7 @@ mod tests {
 
     #[test]
     fn listed_attributes_become_attr_fields() {
-        let mut verdict = Verdict {
+        let verdict = Verdict {
             reason: Reason::Allowed,
             message: String::new(),
             identity: Identified::default(),
@@ -234,18 +257,17 @@ mod tests {
             quota_reserved: 0,
             answer: None,
         };
-        let metadata = write(&mut verdict);
+        let metadata = write(&verdict);
         let value = metadata
             .fields
             .get("attr_deprecated")
             .and_then(|v| v.kind.clone());
         assert_eq!(value, Some(Kind::StringValue("true".into())));
-        assert!(verdict.attributes.is_empty(), "taken, not copied");
     }
 
     #[test]
     fn absent_names_are_left_out_and_read_as_empty() {
-        let mut verdict = Verdict {
+        let verdict = Verdict {
             reason: Reason::MissingCredential,
             message: String::new(),
             identity: Identified::default(),
@@ -260,7 +282,7 @@ mod tests {
             quota_reserved: 0,
             answer: None,
         };
-        let metadata = write(&mut verdict);
+        let metadata = write(&verdict);
         assert_eq!(metadata.fields.len(), 2);
         assert_eq!(read(Some(&metadata), Field::App), "");
         assert_eq!(read(None, Field::Decision), "");

@@ -1,6 +1,7 @@
 //! The only place Envoy's protobuf types live: adapters between Envoy's services and tollgate's core.
 
 pub mod access_log;
+pub mod answers;
 pub mod authz;
 pub mod ext_proc;
 pub mod metadata;
