@@ -388,8 +388,15 @@ def main():
         line("direct Check/s: Redis / memory store (h2load)", rr, ">= 0.70" if rr else None,
              (lambda x: x >= 0.70) if rr else None)
         if rows(h2, "baseline"):
+            # Issue 20: 1.3x the build before it (--baseline), A/B in one run.
             line("direct Check/s: this build / baseline build (h2load)",
-                 ratio("tollgate", "baseline", h2, lambda r: r["result"]["rate"]))
+                 ratio("tollgate", "baseline", h2, lambda r: r["result"]["rate"]), ">= 1.30", lambda x: x >= 1.30)
+            line("direct Check/s: this build / baseline build (check_load)",
+                 ratio("tollgate", "baseline", cl, lambda r: r["result"]["rate"]))
+            line("direct server CPU per Check: this build / baseline build (h2load)",
+                 ratio("tollgate", "baseline", h2, lambda r: direct_cpu_us(r, r["result"]["done"])))
+            line("direct server CPU per Check: this build / baseline build (check_load)",
+                 ratio("tollgate", "baseline", cl, lambda r: direct_cpu_us(r, r["result"]["checks"])))
         if rows(h2, "prepaid"):
             line("direct Check/s: prepaid (9) / Redis (4) (h2load, one hot owner)",
                  ratio("prepaid", "redis", h2, lambda r: r["result"]["rate"]), ">= 0.90", lambda x: x >= 0.90)
