@@ -514,7 +514,11 @@ def main():
         steady = next((r for r in scale if r["what"] == "steady"), None)
         rel = next((r for r in scale if r["what"] == "reloading"), None)
         if rel:
-            w(f"| RSS after {rel['reloads']} more reloads | {rel['rss_kb'] / 1024:.1f} MB (peak {rel['hwm_kb'] / 1024:.1f} MB) |\n")
+            w(f"| RSS after {rel['reloads']} more reloads, as the load ends (a reload may be in flight) | "
+              f"{rel['rss_kb'] / 1024:.1f} MB (peak {rel['hwm_kb'] / 1024:.1f} MB) |\n")
+            if "settled_rss_kb" in rel:
+                w(f"| RSS once the last reload is done (generation unchanged for 3 s) | "
+                  f"{rel['settled_rss_kb'] / 1024:.1f} MB |\n")
         w("\n")
         if steady or rel:
             w("Check latency at this size (check_load, 2 connections x 4 in flight, round-robin over one key per app):\n\n")
