@@ -51,6 +51,17 @@ def ms(us):
     return None if us is None else us / 1000.0
 
 
+def wrk_rps(r):
+    return r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
+
+
+def wrk_cells(rs):
+    """The req/s, req/s min-max, p50, p99 and p99.9 cells of a row of wrk rounds (medians over rounds)."""
+    rates = [wrk_rps(r) for r in rs]
+    lat = [fmt(ms(med([r["wrk"][k] for r in rs]))) for k in ("p50_us", "p99_us", "p999_us")]
+    return f"{fmt(med(rates), 0)} | {fmt(min(rates), 0)}-{fmt(max(rates), 0)} | " + " | ".join(lat)
+
+
 def h2load_latencies(path):
     """Per-request latencies (µs) and the count of non-2xx answers from an h2load --log-file."""
     lat, bad = [], 0
@@ -91,8 +102,7 @@ def genai_section(recs, meta, w):
         r["n"], r["non2xx"] = len(values), bad
         r["p50_us"], r["p99_us"], r["p999_us"] = (pct(values, q) for q in (50, 99, 99.9))
 
-    def rps(r):
-        return r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
+    rps = wrk_rps
 
     def us_per(r, key):
         n = r["wrk"]["requests"]
@@ -129,10 +139,7 @@ def genai_section(recs, meta, w):
         rs = [r for r in gen if r["target"] == t]
         if not rs:
             continue
-        rates = [rps(r) for r in rs]
-        w(f"| {GENAI_LABEL[t]} | {fmt(med(rates), 0)} | {fmt(min(rates), 0)}-{fmt(max(rates), 0)} "
-          f"| {fmt(ms(med([r['wrk']['p50_us'] for r in rs])))} | {fmt(ms(med([r['wrk']['p99_us'] for r in rs])))} "
-          f"| {fmt(ms(med([r['wrk']['p999_us'] for r in rs])))} | {fmt(med([us_per(r, 'tollgate_ticks') for r in rs]), 1)} "
+        w(f"| {GENAI_LABEL[t]} | {wrk_cells(rs)} | {fmt(med([us_per(r, 'tollgate_ticks') for r in rs]), 1)} "
           f"| {fmt(med([us_per(r, 'envoy_ticks') for r in rs]), 1)} | {fmt(med([us_per(r, 'upstream_ticks') for r in rs]), 1)} "
           f"| {fmt(med([msgs(r) for r in rs]), 2)} "
           f"| {sum(r['wrk']['errors_status'] + r['wrk']['errors_socket'] for r in rs)} |\n")
@@ -267,8 +274,7 @@ def main():
     def rows(phase_recs, v):
         return [r for r in phase_recs if r["variant"] == v]
 
-    def rps(r):
-        return r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6)
+    rps = wrk_rps
 
     def per10k(r, key):
         if key not in r or not r["wrk"]["requests"]:
@@ -285,10 +291,7 @@ def main():
             rs = rows(http, v)
             if not rs:
                 continue
-            rates = [rps(r) for r in rs]
-            w(f"| {LABEL[v]} | {fmt(med(rates), 0)} | {fmt(min(rates), 0)}-{fmt(max(rates), 0)} "
-              f"| {fmt(ms(med([r['wrk']['p50_us'] for r in rs])))} | {fmt(ms(med([r['wrk']['p99_us'] for r in rs])))} "
-              f"| {fmt(ms(med([r['wrk']['p999_us'] for r in rs])))} "
+            w(f"| {LABEL[v]} | {wrk_cells(rs)} "
               f"| {fmt(med([per10k(r, 'authz_ticks') for r in rs]), 3)} | {fmt(med([per10k(r, 'envoy_ticks') for r in rs]), 3)} "
               f"| {fmt(med([r['authz_rss_kb'] / 1024 if 'authz_rss_kb' in r else None for r in rs]), 1)} "
               f"| {sum(r['wrk']['errors_status'] + r['wrk']['errors_socket'] for r in rs)} |\n")
