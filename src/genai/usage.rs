@@ -222,9 +222,6 @@ fn parts_of(
     parts
 }
 
-/// The parts of a parsed document. A top-level array is a sequence of documents, latest wins (Gemini's
-/// `streamGenerateContent` without `alt=sse` answers a JSON array of cumulative responses); arrays are
-/// followed one level only.
 /// Whether a delta field carries something sent: a non-empty string or array.
 fn says(value: Option<&Value>) -> bool {
     match value {
@@ -268,6 +265,9 @@ fn deltas_of(delta: Option<&Value>, choices: Option<&Value>) -> u64 {
     u64::from(top).saturating_add(u64::try_from(chosen).unwrap_or(u64::MAX))
 }
 
+/// The parts of a parsed document. A top-level array is a sequence of documents, latest wins (Gemini's
+/// `streamGenerateContent` without `alt=sse` answers a JSON array of cumulative responses); arrays are
+/// followed one level only.
 fn parts_of_value(value: &Value, in_array: bool) -> Parts {
     match value {
         Value::Object(object) => parts_of(
