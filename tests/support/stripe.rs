@@ -369,20 +369,24 @@ impl StripeEmulator {
 
     /// Accepted totals per (customer, event name).
     pub async fn totals(&self) -> BTreeMap<(String, String), u64> {
-        let state = self.state().await;
-        let mut out = BTreeMap::new();
-        if let Some(customers) = state["totals"].as_object() {
-            for (customer, meters) in customers {
-                for (meter, v) in meters.as_object().into_iter().flatten() {
-                    out.insert(
-                        (customer.clone(), meter.clone()),
-                        v.as_u64().expect("whole totals"),
-                    );
-                }
+        totals_of(&self.state().await)
+    }
+}
+
+/// The accepted totals per (customer, event name) of one `/_emulator/state` snapshot.
+pub fn totals_of(state: &serde_json::Value) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    if let Some(customers) = state["totals"].as_object() {
+        for (customer, meters) in customers {
+            for (meter, v) in meters.as_object().into_iter().flatten() {
+                out.insert(
+                    (customer.clone(), meter.clone()),
+                    v.as_u64().expect("whole totals"),
+                );
             }
         }
-        out
     }
+    out
 }
 
 impl Drop for StripeEmulator {
