@@ -34,8 +34,15 @@ fn main() -> Result<(), Box<dyn Error>> {
         // own well-known-type defaults off (they would map `UInt32Value` to a bare `u32`).
         .compile_well_known_types()
         .extern_path(".google.protobuf", "::envoy_types::pb::google::protobuf")
-        // Cloned per Check from the answer cache: a reference count, not a copy.
-        .bytes([".tollgate.slim.v1.CheckResponse.dynamic_metadata"])
+        .bytes([
+            // Cloned per Check from the answer cache: a reference count, not a copy.
+            ".tollgate.slim.v1.CheckResponse.dynamic_metadata",
+            // A CheckRequest's strings, sliced from the received frame instead of copied into a String each.
+            ".tollgate.slim.v1.AttributeContext.HttpRequest.method",
+            ".tollgate.slim.v1.AttributeContext.HttpRequest.path",
+            ".tollgate.slim.v1.AttributeContext.HttpRequest.host",
+            ".tollgate.slim.v1.MapEntry",
+        ])
         .compile_fds(files)?;
 
     let check = Method::builder()

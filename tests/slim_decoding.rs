@@ -45,8 +45,9 @@ use proptest::prelude::*;
 use prost::Message;
 use prost::bytes::{Buf, BufMut};
 use support::{CHANGE_TIMEOUT, EchoUpstream, Envoy, http_client, poll_until, raw_request, root};
+use tollgate::check::Pairs;
 use tollgate::envoy::access_log::usage_record;
-use tollgate::envoy::authz::{CheckMessage, CheckParts};
+use tollgate::envoy::authz::{CheckMessage, CheckParts, Unreadable};
 use tollgate::envoy::metadata::{self, Field};
 use tollgate::envoy::slim;
 use tollgate::metering::UsageRecord;
@@ -68,16 +69,25 @@ struct PlainRequest {
     context_extensions: BTreeMap<String, String>,
 }
 
-fn plain(parts: Option<CheckParts<'_>>) -> Option<PlainRequest> {
-    let parts = parts?;
+fn plain(parts: Result<CheckParts<'_>, Unreadable>) -> Option<PlainRequest> {
+    let parts = parts.ok()?;
     let request = parts.request();
     Some(PlainRequest {
         method: request.method.to_owned(),
         path: request.path.to_owned(),
         authority: request.authority.to_owned(),
-        headers: request.headers.clone().into_iter().collect(),
-        context_extensions: request.context_extensions.clone().into_iter().collect(),
+        headers: collected(request.headers),
+        context_extensions: collected(request.context_extensions),
     })
+}
+
+/// Every pair, in name order (a name given twice keeps its last value, as the core's lookups do).
+fn collected(pairs: &dyn Pairs) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    pairs.for_each(&mut |name, value| {
+        all.insert(name.to_owned(), value.to_owned());
+    });
+    all
 }
 
 /// Decodes `bytes` as envoy-types' full CheckRequest and as the slim one; asserts the core reads the same.
@@ -274,6 +284,59 @@ fn fixtures(prefix: &str) -> Vec<Vec<u8>> {
         .iter()
         .map(|p| std::fs::read(p).expect("read fixture"))
         .collect()
+}
+
+/// A slim CheckRequest whose headers are `pairs` (raw bytes) on a GET of `/`.
+fn slim_check(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    use slim::attribute_context::{HttpRequest as SlimHttp, Request as SlimRequest};
+    slim::CheckRequest {
+        attributes: Some(slim::AttributeContext {
+            request: Some(SlimRequest {
+                http: Some(SlimHttp {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    host: "api.example.com".into(),
+                    headers: pairs
+                        .iter()
+                        .map(|(k, v)| slim::MapEntry {
+                            key: k.to_vec().into(),
+                            value: v.to_vec().into(),
+                        })
+                        .collect(),
+                    header_map: None,
+                }),
+            }),
+            context_extensions: Vec::new(),
+        }),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_header_given_twice_on_the_wire_reads_as_the_map_keeps_it() {
+    // Envoy never sends a name twice in its map, but protobuf lets a later entry replace an earlier one: the
+    // slim list must read what a map decode reads.
+    let bytes = slim_check(&[(b"x-api-key", b"first"), (b"x-api-key", b"second")]);
+    let plain = check_both_ways(&bytes).expect("an HTTP request");
+    assert_eq!(plain.headers["x-api-key"], "second");
+    let slim = slim::CheckRequest::decode(bytes.as_slice()).expect("decodes");
+    let parts = slim.parts().expect("readable");
+    assert_eq!(parts.request().headers.get("x-api-key"), Some("second"));
+}
+
+#[test]
+fn a_header_that_is_not_utf8_refuses_the_check_as_a_string_decode_does() {
+    let bytes = slim_check(&[(b"x-api-key", b"key"), (b"x-other", b"\xff\xfe")]);
+    assert!(
+        CheckRequest::decode(bytes.as_slice()).is_err(),
+        "envoy-types refuses a string that is not UTF-8"
+    );
+    let slim = slim::CheckRequest::decode(bytes.as_slice()).expect("bytes decode as bytes");
+    assert_eq!(
+        slim.parts().err(),
+        Some(Unreadable::NotUtf8("a header")),
+        "the slim read refuses it too, naming the field, never the value"
+    );
 }
 
 #[test]

@@ -202,7 +202,7 @@ impl Authorizer {
         let decision = match plan::plan(request, caller, catalog, &self.settings, now) {
             Plan::Decided(decision) => decision,
             Plan::Charge(pending) => {
-                let request_id = request.headers.get("x-request-id").map(String::as_str);
+                let request_id = request.headers.get("x-request-id");
                 self.charge(pending, request_id, now).await
             }
         };

@@ -36,6 +36,6 @@ pub use decision::{Decision, Identity, QuotaAnswer};
 pub use metrics::CheckMetrics;
 pub use plan::{Pending, Plan, plan};
 pub use reason::Reason;
-pub use request::Request;
+pub use request::{Pairs, Request};
 pub use settings::{MetadataMode, OnStoreError, RateLimitHeaders, Settings};
 pub use verdict::{Answer, Identified, OWN_HEADER_PREFIX, Upstream, Verdict};

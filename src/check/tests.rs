@@ -150,7 +150,7 @@ fn decide_now<'a>(
         method,
         path,
         authority: "status.example.com:8443",
-        headers: &NO_HEADERS,
+        headers: &*NO_HEADERS,
         context_extensions: e,
     };
     plan(&request, caller, &w.catalog, &w.settings, NOW)

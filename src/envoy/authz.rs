@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::google::rpc;
+use prost::bytes::Bytes;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::check::{Answer, Authorizer, Reason, Request, Verdict};
+use crate::check::{Answer, Authorizer, Pairs, Reason, Request, Verdict};
 use crate::envoy::answers;
 use crate::envoy::slim;
 use crate::envoy::slim::authorization_server::Authorization;
@@ -43,14 +44,23 @@ impl Authorization for AuthzService {
         request: GrpcRequest<slim::CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let check = request.into_inner();
-        let Some(parts) = check.parts() else {
-            return Err(Status::invalid_argument(
-                "CheckRequest carries no HTTP request attributes",
-            ));
-        };
+        let parts = check
+            .parts()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let verdict = self.authorizer.check(&parts.request()).await;
         Ok(Response::new(check_response(verdict)))
     }
+}
+
+/// Why a CheckRequest cannot be decided (Envoy gets `INVALID_ARGUMENT` and applies its failure mode).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Unreadable {
+    /// No `attributes.request.http`.
+    #[error("CheckRequest carries no HTTP request attributes")]
+    NotHttp,
+    /// A string field holds bytes that are not UTF-8 (a `string` decode refuses the whole message too).
+    #[error("CheckRequest: {0} is not UTF-8")]
+    NotUtf8(&'static str),
 }
 
 /// What a Check reads of a CheckRequest, borrowed from the decoded message.
@@ -58,15 +68,36 @@ pub struct CheckParts<'a> {
     method: &'a str,
     path: &'a str,
     host: &'a str,
-    headers: Cow<'a, HashMap<String, String>>,
-    context_extensions: &'a HashMap<String, String>,
+    headers: Lent<'a>,
+    context_extensions: Lent<'a>,
+}
+
+/// Headers or context extensions as the adapter lends them to the core.
+enum Lent<'a> {
+    /// The slim message's entries, as decoded.
+    List(Vec<(&'a str, &'a str)>),
+    /// envoy-types' decoded map.
+    Map(&'a HashMap<String, String>),
+    /// A header list (`encode_raw_headers`) joined into the plain map's shape.
+    Joined(HashMap<String, String>),
+}
+
+impl Lent<'_> {
+    fn pairs(&self) -> &dyn Pairs {
+        match self {
+            Lent::List(list) => list,
+            Lent::Map(map) => *map,
+            Lent::Joined(map) => map,
+        }
+    }
 }
 
 impl CheckParts<'_> {
     /// The request the core decides.
     pub fn request(&self) -> Request<'_> {
+        let headers = self.headers.pairs();
         let authority = if self.host.is_empty() {
-            self.headers.get(":authority").map_or("", String::as_str)
+            headers.get(":authority").unwrap_or("")
         } else {
             self.host
         };
@@ -74,66 +105,106 @@ impl CheckParts<'_> {
             method: self.method,
             path: self.path,
             authority,
-            headers: &self.headers,
-            context_extensions: self.context_extensions,
+            headers,
+            context_extensions: self.context_extensions.pairs(),
         }
     }
 }
 
 /// A decoded CheckRequest: the slim one tollgate serves, or envoy-types' full one (which tests and benches
-/// hold the slim one to).
+/// hold the slim one to, in tests/slim_decoding.rs).
 pub trait CheckMessage {
-    /// What a Check reads of it; `None` when it carries no HTTP request attributes.
-    fn parts(&self) -> Option<CheckParts<'_>>;
+    /// What a Check reads of it.
+    fn parts(&self) -> Result<CheckParts<'_>, Unreadable>;
 }
 
-/// Implements [`CheckMessage`] for a CheckRequest type. The slim messages keep Envoy's names, so both types
-/// are read by this one text: the slim and full decodes can differ only on the wire, which is what
-/// tests/slim_decoding.rs checks.
-macro_rules! check_message {
-    ($check:ty) => {
-        impl CheckMessage for $check {
-            fn parts(&self) -> Option<CheckParts<'_>> {
-                let attributes = self.attributes.as_ref()?;
-                let http = attributes.request.as_ref()?.http.as_ref()?;
-                // With `encode_raw_headers` Envoy sends the header map and leaves the plain map empty.
-                let headers = match &http.header_map {
-                    Some(map) if http.headers.is_empty() => Cow::Owned(joined_headers(
-                        map.headers.len(),
-                        map.headers.iter().map(|h| {
-                            let value = if h.raw_value.is_empty() {
-                                Cow::Borrowed(h.value.as_str())
-                            } else {
-                                String::from_utf8_lossy(&h.raw_value)
-                            };
-                            (h.key.as_str(), value)
-                        }),
-                    )),
-                    _ => Cow::Borrowed(&http.headers),
-                };
-                Some(CheckParts {
-                    method: &http.method,
-                    path: &http.path,
-                    host: &http.host,
-                    headers,
-                    context_extensions: &attributes.context_extensions,
-                })
-            }
-        }
-    };
+impl CheckMessage for slim::CheckRequest {
+    fn parts(&self) -> Result<CheckParts<'_>, Unreadable> {
+        let attributes = self.attributes.as_ref().ok_or(Unreadable::NotHttp)?;
+        let http = attributes
+            .request
+            .as_ref()
+            .and_then(|r| r.http.as_ref())
+            .ok_or(Unreadable::NotHttp)?;
+        // With `encode_raw_headers` Envoy sends the header map and leaves the plain map empty.
+        let headers = match &http.header_map {
+            Some(map) if http.headers.is_empty() => Lent::Joined(joined_headers(
+                map.headers.len(),
+                map.headers
+                    .iter()
+                    .map(|h| (h.key.as_str(), h.value.as_str(), h.raw_value.as_slice())),
+            )),
+            _ => Lent::List(entries(&http.headers, "a header")?),
+        };
+        Ok(CheckParts {
+            method: text(&http.method, "the method")?,
+            path: text(&http.path, "the path")?,
+            host: text(&http.host, "the host")?,
+            headers,
+            context_extensions: Lent::List(entries(
+                &attributes.context_extensions,
+                "a context extension",
+            )?),
+        })
+    }
 }
 
-check_message!(slim::CheckRequest);
-check_message!(envoy_types::pb::envoy::service::auth::v3::CheckRequest);
+impl CheckMessage for envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+    fn parts(&self) -> Result<CheckParts<'_>, Unreadable> {
+        let attributes = self.attributes.as_ref().ok_or(Unreadable::NotHttp)?;
+        let http = attributes
+            .request
+            .as_ref()
+            .and_then(|r| r.http.as_ref())
+            .ok_or(Unreadable::NotHttp)?;
+        let headers = match &http.header_map {
+            Some(map) if http.headers.is_empty() => Lent::Joined(joined_headers(
+                map.headers.len(),
+                map.headers
+                    .iter()
+                    .map(|h| (h.key.as_str(), h.value.as_str(), h.raw_value.as_slice())),
+            )),
+            _ => Lent::Map(&http.headers),
+        };
+        Ok(CheckParts {
+            method: &http.method,
+            path: &http.path,
+            host: &http.host,
+            headers,
+            context_extensions: Lent::Map(&attributes.context_extensions),
+        })
+    }
+}
 
-/// The plain header map of a header list: lowercase names, repeated headers joined with commas (as Envoy
-/// joins them in the plain map).
+/// A `bytes` field that a full decode reads as a `string`.
+fn text<'a>(bytes: &'a Bytes, what: &'static str) -> Result<&'a str, Unreadable> {
+    std::str::from_utf8(bytes).map_err(|_| Unreadable::NotUtf8(what))
+}
+
+/// A map's entries, as text.
+fn entries<'a>(
+    entries: &'a [slim::MapEntry],
+    what: &'static str,
+) -> Result<Vec<(&'a str, &'a str)>, Unreadable> {
+    entries
+        .iter()
+        .map(|e| Ok((text(&e.key, what)?, text(&e.value, what)?)))
+        .collect()
+}
+
+/// The plain header map of a header list of (name, value, raw value): lowercase names, repeated headers joined
+/// with commas (as Envoy joins them in the plain map); a value Envoy sent as raw bytes is read lossily.
 fn joined_headers<'a>(
     len: usize,
-    headers: impl Iterator<Item = (&'a str, Cow<'a, str>)>,
+    headers: impl Iterator<Item = (&'a str, &'a str, &'a [u8])>,
 ) -> HashMap<String, String> {
     let mut joined: HashMap<String, String> = HashMap::with_capacity(len);
-    for (key, value) in headers {
+    for (key, value, raw_value) in headers {
+        let value = if raw_value.is_empty() {
+            Cow::Borrowed(value)
+        } else {
+            String::from_utf8_lossy(raw_value)
+        };
         joined
             .entry(key.to_ascii_lowercase())
             .and_modify(|v| {

@@ -4,10 +4,11 @@ pub mod api_key;
 pub mod jwt;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::Deserialize;
+
+use crate::check::Pairs;
 
 /// Where API keys are looked for (`identity.api_key` in the config).
 #[derive(Debug, Clone, Deserialize)]
@@ -91,7 +92,7 @@ impl fmt::Debug for Caller<'_> {
 /// the `authorization` header holds one, else the first configured API-key header, else the first configured
 /// query parameter. Empty values count as absent.
 pub fn presented<'a>(
-    headers: &'a HashMap<String, String>,
+    headers: &'a dyn Pairs,
     path: &'a str,
     config: &ApiKeyConfig,
     bearer: bool,
@@ -100,7 +101,7 @@ pub fn presented<'a>(
         return Presented::Bearer(token);
     }
     for name in &config.headers {
-        if let Some(value) = headers.get(name.as_str()) {
+        if let Some(value) = headers.get(name) {
             let value = value.trim();
             if !value.is_empty() {
                 return Presented::ApiKey {
@@ -130,6 +131,8 @@ fn bearer_token(value: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::check::Request;
 

@@ -267,7 +267,7 @@ impl Rig {
             path,
             authority: "api.example.test",
             headers: &headers,
-            context_extensions: &ROUTE,
+            context_extensions: &*ROUTE,
         };
         self.authorizer.check(&request).await
     }
