@@ -100,6 +100,20 @@ def main() -> int:
                 w(f"| {label[r['db']]} | {x['load_s']:.2f} | {mb(x['rss_with_image_kb']):.1f} |\n")
         w("\n")
 
+    reloads = by("reload")
+    if reloads:
+        w("## The catalog file reloaded while the store's keys are served\n\n")
+        w("| store | reloads | RSS before MB | RSS as the last ends MB | RSS settled MB | peak RSS MB | keys served |\n"
+          "|---|---|---|---|---|---|---|\n")
+        for r in reloads:
+            w(f"| {label[r['db']]} | {r['reloads']} | {fmt(mb(r['rss_before_kb']))} | {fmt(mb(r['rss_kb']))} | "
+              f"{fmt(mb(r['settled_rss_kb']))} | {fmt(mb(r['hwm_kb']))} | {fmt(r.get('catalog_keys'))} |\n")
+            if r["db"] == "big":
+                settled = mb(r["settled_rss_kb"])
+                goals.append((f"RSS settled after {r['reloads']} catalog reloads, {label['big']} <= 400 MB",
+                              f"{settled:.1f} MB (peak {mb(r['hwm_kb']):.1f} MB)", settled <= 400))
+        w("\n")
+
     memo = by("memory")
     if memo:
         w("## Where the memory goes (heap bytes, counting allocator over jemalloc, in the bench tool)\n\n")

@@ -11,6 +11,7 @@ use crate::state::model::Changes;
 use crate::state::snapshot::Snapshot;
 use crate::state::store::{StateStore, StoreError};
 use crate::util::clock::unix_now;
+use crate::util::memory;
 
 /// Sequence numbers read per round trip while catching up.
 const BATCH: u32 = 1_000;
@@ -134,7 +135,12 @@ impl Syncer {
             took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "state store read in full"
         );
-        *cursor = Some(image.seq);
+        let seq = image.seq;
+        // The decoded rows (170 MB at a million keys) are garbage now: hand them back before the cursor says
+        // "loaded" (and /readyz says ready), so a replica's RSS at ready is what it holds.
+        drop(image);
+        memory::release("state store image").await;
+        *cursor = Some(seq);
         Ok(())
     }
 
