@@ -623,7 +623,20 @@ async fn delivery_modes_hold_drop_duplicates_delay_and_tampering() {
     assert_eq!(got[10].kind(), "customer.subscription.deleted");
     assert_eq!(got[10].callback_status.as_deref(), Some("canceled"));
 
-    let state = e.state().await;
+    // The emulator records a delivery once its POST has been answered, a moment after the receiver got it.
+    let deadline = Instant::now() + ARRIVAL;
+    let state = loop {
+        let state = e.state().await;
+        let recorded = state["webhook_deliveries"]
+            .as_array()
+            .expect("deliveries")
+            .iter()
+            .any(|d| d["via"] == "delayed");
+        if recorded || Instant::now() >= deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let vias: Vec<&str> = state["webhook_deliveries"]
         .as_array()
         .expect("deliveries")
