@@ -505,16 +505,20 @@ async fn a_hold_past_its_timeout_is_released_then_settled_late(
     })
     .await;
     // The settlement counts its result just after it writes the store: wait for the count too.
-    let late = poll_until("the late settlement counted", Duration::from_secs(10), || async {
-        let mut late = 0.0;
-        for t in tollgates {
-            late += t
-                .metric("tollgate_quota_settlements_total", &[("result", "late")])
-                .await
-                .unwrap_or(0.0);
-        }
-        (late >= 1.0).then_some(late)
-    })
+    let late = poll_until(
+        "the late settlement counted",
+        Duration::from_secs(10),
+        || async {
+            let mut late = 0.0;
+            for t in tollgates {
+                late += t
+                    .metric("tollgate_quota_settlements_total", &[("result", "late")])
+                    .await
+                    .unwrap_or(0.0);
+            }
+            (late >= 1.0).then_some(late)
+        },
+    )
     .await;
     assert_eq!(late, 1.0);
 }
