@@ -32,7 +32,7 @@
 //! | [`paywall`] | Stripe drives access: signed webhooks, subscription state, the grant rules of products sold through Stripe, the resync |
 //! | [`state`] | the state store (SQLite or PostgreSQL) of run-time developers, apps and keys; the management API; the merge into the snapshot and its sync across replicas |
 //! | [`source`] | reading YAML/JSON with `${VAR}` expansion so every error names `file:line:column` |
-//! | [`util`] | the clock, poison-tolerant locks, constant-time bearer comparison |
+//! | [`util`] | the clock, poison-tolerant locks, constant-time bearer comparison, returning freed memory |
 
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
