@@ -103,15 +103,18 @@ def main() -> int:
     reloads = by("reload")
     if reloads:
         w("## The catalog file reloaded while the store's keys are served\n\n")
-        w("| store | reloads | RSS before MB | RSS as the last ends MB | RSS settled MB | peak RSS MB | keys served |\n"
-          "|---|---|---|---|---|---|---|\n")
+        w("| store | reloads | RSS before MB | peak at start MB | RSS 1 s after the last swap MB | RSS settled MB | "
+          "peak during the reloads MB | keys served |\n|---|---|---|---|---|---|---|---|\n")
         for r in reloads:
-            w(f"| {label[r['db']]} | {r['reloads']} | {fmt(mb(r['rss_before_kb']))} | {fmt(mb(r['rss_kb']))} | "
-              f"{fmt(mb(r['settled_rss_kb']))} | {fmt(mb(r['hwm_kb']))} | {fmt(r.get('catalog_keys'))} |\n")
+            w(f"| {label[r['db']]} | {r['reloads']} | {fmt(mb(r['rss_before_kb']))} | {fmt(mb(r.get('start_hwm_kb')))} | "
+              f"{fmt(mb(r['rss_kb']))} | {fmt(mb(r['settled_rss_kb']))} | {fmt(mb(r.get('reload_hwm_kb')))} | "
+              f"{fmt(r.get('catalog_keys'))} |\n")
             if r["db"] == "big":
                 settled = mb(r["settled_rss_kb"])
-                goals.append((f"RSS settled after {r['reloads']} catalog reloads, {label['big']} <= 400 MB",
-                              f"{settled:.1f} MB (peak {mb(r['hwm_kb']):.1f} MB)", settled <= 400))
+                peak = mb(r.get("reload_hwm_kb"))
+                shown = f"{settled:.1f} MB" + (f" (peak during the reloads {peak:.1f} MB)" if peak else "")
+                goals.append((f"RSS settled after {r['reloads']} catalog reloads, {label['big']} <= 400 MB", shown,
+                              settled <= 400))
         w("\n")
 
     memo = by("memory")

@@ -21,10 +21,11 @@ pub struct Request<'a> {
 ///
 /// A trait, not a map type, so the adapter lends the core the pairs it decoded as they are (Envoy's maps
 /// arrive as lists of entries; hashing them into a map cost about 9 % of a direct Check) while tests and other
-/// callers pass a `HashMap`.
+/// callers pass a `HashMap`. `Sync` because a `Request` is held across the Check's awaits, in a future that
+/// must be `Send`.
 pub trait Pairs: Sync {
-    /// The value of `name` (names are lowercase); with a name given twice, the last one, as a map decoded
-    /// from the same entries would keep.
+    /// The value of `name`, compared exactly (header names arrive lowercase; context-extension names are the
+    /// operator's); with a name given twice, the last one, as a map decoded from the same entries would keep.
     fn get(&self, name: &str) -> Option<&str>;
 
     /// Calls `f` with every name and value, in no particular order.

@@ -205,10 +205,12 @@ fn upstream<'a>(identity: &Identity<'a>, request: &Request<'_>, settings: &Setti
         .collect();
     let mut remove_headers: Vec<String> = Vec::new();
     request.headers.for_each(&mut |name, _| {
+        // A list may name a header twice (a map could not): remove it once.
         if name.starts_with(OWN_HEADER_PREFIX)
             && !own
                 .iter()
                 .any(|(own_name, value)| value.is_some() && *own_name == name)
+            && !remove_headers.iter().any(|r| r == name)
         {
             remove_headers.push(name.to_owned());
         }
@@ -431,6 +433,29 @@ mod tests {
             Some("weatherapp"),
             "metadata keeps the identity"
         );
+    }
+
+    #[test]
+    fn a_header_listed_twice_is_removed_once() {
+        // The adapter lends the headers as Envoy's entries, where a name can repeat (a map could not).
+        let list = vec![
+            ("x-tollgate-app", "evil"),
+            ("x-api-key", "k"),
+            ("x-tollgate-app", "worse"),
+        ];
+        let none = headers(&[]);
+        let request = Request {
+            headers: &list,
+            ..request("/a", &none)
+        };
+        let settings = Settings {
+            upstream_identity_headers: false,
+            ..settings()
+        };
+        let verdict = Verdict::new(decision(Reason::Allowed), &request, &settings, "c");
+        let mut removed = verdict.upstream.remove_headers.clone();
+        removed.sort();
+        assert_eq!(removed, vec!["x-api-key", "x-tollgate-app"]);
     }
 
     #[test]

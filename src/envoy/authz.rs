@@ -58,7 +58,8 @@ pub enum Unreadable {
     /// No `attributes.request.http`.
     #[error("CheckRequest carries no HTTP request attributes")]
     NotHttp,
-    /// A string field holds bytes that are not UTF-8 (a `string` decode refuses the whole message too).
+    /// A string field holds bytes that are not UTF-8. A `string` decode refused the whole message too (as
+    /// `INTERNAL`); this names the field (never its value) and answers `INVALID_ARGUMENT`.
     #[error("CheckRequest: {0} is not UTF-8")]
     NotUtf8(&'static str),
 }

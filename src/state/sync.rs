@@ -137,7 +137,8 @@ impl Syncer {
         );
         let seq = image.seq;
         // The decoded rows (170 MB at a million keys) are garbage now: hand them back before the cursor says
-        // "loaded" (and /readyz says ready), so a replica's RSS at ready is what it holds.
+        // "loaded" (and /readyz says ready), so a replica's RSS at ready is what it holds. The cursor stays
+        // locked meanwhile on purpose: a few milliseconds, once per full read.
         drop(image);
         memory::release("state store image").await;
         *cursor = Some(seq);
