@@ -372,6 +372,19 @@ async fn quota_used(tollgate: &Tollgate) -> u64 {
     report["quota"][0]["used"].as_u64().unwrap_or(0)
 }
 
+/// Token quota settlements with `result`, summed over `tollgates` (Envoy may keep its access-log stream on one
+/// replica: they are counted where the entries went).
+async fn settlements(tollgates: &[&Tollgate], result: &str) -> f64 {
+    let mut total = 0.0;
+    for t in tollgates {
+        total += t
+            .metric("tollgate_quota_settlements_total", &[("result", result)])
+            .await
+            .unwrap_or(0.0);
+    }
+    total
+}
+
 /// 16 parallel streams of 700 tokens each against a 5,000-token daily quota reserving 500 per call: calls
 /// are admitted while the reserve fits, every call settles to its real count, and the window ends at most
 /// the documented bound past its limit.
@@ -429,16 +442,8 @@ async fn parallel_streams_settle_within_the_bound(tollgates: &[&Tollgate], envoy
         let (status, _) = call(&client, envoy, KEY_QUOTA, path).await;
         assert_eq!(status, 429);
     }
-    // Envoy may keep its access-log stream on one replica: the settlements are counted where the entries went.
-    let mut settlements = 0.0;
-    for t in tollgates {
-        settlements += t
-            .metric("tollgate_quota_settlements_total", &[("result", "settled")])
-            .await
-            .unwrap_or(0.0);
-    }
     assert_eq!(
-        settlements,
+        settlements(tollgates, "settled").await,
         f64::from(u32::try_from(admitted).unwrap_or(u32::MAX))
     );
 }
@@ -509,13 +514,7 @@ async fn a_hold_past_its_timeout_is_released_then_settled_late(
         "the late settlement counted",
         Duration::from_secs(10),
         || async {
-            let mut late = 0.0;
-            for t in tollgates {
-                late += t
-                    .metric("tollgate_quota_settlements_total", &[("result", "late")])
-                    .await
-                    .unwrap_or(0.0);
-            }
+            let late = settlements(tollgates, "late").await;
             (late >= 1.0).then_some(late)
         },
     )

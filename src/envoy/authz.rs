@@ -119,23 +119,36 @@ pub trait CheckMessage {
     fn parts(&self) -> Result<CheckParts<'_>, Unreadable>;
 }
 
-impl CheckMessage for slim::CheckRequest {
-    fn parts(&self) -> Result<CheckParts<'_>, Unreadable> {
-        let attributes = self.attributes.as_ref().ok_or(Unreadable::NotHttp)?;
+/// A CheckRequest's HTTP request attributes, and its header list joined into a map when Envoy sent one
+/// (`encode_raw_headers`: the plain map is then empty). A macro because the slim and full messages are
+/// different types with the same field names.
+macro_rules! http_attributes {
+    ($check:expr) => {{
+        let attributes = $check.attributes.as_ref().ok_or(Unreadable::NotHttp)?;
         let http = attributes
             .request
             .as_ref()
             .and_then(|r| r.http.as_ref())
             .ok_or(Unreadable::NotHttp)?;
-        // With `encode_raw_headers` Envoy sends the header map and leaves the plain map empty.
-        let headers = match &http.header_map {
-            Some(map) if http.headers.is_empty() => Lent::Joined(joined_headers(
+        let joined = match &http.header_map {
+            Some(map) if http.headers.is_empty() => Some(joined_headers(
                 map.headers.len(),
                 map.headers
                     .iter()
                     .map(|h| (h.key.as_str(), h.value.as_str(), h.raw_value.as_slice())),
             )),
-            _ => Lent::List(entries(&http.headers, "a header")?),
+            _ => None,
+        };
+        (attributes, http, joined)
+    }};
+}
+
+impl CheckMessage for slim::CheckRequest {
+    fn parts(&self) -> Result<CheckParts<'_>, Unreadable> {
+        let (attributes, http, joined) = http_attributes!(self);
+        let headers = match joined {
+            Some(joined) => Lent::Joined(joined),
+            None => Lent::List(entries(&http.headers, "a header")?),
         };
         Ok(CheckParts {
             method: text(&http.method, "the method")?,
@@ -152,26 +165,12 @@ impl CheckMessage for slim::CheckRequest {
 
 impl CheckMessage for envoy_types::pb::envoy::service::auth::v3::CheckRequest {
     fn parts(&self) -> Result<CheckParts<'_>, Unreadable> {
-        let attributes = self.attributes.as_ref().ok_or(Unreadable::NotHttp)?;
-        let http = attributes
-            .request
-            .as_ref()
-            .and_then(|r| r.http.as_ref())
-            .ok_or(Unreadable::NotHttp)?;
-        let headers = match &http.header_map {
-            Some(map) if http.headers.is_empty() => Lent::Joined(joined_headers(
-                map.headers.len(),
-                map.headers
-                    .iter()
-                    .map(|h| (h.key.as_str(), h.value.as_str(), h.raw_value.as_slice())),
-            )),
-            _ => Lent::Map(&http.headers),
-        };
+        let (attributes, http, joined) = http_attributes!(self);
         Ok(CheckParts {
             method: &http.method,
             path: &http.path,
             host: &http.host,
-            headers,
+            headers: joined.map_or(Lent::Map(&http.headers), Lent::Joined),
             context_extensions: Lent::Map(&attributes.context_extensions),
         })
     }
