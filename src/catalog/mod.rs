@@ -229,7 +229,7 @@ pub struct Developer {
 }
 
 /// An app's subscription to a product.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subscription {
     /// The product subscribed to.
     pub product: ProductId,
