@@ -103,28 +103,40 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Replaces the store's part with a full image.
-    pub fn load(&self, image: &Image) {
+    /// Replaces the store's part with a full image. The image is taken whole so its rows move into the
+    /// snapshot rather than being copied beside it, and each part is freed once read: at a million keys
+    /// that is what bounds a replica's memory at start.
+    pub fn load(&self, image: Image) {
+        let Image {
+            developers,
+            apps: app_rows,
+            keys,
+            paid,
+            ..
+        } = image;
         let mut inner = lock(&self.inner);
         let mut store = inner.file.products_only();
-        let mut apps = HashMap::with_capacity(image.apps.len());
-        for d in &image.developers {
+        for d in &developers {
             store.put_developer(store_id(d.id), developer(d));
         }
-        for a in &image.apps {
-            store.put_app(store_id(a.id), Arc::new(resolve(a, &inner.file)));
-            apps.insert(a.id, Arc::new(a.clone()));
+        drop(developers);
+        let mut apps = HashMap::with_capacity(app_rows.len());
+        for mut a in app_rows {
+            store.put_app(store_id(a.id), Arc::new(resolve(&a, &inner.file)));
+            // Grown a row at a time by the read: kept for good, so at its size.
+            a.products.shrink_to_fit();
+            apps.insert(a.id, Arc::new(a));
         }
-        store.put_keys(image.keys.iter().map(key));
-        let mut customers: HashMap<&str, Vec<PaidSubscription>> = HashMap::new();
-        for p in &image.paid {
+        store.put_keys(keys.into_iter().map(|k| key(&k)));
+        let mut customers: HashMap<String, Vec<PaidSubscription>> = HashMap::new();
+        for p in paid {
             customers
-                .entry(p.state.customer.as_str())
+                .entry(p.state.customer.clone())
                 .or_default()
-                .push(p.clone());
+                .push(p);
         }
         for (customer, subscriptions) in customers {
-            store.put_customer(customer, subscriptions);
+            store.put_customer(&customer, subscriptions);
         }
         inner.store = store;
         inner.apps = apps;
@@ -384,7 +396,7 @@ mod tests {
     fn both_sources_merge_and_a_file_reload_re_resolves_the_store_apps() {
         let snapshot = Snapshot::new(Arc::new(CatalogHandle::new(Catalog::default())), None);
         snapshot.install_file(file("", "fileapp")).unwrap();
-        snapshot.load(&image());
+        snapshot.load(image());
         let c = snapshot.handle().snapshot();
         let key = c.key(&KeyHash::of("store-key")).unwrap();
         let app = c.app(key.app).unwrap();
@@ -418,7 +430,7 @@ mod tests {
     fn a_change_edits_the_snapshot_and_a_clash_is_refused() {
         let snapshot = Snapshot::new(Arc::new(CatalogHandle::new(Catalog::default())), None);
         snapshot.install_file(file("", "fileapp")).unwrap();
-        snapshot.load(&image());
+        snapshot.load(image());
         let hash = KeyHash::of("store-key");
         let revoked = StoredKey {
             status: Status::Revoked,
@@ -454,7 +466,7 @@ mod tests {
 
         // A store entity named like a file one stays out of the snapshot; a file naming a store one is
         // refused.
-        snapshot.load(&image());
+        snapshot.load(image());
         let clash = snapshot.install_file(file("", "storeapp"));
         assert_eq!(clash.unwrap_err().kind, "app");
         assert_eq!(
