@@ -4,6 +4,7 @@
 //! `billing`) and hands them to the gRPC and admin listeners; [`admin`] only translates HTTP to their calls.
 
 pub mod admin;
+pub mod batched;
 pub mod config;
 pub mod http;
 pub mod logging;

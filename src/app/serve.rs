@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 
 use crate::app::admin::{self, AdminState};
+use crate::app::batched::Batched;
 use crate::app::config::{Config, StoreKind};
 use crate::app::http::{self, Acceptor, HttpLimits};
 use crate::app::memory;
@@ -347,18 +349,25 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         );
     let grpc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &grpc_tls {
-            None => Box::pin(grpc.serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                signalled(shutdown_rx.clone()),
-            )),
-            Some(server) => Box::pin(grpc.serve_with_incoming_shutdown(
-                tls::incoming(
-                    grpc_listener,
-                    server.clone(),
+            None => Box::pin(
+                grpc.serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(true))
+                        .map(|io| io.map(Batched::new)),
                     signalled(shutdown_rx.clone()),
                 ),
-                signalled(shutdown_rx.clone()),
-            )),
+            ),
+            Some(server) => Box::pin(
+                grpc.serve_with_incoming_shutdown(
+                    tls::incoming(
+                        grpc_listener,
+                        server.clone(),
+                        signalled(shutdown_rx.clone()),
+                    )
+                    .map(|io| io.map(Batched::new)),
+                    signalled(shutdown_rx.clone()),
+                ),
+            ),
         };
     let management = state::api::router(ManagementState {
         store: Arc::new(store.clone()),
