@@ -325,6 +325,98 @@ fn a_header_given_twice_on_the_wire_reads_as_the_map_keeps_it() {
 }
 
 #[test]
+fn access_log_keys_given_twice_on_the_wire_read_as_the_maps_keep_them() {
+    // The slim access-log entry reads Envoy's maps (the metadata namespaces, a struct's fields, the logged
+    // headers) as lists; protobuf lets a later map entry replace an earlier one, and the records must be what
+    // the map decode reads. Encoding the slim message puts every repeated key on the wire as given.
+    use slim::metadata_value::Kind as SlimKind;
+    let field = |key: &str, kind: SlimKind| slim::MetadataField {
+        key: key.into(),
+        value: Some(slim::MetadataValue { kind: Some(kind) }),
+    };
+    let text = |key: &str, value: &str| field(key, SlimKind::StringValue(value.into()));
+    let namespace = |key: &str, fields: Vec<slim::MetadataField>| slim::FilterMetadata {
+        key: key.into(),
+        value: Some(slim::MetadataStruct { fields }),
+    };
+    let header = |key: &str, value: &str| slim::StringEntry {
+        key: key.into(),
+        value: value.into(),
+    };
+    let entry = slim::HttpAccessLogEntry {
+        common_properties: Some(slim::AccessLogCommon {
+            metadata: Some(slim::Metadata {
+                filter_metadata: vec![
+                    namespace(metadata::NAMESPACE, vec![text("product", "replaced")]),
+                    namespace(
+                        metadata::USAGE_NAMESPACE,
+                        vec![
+                            field("tokens", SlimKind::NumberValue(3.0)),
+                            field("tokens", SlimKind::NumberValue(4.0)),
+                            field("images", SlimKind::NumberValue(2.0)),
+                            field("images", SlimKind::ListValue(slim::Skipped {})),
+                        ],
+                    ),
+                    namespace(
+                        metadata::NAMESPACE,
+                        vec![
+                            text("decision", "allow"),
+                            text("app", "early"),
+                            text("app", "late"),
+                            text("company", "acme"),
+                            field("company", SlimKind::BoolValue(true)),
+                            text(metadata::QUOTA_RESERVED, "5"),
+                            text(metadata::QUOTA_RESERVED, "9"),
+                        ],
+                    ),
+                ],
+            }),
+            ..Default::default()
+        }),
+        request: Some(slim::HttpRequestProperties {
+            request_headers: vec![header("x-request-id", "a"), header("x-request-id", "b")],
+            ..Default::default()
+        }),
+        response: Some(slim::HttpResponseProperties {
+            response_headers: vec![
+                header("x-tokens", "1"),
+                header("X-Tokens", "2"),
+                header("x-tokens", "3"),
+            ],
+            ..Default::default()
+        }),
+    };
+    let message = slim::StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(slim::stream_access_logs_message::LogEntries::HttpLogs(
+            slim::stream_access_logs_message::HttpAccessLogEntries {
+                log_entry: vec![entry],
+            },
+        )),
+    };
+    let batch = log_both_ways(&message.encode_to_vec());
+    let [record] = batch.records.as_slice() else {
+        panic!("one record: {batch:?}");
+    };
+    assert_eq!(
+        (record.app.as_str(), record.decision.as_str()),
+        ("late", "allow")
+    );
+    assert_eq!(
+        record.product, "",
+        "the later namespace entry replaces the struct"
+    );
+    assert_eq!(record.company, "", "the later value is not a string");
+    assert_eq!(record.quota_reserved, 9);
+    assert_eq!(record.request_id, "b");
+    assert_eq!(record.response_headers["x-tokens"], "3");
+    assert_eq!(
+        record.usage.iter().collect::<Vec<_>>(),
+        [(&"tokens".to_owned(), &4)]
+    );
+}
+
+#[test]
 fn a_header_that_is_not_utf8_refuses_the_check_as_a_string_decode_does() {
     let bytes = slim_check(&[(b"x-api-key", b"key"), (b"x-other", b"\xff\xfe")]);
     assert!(

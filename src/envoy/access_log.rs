@@ -14,23 +14,22 @@
 //!
 //! Records become billed usage, so with `access_log_token` set a stream must carry it ([`TokenCheck`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse;
-use envoy_types::pb::google::protobuf::value::Kind;
-use envoy_types::pb::google::protobuf::{Duration, Struct, Timestamp};
+use envoy_types::pb::google::protobuf::{Duration, Timestamp};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::envoy::MAX_MESSAGE_BYTES;
-use crate::envoy::metadata::{self, Field};
+use crate::envoy::metadata::{self, Field, Scalar};
 use crate::envoy::slim::access_log_service_server::{
     AccessLogService as AccessLogServiceApi, AccessLogServiceServer,
 };
+use crate::envoy::slim::metadata_value::Kind;
 use crate::envoy::slim::stream_access_logs_message::LogEntries;
 use crate::envoy::slim::{self, StreamAccessLogsMessage};
 use crate::envoy::stream_token::TokenCheck;
@@ -186,6 +185,8 @@ impl AccessLogServiceApi for AccessLogService {
 
 /// A decoded HTTP access-log entry: the slim one tollgate serves, or envoy-types' full one (which tests, benches
 /// and the fuzz targets read too). Each accessor answers as an absent message or field would: empty or zero.
+/// The slim entry keeps Envoy's maps as the entries they are on the wire; where a key repeats, the accessors
+/// answer as the map would (the last entry wins).
 pub trait LogEntry {
     /// `request.request_id`.
     fn request_id(&self) -> &str;
@@ -195,30 +196,28 @@ pub trait LogEntry {
     fn start_time(&self) -> Option<&Timestamp>;
     /// `common_properties.time_to_last_downstream_tx_byte`.
     fn time_to_last_downstream_tx_byte(&self) -> Option<&Duration>;
-    /// `common_properties.metadata.filter_metadata[namespace]`.
-    fn filter_metadata(&self, namespace: &str) -> Option<&Struct>;
+    /// The fields of `common_properties.metadata.filter_metadata[namespace]` (`None`: no such namespace). A key
+    /// may come more than once from the slim entry: read them in order, the last one wins.
+    fn metadata_fields(&self, namespace: &str) -> Option<impl Iterator<Item = (&str, Scalar<'_>)>>;
     /// `response.response_code` (0: none, e.g. the client went away).
     fn response_code(&self) -> u32;
     /// `request.request_body_bytes`.
     fn request_body_bytes(&self) -> u64;
     /// `response.response_body_bytes`.
     fn response_body_bytes(&self) -> u64;
-    /// `response.response_headers`: the logged response headers (`additional_response_headers_to_log`).
-    fn response_headers(&self) -> Option<&HashMap<String, String>>;
+    /// `response.response_headers`: the logged response headers (`additional_response_headers_to_log`), a
+    /// repeated name's last value last.
+    fn response_headers(&self) -> impl Iterator<Item = (&str, &str)>;
 }
 
-/// Implements [`LogEntry`] for an HTTP access-log entry type. The slim messages keep Envoy's names, so both
-/// types are read by this one text: the slim and full decodes can differ only on the wire, which is what
-/// tests/slim_decoding.rs checks.
+/// Implements [`LogEntry`] for an HTTP access-log entry type: the accessors both types share (the slim messages
+/// keep Envoy's names, so one text reads both), then the ones that read a map, given per type. The slim and
+/// full decodes can differ only on the wire, which is what tests/slim_decoding.rs checks.
 macro_rules! log_entry {
-    ($entry:ty) => {
+    ($entry:ty; $($maps:tt)*) => {
         impl LogEntry for $entry {
             fn request_id(&self) -> &str {
                 self.request.as_ref().map_or("", |r| r.request_id.as_str())
-            }
-            fn request_header(&self, name: &str) -> Option<&str> {
-                let request = self.request.as_ref()?;
-                request.request_headers.get(name).map(String::as_str)
             }
             fn start_time(&self) -> Option<&Timestamp> {
                 self.common_properties.as_ref()?.start_time.as_ref()
@@ -226,10 +225,6 @@ macro_rules! log_entry {
             fn time_to_last_downstream_tx_byte(&self) -> Option<&Duration> {
                 let common = self.common_properties.as_ref()?;
                 common.time_to_last_downstream_tx_byte.as_ref()
-            }
-            fn filter_metadata(&self, namespace: &str) -> Option<&Struct> {
-                let common = self.common_properties.as_ref()?;
-                common.metadata.as_ref()?.filter_metadata.get(namespace)
             }
             fn response_code(&self) -> u32 {
                 self.response
@@ -243,28 +238,81 @@ macro_rules! log_entry {
             fn response_body_bytes(&self) -> u64 {
                 self.response.as_ref().map_or(0, |r| r.response_body_bytes)
             }
-            fn response_headers(&self) -> Option<&HashMap<String, String>> {
-                self.response.as_ref().map(|r| &r.response_headers)
-            }
+            $($maps)*
         }
     };
 }
 
-log_entry!(slim::HttpAccessLogEntry);
-log_entry!(envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry);
+log_entry! {
+    slim::HttpAccessLogEntry;
+    fn request_header(&self, name: &str) -> Option<&str> {
+        let headers = &self.request.as_ref()?.request_headers;
+        let header = headers.iter().rev().find(|h| h.key == name)?;
+        Some(header.value.as_str())
+    }
+    fn metadata_fields(
+        &self,
+        namespace: &str,
+    ) -> Option<impl Iterator<Item = (&str, Scalar<'_>)>> {
+        let common = self.common_properties.as_ref()?;
+        let metadata = &common.metadata.as_ref()?.filter_metadata;
+        // A map entry carries the namespace's whole struct: the last entry replaces the others.
+        let entry = metadata.iter().rev().find(|m| m.key == namespace)?;
+        let fields = entry.value.iter().flat_map(|s| s.fields.iter());
+        Some(fields.map(|f| (f.key.as_str(), slim_scalar(f.value.as_ref()))))
+    }
+    fn response_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        let headers = self.response.iter().flat_map(|r| r.response_headers.iter());
+        headers.map(|h| (h.key.as_str(), h.value.as_str()))
+    }
+}
+
+log_entry! {
+    envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
+    fn request_header(&self, name: &str) -> Option<&str> {
+        let request = self.request.as_ref()?;
+        request.request_headers.get(name).map(String::as_str)
+    }
+    fn metadata_fields(
+        &self,
+        namespace: &str,
+    ) -> Option<impl Iterator<Item = (&str, Scalar<'_>)>> {
+        let common = self.common_properties.as_ref()?;
+        let fields = &common.metadata.as_ref()?.filter_metadata.get(namespace)?.fields;
+        Some(fields.iter().map(|(k, v)| (k.as_str(), Scalar::from(Some(v)))))
+    }
+    fn response_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        let headers = self.response.iter().flat_map(|r| r.response_headers.iter());
+        headers.map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+/// A slim metadata value as the usage path reads it.
+fn slim_scalar(value: Option<&slim::MetadataValue>) -> Scalar<'_> {
+    match value.and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(text)) => Scalar::Text(text),
+        Some(Kind::NumberValue(n)) => Scalar::Number(*n),
+        _ => Scalar::Other,
+    }
+}
 
 /// The usage record of one HTTP access-log entry.
 pub fn usage_record(entry: &impl LogEntry) -> UsageRecord {
-    let authz = entry.filter_metadata(metadata::NAMESPACE);
-    let field = |field: Field| metadata::read(authz, field);
-    let usage = entry.filter_metadata(metadata::USAGE_NAMESPACE);
-    let quota_reserved = authz
-        .and_then(|s| s.fields.get(metadata::QUOTA_RESERVED))
-        .and_then(|v| match &v.kind {
-            Some(Kind::StringValue(s)) => s.parse::<u64>().ok(),
-            _ => None,
-        })
-        .unwrap_or(0);
+    // One pass over the Check's fields; a repeated key overrides, as in a map.
+    let mut fields = [""; Field::ALL.len()];
+    let mut quota_reserved = 0;
+    for (key, value) in entry
+        .metadata_fields(metadata::NAMESPACE)
+        .into_iter()
+        .flatten()
+    {
+        if key == metadata::QUOTA_RESERVED {
+            quota_reserved = value.text().parse::<u64>().unwrap_or(0);
+        } else if let Some(field) = Field::from_key(key) {
+            fields[field as usize] = value.text();
+        }
+    }
+    let field = |field: Field| fields[field as usize].to_owned();
     let request_id = match entry.request_id() {
         "" => entry.request_header("x-request-id").unwrap_or_default(),
         id => id,
@@ -278,6 +326,11 @@ pub fn usage_record(entry: &impl LogEntry) -> UsageRecord {
             .saturating_add(i64::from(d.nanos) / 1_000);
         u64::try_from(us).unwrap_or(0)
     });
+    // Envoy sends lowercase names. Two that differ only in case resolve the same way whatever order a map
+    // yields them in (sorted by name: the last wins), and a repeated name keeps its order (a stable sort), so
+    // a record never depends on a hash seed.
+    let mut headers: Vec<(&str, &str)> = entry.response_headers().collect();
+    headers.sort_by(|a, b| a.0.cmp(b.0));
     UsageRecord {
         request_id,
         start_ms,
@@ -295,21 +348,16 @@ pub fn usage_record(entry: &impl LogEntry) -> UsageRecord {
         response_code: entry.response_code(),
         request_bytes: entry.request_body_bytes(),
         response_bytes: entry.response_body_bytes(),
-        response_headers: entry
-            .response_headers()
-            .map(|headers| {
-                // Envoy sends lowercase names. Two that differ only in case resolve the same way whatever
-                // order the protobuf map yields them in (sorted: the last wins), so a record never depends on
-                // a hash seed.
-                let mut named: Vec<_> = headers.iter().collect();
-                named.sort_unstable();
-                named
-                    .into_iter()
-                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        usage: metadata::read_usage(usage),
+        response_headers: headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+            .collect(),
+        usage: metadata::read_usage(
+            entry
+                .metadata_fields(metadata::USAGE_NAMESPACE)
+                .into_iter()
+                .flatten(),
+        ),
         quota_reserved,
     }
 }
@@ -337,60 +385,79 @@ fn start_ms(start_time: Option<&Timestamp>, now_ms: i64) -> i64 {
 mod tests {
     use super::*;
     use crate::envoy::slim::{
-        AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
-        Metadata,
+        AccessLogCommon, FilterMetadata, HttpAccessLogEntry, HttpRequestProperties,
+        HttpResponseProperties, Metadata, MetadataField, MetadataStruct, MetadataValue, Skipped,
+        StringEntry,
     };
-    use envoy_types::pb::google::protobuf::{UInt32Value, Value};
+    use envoy_types::pb::google::protobuf::UInt32Value;
 
-    fn text(s: &str) -> Value {
-        Value {
-            kind: Some(Kind::StringValue(s.into())),
+    fn field(key: &str, kind: Kind) -> MetadataField {
+        MetadataField {
+            key: key.into(),
+            value: Some(MetadataValue { kind: Some(kind) }),
+        }
+    }
+
+    fn text(key: &str, value: &str) -> MetadataField {
+        field(key, Kind::StringValue(value.into()))
+    }
+
+    fn header(key: &str, value: &str) -> StringEntry {
+        StringEntry {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// An entry whose metadata holds `namespaces` (name, fields) in this order.
+    fn with_metadata(namespaces: Vec<(&str, Vec<MetadataField>)>) -> HttpAccessLogEntry {
+        HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                metadata: Some(Metadata {
+                    filter_metadata: namespaces
+                        .into_iter()
+                        .map(|(key, fields)| FilterMetadata {
+                            key: key.into(),
+                            value: Some(MetadataStruct { fields }),
+                        })
+                        .collect(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 
     #[test]
     fn an_entry_maps_identity_status_bytes_and_headers() {
-        let authz = Struct {
-            fields: [
-                ("decision", text("allow")),
-                ("app", text("weatherapp")),
-                ("stripe_customer", text("cus_1")),
-                ("product", text("weather_free")),
-                ("api", text("weatherapi")),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
-        };
-        let entry = HttpAccessLogEntry {
-            common_properties: Some(AccessLogCommon {
-                start_time: Some(Timestamp {
-                    seconds: 1_700_000_000,
-                    nanos: 250_000_000,
-                }),
-                time_to_last_downstream_tx_byte: Some(Duration {
-                    seconds: 0,
-                    nanos: 1_500_000,
-                }),
-                metadata: Some(Metadata {
-                    filter_metadata: [(metadata::NAMESPACE.to_owned(), authz)]
-                        .into_iter()
-                        .collect(),
-                }),
-            }),
-            request: Some(HttpRequestProperties {
-                request_id: "req-1".into(),
-                request_body_bytes: 10,
-                ..Default::default()
-            }),
-            response: Some(HttpResponseProperties {
-                response_code: Some(UInt32Value { value: 201 }),
-                response_body_bytes: 99,
-                response_headers: [("X-Tokens".to_owned(), "7".to_owned())]
-                    .into_iter()
-                    .collect(),
-            }),
-        };
+        let authz = vec![
+            text("decision", "allow"),
+            text("app", "weatherapp"),
+            text("stripe_customer", "cus_1"),
+            text("product", "weather_free"),
+            text("api", "weatherapi"),
+        ];
+        let mut entry = with_metadata(vec![(metadata::NAMESPACE, authz)]);
+        if let Some(common) = entry.common_properties.as_mut() {
+            common.start_time = Some(Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 250_000_000,
+            });
+            common.time_to_last_downstream_tx_byte = Some(Duration {
+                seconds: 0,
+                nanos: 1_500_000,
+            });
+        }
+        entry.request = Some(HttpRequestProperties {
+            request_id: "req-1".into(),
+            request_body_bytes: 10,
+            ..Default::default()
+        });
+        entry.response = Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: 201 }),
+            response_body_bytes: 99,
+            response_headers: vec![header("X-Tokens", "7")],
+        });
         let r = usage_record(&entry);
         assert_eq!(r.request_id, "req-1");
         assert_eq!(r.start_ms, 1_700_000_000_250);
@@ -415,17 +482,88 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_key_reads_as_a_map_would_the_last_entry_wins() {
+        let first = vec![
+            text("app", "first"),
+            text("product", "kept-by-the-first-entry-only"),
+        ];
+        let second = vec![
+            text("app", "early"),
+            text("company", "acme"),
+            text("app", "late"),
+            field("company", Kind::BoolValue(true)),
+            text(metadata::QUOTA_RESERVED, "5"),
+            text(metadata::QUOTA_RESERVED, "7"),
+        ];
+        let usage = vec![
+            field("tokens", Kind::NumberValue(3.0)),
+            field("tokens", Kind::NumberValue(4.0)),
+            field("images", Kind::NumberValue(1.0)),
+            field("images", Kind::StructValue(Skipped {})),
+            field("outcome", Kind::StringValue("complete".into())),
+        ];
+        let entry = with_metadata(vec![
+            (metadata::NAMESPACE, first),
+            (metadata::USAGE_NAMESPACE, usage),
+            (metadata::NAMESPACE, second),
+        ]);
+        let r = usage_record(&entry);
+        assert_eq!(r.app, "late");
+        assert_eq!(
+            r.product, "",
+            "a later entry of a namespace replaces its whole struct"
+        );
+        assert_eq!(
+            r.company, "",
+            "a later non-string value overrides an earlier string"
+        );
+        assert_eq!(r.quota_reserved, 7);
+        assert_eq!(
+            r.usage.into_iter().collect::<Vec<_>>(),
+            [("tokens".to_owned(), 4)],
+            "a later non-number value leaves the key out"
+        );
+    }
+
+    #[test]
+    fn every_field_indexes_its_own_slot() {
+        for (i, field) in Field::ALL.into_iter().enumerate() {
+            assert_eq!(field as usize, i, "{field:?}");
+            assert_eq!(Field::from_key(field.key()), Some(field));
+        }
+    }
+
+    #[test]
     fn header_names_that_differ_only_in_case_resolve_the_same_way_every_time() {
+        use envoy_types::pb::envoy::data::accesslog::v3 as full;
         for _ in 0..20 {
             // A fresh map each round: its iteration order changes with the hash seed.
-            let entry = HttpAccessLogEntry {
-                response: Some(HttpResponseProperties {
+            let entry = full::HttpAccessLogEntry {
+                response: Some(full::HttpResponseProperties {
                     response_headers: [
                         ("X-Tokens".to_owned(), "upper".to_owned()),
                         ("x-tokens".to_owned(), "lower".to_owned()),
                     ]
                     .into_iter()
                     .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let r = usage_record(&entry);
+            assert_eq!(
+                r.response_headers.get("x-tokens").map(String::as_str),
+                Some("lower")
+            );
+        }
+        // The slim entry's list, in either order, resolves the same way.
+        for headers in [
+            vec![header("x-tokens", "lower"), header("X-Tokens", "upper")],
+            vec![header("X-Tokens", "upper"), header("x-tokens", "lower")],
+        ] {
+            let entry = HttpAccessLogEntry {
+                response: Some(HttpResponseProperties {
+                    response_headers: headers,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -464,9 +602,10 @@ mod tests {
     fn the_request_id_falls_back_to_the_logged_header_and_an_empty_entry_is_empty() {
         let entry = HttpAccessLogEntry {
             request: Some(HttpRequestProperties {
-                request_headers: [("x-request-id".to_owned(), "from-header".to_owned())]
-                    .into_iter()
-                    .collect(),
+                request_headers: vec![
+                    header("x-request-id", "earlier"),
+                    header("x-request-id", "from-header"),
+                ],
                 ..Default::default()
             }),
             ..Default::default()

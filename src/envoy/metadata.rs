@@ -62,6 +62,11 @@ impl Field {
         Field::Environment,
     ];
 
+    /// The field whose key in the metadata `Struct` is `key`, if any.
+    pub fn from_key(key: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|field| field.key() == key)
+    }
+
     /// The field's key in the metadata `Struct`.
     pub fn key(self) -> &'static str {
         match self {
@@ -143,24 +148,57 @@ pub fn key(verdict: &Verdict, key: &mut Vec<u8>) {
     key.extend_from_slice(&verdict.quota_reserved.to_le_bytes());
 }
 
-/// The usage values of a `tollgate.usage` struct: whole, non-negative numbers (anything else is skipped: the
-/// meter then reports the value missing rather than a guess).
-pub fn read_usage(usage: Option<&Struct>) -> BTreeMap<String, u64> {
-    let Some(usage) = usage else {
-        return BTreeMap::new();
-    };
-    usage
-        .fields
-        .iter()
-        .filter_map(|(key, value)| match value.kind {
-            Some(Kind::NumberValue(n)) if n >= 0.0 && n.fract() == 0.0 && n <= MAX_EXACT => {
+/// A metadata value as the usage path reads it: a string, a number, or anything else (absent included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar<'a> {
+    /// A `string_value`.
+    Text(&'a str),
+    /// A `number_value`.
+    Number(f64),
+    /// No kind, or a null, bool, struct or list.
+    Other,
+}
+
+impl<'a> Scalar<'a> {
+    /// The text, or empty when the value is not a string.
+    pub fn text(self) -> &'a str {
+        match self {
+            Scalar::Text(text) => text,
+            _ => "",
+        }
+    }
+}
+
+impl<'a> From<Option<&'a Value>> for Scalar<'a> {
+    fn from(value: Option<&'a Value>) -> Self {
+        match value.and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(text)) => Scalar::Text(text),
+            Some(Kind::NumberValue(n)) => Scalar::Number(*n),
+            _ => Scalar::Other,
+        }
+    }
+}
+
+/// The usage values among a `tollgate.usage` struct's `fields` (in wire order: a later entry of a key overrides
+/// an earlier one, as in a protobuf map): whole, non-negative numbers; anything else leaves the key out, so the
+/// meter reports the value missing rather than a guess.
+pub fn read_usage<'a>(
+    fields: impl IntoIterator<Item = (&'a str, Scalar<'a>)>,
+) -> BTreeMap<String, u64> {
+    let mut usage = BTreeMap::new();
+    for (key, value) in fields {
+        match value {
+            Scalar::Number(n) if n >= 0.0 && n.fract() == 0.0 && n <= MAX_EXACT => {
                 // Exact: a whole f64 up to 2^53 converts without loss.
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                Some((key.clone(), n as u64))
+                usage.insert(key.to_owned(), n as u64);
             }
-            _ => None,
-        })
-        .collect()
+            _ => {
+                usage.remove(key);
+            }
+        }
+    }
+    usage
 }
 
 /// The `tollgate.usage` struct of `usage` (values above 2^53 are clamped: no response reports that many).
@@ -190,13 +228,9 @@ const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
 
 /// The string value of `field` in `metadata`, empty when it is absent or not a string.
 pub fn read(metadata: Option<&Struct>, field: Field) -> String {
-    match metadata
-        .and_then(|s| s.fields.get(field.key()))
-        .and_then(|v| v.kind.as_ref())
-    {
-        Some(Kind::StringValue(s)) => s.clone(),
-        _ => String::new(),
-    }
+    Scalar::from(metadata.and_then(|s| s.fields.get(field.key())))
+        .text()
+        .to_owned()
 }
 
 #[cfg(test)]
