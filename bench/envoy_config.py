@@ -41,6 +41,9 @@ def main() -> int:
     ap.add_argument("--authz-port", type=int, default=0)
     ap.add_argument("--api", default="benchapi", help="the route's tollgate_api context extension")
     ap.add_argument("--access-log", action="store_true", help="gRPC access log to the authz server")
+    ap.add_argument("--access-log-connection", choices=["shared", "own"], default="shared",
+                    help="shared: the access log rides the Check's cluster, one HTTP/2 connection per worker for"
+                         " both (as the reference configs); own: a second cluster to the same server")
     ap.add_argument("--upstream-port", type=int, default=0, help="0: direct_response")
     ap.add_argument("--jwks", help="JWKS file (jwt_authn)")
     ap.add_argument("--issuer", default="https://issuer.bench.example")
@@ -202,6 +205,7 @@ def main() -> int:
         },
         "http_filters": filters,
     }
+    log_cluster = "authz_log" if a.access_log_connection == "own" else "authz"
     if a.access_log:
         hcm["access_log"] = [{
             "name": "envoy.access_loggers.http_grpc",
@@ -210,7 +214,7 @@ def main() -> int:
                 "common_config": {
                     "log_name": "bench",
                     "transport_api_version": "V3",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}},
+                    "grpc_service": {"envoy_grpc": {"cluster_name": log_cluster}},
                     "buffer_flush_interval": "1s",
                     "buffer_size_bytes": 16384,
                 },
@@ -245,6 +249,8 @@ def main() -> int:
             # As envoy/llm.yaml: every streamed response holds an ext_proc stream as long as it lasts.
             clusters[-1]["circuit_breakers"] = {"thresholds": [
                 {"max_connections": 8192, "max_pending_requests": 8192, "max_requests": 8192}]}
+        if a.access_log and log_cluster != "authz":
+            clusters.append(cluster(log_cluster, a.authz_port, True))
     if a.upstream_port:
         clusters.append(cluster("upstream", a.upstream_port, False))
     if a.ratelimit_port:
